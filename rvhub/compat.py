@@ -1,0 +1,189 @@
+"""The one place that decides whether two checkpoints, or a vector and a model, fit together.
+
+Every check returns or raises with the reasons spelled out, so a user sees the first few
+differences rather than a shape error deep inside a matmul.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checkpoint import Checkpoint, tied_embeddings
+from .errors import CompatibilityError, InputError
+
+MAX_LISTED = 5
+VOCAB_MODES = ("strict", "overlap")
+# Tensors whose first dimension is the vocabulary.
+VOCAB_TENSOR = re.compile(r"(embed_tokens|wte|word_embeddings|lm_head|embed_out|output)\.weight$")
+EMBED_NAMES = ("model.embed_tokens.weight", "embed_tokens.weight", "transformer.wte.weight")
+LM_HEAD_NAMES = ("lm_head.weight",)
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return shown + more
+
+
+def model_identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config fields a vector records to check fit later."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return {
+        "model_type": config.get("model_type"),
+        "architectures": list(config.get("architectures") or []),
+        "tie_word_embeddings": tied_embeddings(dict(config)),
+        "vocab_size": config.get("vocab_size", (text or {}).get("vocab_size")),
+        "hidden_size": config.get("hidden_size", (text or {}).get("hidden_size")),
+        "num_hidden_layers": config.get("num_hidden_layers", (text or {}).get("num_hidden_layers")),
+    }
+
+
+def check_pair(a: Checkpoint, b: Checkpoint) -> None:
+    """A and B must share architecture, tensor names and shapes (dtypes may differ)."""
+    problems: list[str] = []
+    if a.model_type and b.model_type and a.model_type != b.model_type:
+        problems.append(f"model_type {a.model_type} vs {b.model_type}")
+    if a.architectures and b.architectures and a.architectures != b.architectures:
+        problems.append(f"architectures {a.architectures} vs {b.architectures}")
+    only_a = [n for n in a.entries if n not in b.entries]
+    only_b = [n for n in b.entries if n not in a.entries]
+    if only_a:
+        problems.append(f"only in A: {_listing(only_a)}")
+    if only_b:
+        problems.append(f"only in B: {_listing(only_b)}")
+    shape_diff = [
+        f"{n} {list(a.entries[n].shape)} vs {list(b.entries[n].shape)}"
+        for n in a.entries
+        if n in b.entries and a.entries[n].shape != b.entries[n].shape
+    ]
+    if shape_diff:
+        problems.append(f"shape differs: {_listing(shape_diff)}")
+    if problems:
+        raise CompatibilityError(
+            "A and B are not fine-tunes of the same model: "
+            + "; ".join(problems)
+            + " (a reasoning vector needs two checkpoints of one architecture)"
+        )
+
+
+@dataclass
+class ApplyPlan:
+    """How each vector tensor lands on the target: by target name."""
+
+    # target name -> (vector name, rows to apply or None for all)
+    targets: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)  # vector names skipped by --exclude
+    missing: list[str] = field(default_factory=list)  # vector names the target lacks
+    untouched: list[str] = field(default_factory=list)  # target names the vector lacks
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_apply(
+    vector_shapes: Mapping[str, tuple[int, ...]],
+    vector_model: Mapping[str, Any],
+    target_shapes: Mapping[str, tuple[int, ...]],
+    target_config: Mapping[str, Any],
+    *,
+    vocab: str = "strict",
+    excluded: Sequence[str] = (),
+    target_tied: bool | None = None,
+) -> ApplyPlan:
+    """Decide which vector tensor goes where on a target, or raise saying why it cannot.
+
+    ``target_shapes`` are the target's tensor names (checkpoint names for an on-disk target);
+    ``target_tied`` says whether the target's lm_head shares the embedding storage.
+    """
+    if vocab not in VOCAB_MODES:
+        raise InputError(f"--vocab must be one of {', '.join(VOCAB_MODES)}, not {vocab!r}")
+    plan = ApplyPlan(excluded=list(excluded))
+    vt = vector_model.get("model_type")
+    tt = target_config.get("model_type")
+    if vt and tt and vt != tt:
+        raise CompatibilityError(
+            f"the vector was made for model_type {vt}, the target is {tt}; "
+            "a vector only fits models of the architecture it was extracted from"
+        )
+    tied = tied_embeddings(dict(target_config)) if target_tied is None else target_tied
+    shape_problems: list[str] = []
+    vocab_problems: list[str] = []
+    for name, vshape in vector_shapes.items():
+        if name in excluded:
+            continue
+        if name not in target_shapes:
+            plan.missing.append(name)
+            continue
+        tshape = tuple(target_shapes[name])
+        if tshape == tuple(vshape):
+            plan.targets[name] = (name, None)
+            continue
+        if VOCAB_TENSOR.search(name) and len(vshape) == len(tshape) and vshape[1:] == tshape[1:]:
+            if vocab == "overlap":
+                rows = min(vshape[0], tshape[0])
+                plan.targets[name] = (name, rows)
+                plan.notes.append(
+                    f"{name}: vocab {vshape[0]} vs {tshape[0]}, delta added to the first {rows} rows"
+                )
+            else:
+                vocab_problems.append(f"{name} {vshape[0]} vs {tshape[0]} rows")
+            continue
+        shape_problems.append(f"{name} {list(vshape)} vs {list(tshape)}")
+    if shape_problems:
+        raise CompatibilityError(
+            f"the vector does not fit the target: shape differs for {_listing(shape_problems)}"
+        )
+    if vocab_problems:
+        raise CompatibilityError(
+            f"vocabulary size differs ({_listing(vocab_problems)}); pass --vocab overlap to add "
+            "the delta to the shared rows (only valid when both tokenizers give the same ids)"
+        )
+    if len(plan.targets) == 0 and not plan.excluded:
+        raise CompatibilityError(
+            "no tensor of the vector matches a tensor of the target; is this the right model?"
+        )
+    _plan_tied(plan, vector_shapes, vector_model, target_shapes, tied)
+    plan.untouched = [n for n in target_shapes if n not in plan.targets]
+    return plan
+
+
+def _plan_tied(
+    plan: ApplyPlan,
+    vector_shapes: Mapping[str, tuple[int, ...]],
+    vector_model: Mapping[str, Any],
+    target_shapes: Mapping[str, tuple[int, ...]],
+    target_tied: bool,
+) -> None:
+    """Apply an embedding delta exactly once per storage, whatever ties the two sides use."""
+    embed = next((n for n in EMBED_NAMES if n in vector_shapes), None)
+    head = next((n for n in LM_HEAD_NAMES if n in vector_shapes), None)
+    head_in_target = next((n for n in LM_HEAD_NAMES if n in target_shapes), None)
+    if target_tied and head and head in plan.targets and embed and embed in plan.targets:
+        # The target's lm_head is its embedding: two deltas for one storage.
+        raise CompatibilityError(
+            "the target ties lm_head to the embeddings, but the vector has separate deltas for "
+            f"{embed} and {head}; pass --exclude '{re.escape(head)}' to apply only the "
+            "embedding delta"
+        )
+    if target_tied and head and head in plan.targets and not embed:
+        plan.notes.append(f"{head}: the target ties it to the embeddings; delta applied once")
+    vector_tied = bool(vector_model.get("tie_word_embeddings")) and head is None
+    if (
+        vector_tied
+        and not target_tied
+        and embed
+        and embed in plan.targets
+        and head_in_target
+        and head_in_target not in plan.excluded
+    ):
+        # Sources tied lm_head to the embeddings, so lm_head moved by the embedding delta too.
+        rows = plan.targets[embed][1]
+        if target_shapes[head_in_target][1:] == target_shapes[embed][1:]:
+            plan.targets[head_in_target] = (embed, rows)
+            plan.notes.append(
+                f"{head_in_target}: the vector's sources tie it to {embed}; the same delta is "
+                "added to the target's separate lm_head"
+            )
+        if head_in_target in plan.missing:
+            plan.missing.remove(head_in_target)

@@ -1,0 +1,118 @@
+"""Streaming ``A − B``: the vector between two checkpoints of one architecture."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .compat import check_pair, model_identity
+from .errors import CompatibilityError
+from .safetensors_io import FLOAT_DTYPES, TensorEntry, read_bytes_into
+from .vector import ReasoningVector, VectorSource, compile_excludes, is_excluded
+
+
+class FileHandles:
+    """Open file descriptors by path, shared by all reads of one source."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def read_range(entry: TensorEntry, start: int, stop: int, handles: FileHandles) -> torch.Tensor:
+    """Flat elements ``[start, stop)`` of a stored tensor, in its own dtype."""
+    size = entry.torch_dtype.itemsize
+    buf = torch.empty((stop - start) * size, dtype=torch.uint8)
+    if stop > start:
+        read_bytes_into(entry, buf, start * size, handles.fd(entry.path))
+    return buf.view(entry.torch_dtype)
+
+
+class DifferenceSource(VectorSource):
+    """``A − B`` computed in float32, one flat chunk at a time."""
+
+    def __init__(self, a: Checkpoint, b: Checkpoint, names: list[str]) -> None:
+        shapes = {n: a.entries[n].shape for n in names}
+        dtypes = {n: a.entries[n].torch_dtype for n in names}
+        super().__init__(shapes, dtypes)
+        self.a, self.b = a, b
+        self._handles = FileHandles()
+
+    def parts(self, name: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw A and B chunks (source dtypes)."""
+        ea, eb = self.a.entries[name], self.b.entries[name]
+        return read_range(ea, start, stop, self._handles), read_range(
+            eb, start, stop, self._handles
+        )
+
+    def chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
+        a, b = self.parts(name, start, stop)
+        return a.float().sub_(b.float()) if a.dtype != torch.float32 else a - b.float()
+
+
+def extract_vector(
+    a: str | os.PathLike[str] | Checkpoint,
+    b: str | os.PathLike[str] | Checkpoint,
+    *,
+    revision_a: str | None = None,
+    revision_b: str | None = None,
+    exclude: Iterable[str] = (),
+) -> ReasoningVector:
+    """The reasoning vector ``v = A − B`` between two checkpoints, computed lazily.
+
+    ``a`` and ``b`` are local folders, ``.safetensors`` files or Hub ids (``org/name`` or
+    ``org/name@revision``). Nothing is read beyond the headers until the vector is saved or
+    applied; the math is float32.
+
+    Example:
+        >>> v = extract_vector("org/qwen-grpo", "org/qwen-sft")
+        >>> v.save("./reasoning-vector")
+    """
+    ca = a if isinstance(a, Checkpoint) else open_checkpoint(a, revision=revision_a)
+    cb = b if isinstance(b, Checkpoint) else open_checkpoint(b, revision=revision_b)
+    check_pair(ca, cb)
+    patterns = compile_excludes(exclude)
+    names, excluded, skipped = [], [], []
+    for entry in ca.in_file_order():
+        if is_excluded(entry.name, patterns):
+            excluded.append(entry.name)
+        elif entry.dtype not in FLOAT_DTYPES or cb.entries[entry.name].dtype not in FLOAT_DTYPES:
+            skipped.append(entry.name)  # integer buffers (position ids, ...) carry no delta
+        else:
+            names.append(entry.name)
+    if not names:
+        raise CompatibilityError("every tensor was excluded: the vector would be empty")
+    meta: dict[str, Any] = {
+        "sources": {"a": _describe(ca), "b": _describe(cb)},
+        "model": model_identity(ca.config),
+        "excluded": excluded,
+        "skipped_non_float": skipped,
+        "exclude_patterns": list(exclude),
+    }
+    return ReasoningVector(DifferenceSource(ca, cb, names), meta)
+
+
+def _describe(ckpt: Checkpoint) -> dict[str, Any]:
+    info = dict(ckpt.source)
+    info.setdefault("kind", "local")
+    info["dtype"] = sorted({e.dtype for e in ckpt.entries.values()})
+    info["nbytes"] = ckpt.nbytes
+    return info

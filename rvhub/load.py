@@ -1,0 +1,185 @@
+"""``load_vector``: open an artifact (folder or Hub id), verify it, return a ReasoningVector."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import looks_like_hub_id, split_revision
+from .errors import InputError, IntegrityError
+from .extract import FileHandles, read_range
+from .manifest import artifact_file, load_manifest, verify_files
+from .safetensors_io import TensorEntry, read_header, read_tensor, sha256_file
+from .vector import ReasoningVector, VectorSource
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class DenseSource(VectorSource):
+    """Deltas stored as plain tensors in safetensors files (read without mmap)."""
+
+    def __init__(self, entries: dict[str, TensorEntry]) -> None:
+        super().__init__(
+            {n: e.shape for n, e in entries.items()}, {n: e.torch_dtype for n, e in entries.items()}
+        )
+        self.entries = entries
+        self._handles = FileHandles()
+
+    def chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return read_range(self.entries[name], start, stop, self._handles).float()
+
+    def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        t = read_tensor(self.entries[name], self._handles.fd(self.entries[name].path))
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("RVHUB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rvhub"
+    )
+    return Path(base)
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def verify_artifact(folder: Path, manifest: dict[str, Any], *, full: bool = False) -> list[str]:
+    """Check every listed file's size and sha256.
+
+    A file whose (device, inode, size, mtime, ctime) match a previous successful check is not
+    hashed again unless ``full``: any write to it, or a ``touch`` to hide one, changes its
+    ctime, which user code cannot set.
+    """
+    cache_path = _cache_dir() / "verified.json"
+    cache: dict[str, Any] = {}
+    if not full:
+        with contextlib.suppress(OSError, ValueError):
+            cache = json.loads(cache_path.read_text())
+            if not isinstance(cache, dict):
+                cache = {}
+    verify_files(folder, manifest, quick=True)  # sizes and presence first: cheap, clear errors
+    changed = False
+    for name, info in manifest["files"].items():
+        path = artifact_file(folder, name)
+        key = str(path.resolve())
+        stamp = _stamp(path)
+        hit = cache.get(key)
+        if (
+            not full
+            and isinstance(hit, dict)
+            and hit.get("stamp") == stamp
+            and hit.get("sha256") == info["sha256"]
+        ):
+            continue
+        if sha256_file(path) != info["sha256"]:
+            raise IntegrityError(
+                f"{name} does not match its sha256 in rvhub.json: the file was tampered with "
+                "or corrupted; re-download the vector"
+            )
+        cache[key] = {"stamp": stamp, "sha256": info["sha256"]}
+        changed = True
+    if changed:
+        with contextlib.suppress(OSError):
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache_path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(cache, f)
+            os.replace(tmp, cache_path)
+    return list(manifest["files"])
+
+
+def resolve_artifact(
+    source: str | os.PathLike[str], *, revision: str | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """A local folder for ``source`` (downloading a Hub id) and where it came from."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{path} is a file; a vector is a folder holding rvhub.json")
+        return path, {"kind": "local", "path": str(path.resolve())}
+    repo_id, rev = split_revision(text)
+    if looks_like_hub_id(repo_id):
+        from .hub import download_vector
+
+        return download_vector(repo_id, revision=revision or rev)
+    raise InputError(f"{text}: no such folder, and not a Hub id (user/name)")
+
+
+def load_vector(
+    source: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    verify: bool = True,
+) -> ReasoningVector:
+    """Open a reasoning vector from a folder or a Hub repo (``user/name[@revision]``).
+
+    Every file is checked against the sha256 in ``rvhub.json`` before use (``verify=False``
+    skips the hashes, never the path checks). Works for every encoding.
+
+    Example:
+        >>> v = load_vector("user/qwen2.5-1.5b-reasoning-vector")
+        >>> v.apply_to(model, scale=1.0)
+    """
+    folder, origin = resolve_artifact(source, revision=revision)
+    manifest = load_manifest(folder)
+    for entry in folder.iterdir():
+        if entry.suffix in PICKLE_SUFFIXES:
+            raise IntegrityError(
+                f"{folder} contains a pickle file ({entry.name}); rvhub never loads pickles, "
+                "and refuses artifacts that ship them"
+            )
+    if verify:
+        verify_artifact(folder, manifest)
+    else:
+        verify_files(folder, manifest, quick=True)
+    encoding = manifest["encoding"]
+    if encoding == "dense":
+        src = dense_source(folder, manifest)
+    else:
+        raise IntegrityError(
+            f"{folder}: encoding {encoding!r} is not readable by this rvhub version"
+        )
+    meta = {k: manifest.get(k) for k in ("sources", "model", "excluded", "stats", "encoding")}
+    meta["manifest"] = manifest
+    meta["origin"] = origin
+    return ReasoningVector(src, meta, path=folder)
+
+
+def dense_entries(folder: Path, manifest: dict[str, Any]) -> dict[str, TensorEntry]:
+    """Every tensor in the artifact's listed ``*.safetensors`` files, checked against the manifest."""
+    entries: dict[str, TensorEntry] = {}
+    for name in manifest["files"]:
+        if not name.endswith(".safetensors") or name.startswith("adapter_model"):
+            continue
+        found, _ = read_header(artifact_file(folder, name))
+        for tname, entry in found.items():
+            if tname in entries:
+                raise IntegrityError(f"tensor {tname!r} appears in two files of {folder}")
+            entries[tname] = entry
+    return entries
+
+
+def dense_source(folder: Path, manifest: dict[str, Any]) -> DenseSource:
+    entries = dense_entries(folder, manifest)
+    declared = manifest["tensors"]
+    for name, entry in entries.items():
+        info = declared.get(name)
+        if info is None:
+            raise IntegrityError(f"{folder}: tensor {name!r} is not declared in rvhub.json")
+        if list(entry.shape) != info["shape"]:
+            raise IntegrityError(
+                f"{folder}: tensor {name!r} has shape {list(entry.shape)}, rvhub.json says {info['shape']}"
+            )
+    missing = [n for n in declared if n not in entries]
+    if missing:
+        raise IntegrityError(f"{folder}: rvhub.json declares {missing[0]!r}, which no file holds")
+    return DenseSource(entries)

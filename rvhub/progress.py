@@ -1,0 +1,35 @@
+"""The one place rvhub shows progress and logs: the library itself never prints."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("rvhub")
+
+
+def progress_disabled() -> bool:
+    flag = os.environ.get("RVHUB_DISABLE_PROGRESS_BARS") or os.environ.get(
+        "HF_HUB_DISABLE_PROGRESS_BARS"
+    )
+    return flag is not None and flag.strip().lower() not in ("", "0", "false", "no")
+
+
+def bar(total: int | None, desc: str, *, unit: str = "B", **kwargs: Any) -> tqdm:
+    """A progress bar on stderr (bytes by default); silent when disabled or not a terminal."""
+    # None lets tqdm hide the bar when stderr is not a terminal (logs, CI, pipes).
+    disable = True if progress_disabled() else None
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit == "B",
+        unit_divisor=1024 if unit == "B" else 1000,
+        disable=disable,
+        leave=False,
+        dynamic_ncols=True,
+        **kwargs,
+    )

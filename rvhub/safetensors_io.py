@@ -1,0 +1,313 @@
+"""Reading and writing safetensors files tensor by tensor, and chunk by chunk.
+
+``safetensors.safe_open`` maps the whole file, which makes every byte read count towards the
+process's resident memory; rvhub streams multi-GB checkpoints, so it reads byte ranges with
+``os.preadv`` into reusable buffers instead. The header is parsed here with strict checks (a
+header that lies about sizes or offsets, duplicate names or a huge declared shape is refused
+before any data is touched), and the writer produces byte-identical files to
+``safetensors.torch.save_file`` for the same tensors and metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from .errors import InputError
+
+# safetensors dtype strings <-> torch dtypes (the subset rvhub reads and writes).
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
+
+
+def dtype_size(dtype: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Accept ``bf16``/``bfloat16``/``BF16``/``float32``/... and return the torch dtype."""
+    aliases = {
+        "bf16": "BF16",
+        "bfloat16": "BF16",
+        "fp16": "F16",
+        "f16": "F16",
+        "float16": "F16",
+        "half": "F16",
+        "fp32": "F32",
+        "f32": "F32",
+        "float32": "F32",
+        "float": "F32",
+        "fp64": "F64",
+        "float64": "F64",
+    }
+    key = aliases.get(name.lower(), name.upper())
+    if key not in FLOAT_DTYPES:
+        raise InputError(f"unknown dtype {name!r}: use one of bfloat16, float16, float32")
+    return DTYPES[key]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    start: int  # absolute offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate tensor name {key!r}")
+        out[key] = value
+    return out
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and validate a safetensors header; returns (entries by name, metadata)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise ValueError("file is shorter than a safetensors header")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise ValueError(f"header length {header_len} does not fit in a {size}-byte file")
+            header = json.loads(f.read(header_len), object_pairs_hook=_no_duplicates)
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(
+            f"{path} is not a valid safetensors file ({e}); re-download or re-save it"
+        ) from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path} is not a valid safetensors file (header is not an object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    data_len = size - data_start
+    entries: dict[str, TensorEntry] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        try:
+            dtype = info["dtype"]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: malformed header entry for {name!r}") from None
+        if dtype not in DTYPES:
+            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        if any(d < 0 for d in shape):
+            raise InputError(f"{path}: tensor {name!r} has a negative dimension {shape}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        expected = numel * dtype_size(dtype)
+        if not (0 <= begin <= end <= data_len) or end - begin != expected:
+            raise InputError(
+                f"{path}: header lies about tensor {name!r} (shape {list(shape)} {dtype} needs "
+                f"{expected} bytes, offsets [{begin}, {end}] in {data_len} data bytes); "
+                "the file is truncated or corrupt: re-download or re-save it"
+            )
+        spans.append((begin, end, name))
+        entries[name] = TensorEntry(name, dtype, shape, path, data_start + begin, data_start + end)
+    spans.sort()
+    for (_, prev_end, prev), (begin, _, name) in itertools.pairwise(spans):
+        if begin < prev_end:
+            raise InputError(f"{path}: tensors {prev!r} and {name!r} overlap in the file")
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: __metadata__ must be a string map")
+    return entries, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_bytes_into(
+    entry: TensorEntry, buf: torch.Tensor, offset: int = 0, fd: int | None = None
+) -> None:
+    """Fill the uint8 tensor ``buf`` with ``len(buf)`` bytes of ``entry`` starting at ``offset``."""
+    view = memoryview(buf.numpy())  # type: ignore[arg-type]
+    pos = entry.start + offset
+    own = fd is None
+    if fd is None:
+        fd = os.open(entry.path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], pos + done)
+            if n <= 0:
+                raise InputError(
+                    f"{entry.path} ended early while reading {entry.name!r}: truncated file"
+                )
+            done += n
+    finally:
+        if own:
+            os.close(fd)
+
+
+def read_tensor(entry: TensorEntry, fd: int | None = None) -> torch.Tensor:
+    """Read one whole tensor into fresh CPU memory (no mmap)."""
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    if entry.nbytes:
+        read_bytes_into(entry, buf, 0, fd)
+    return buf.view(entry.torch_dtype).reshape(entry.shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def build_header(
+    specs: Sequence[tuple[str, torch.dtype | str, Sequence[int]]],
+    metadata: dict[str, str] | None = None,
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Header bytes (length prefix included) and each tensor's data range, in ``specs`` order.
+
+    Laid out like ``safetensors.torch.save_file``: tensors sorted by (dtype alignment desc,
+    name) is what safetensors does; rvhub keeps the caller's order, which the format allows.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    ranges: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for name, dtype, shape in specs:
+        dname = dtype if isinstance(dtype, str) else DTYPE_NAMES[dtype]
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        n = numel * dtype_size(dname)
+        header[name] = {
+            "dtype": dname,
+            "shape": [int(d) for d in shape],
+            "data_offsets": [pos, pos + n],
+        }
+        ranges[name] = (pos, pos + n)
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, ranges
+
+
+class SafetensorsWriter:
+    """Write a safetensors file sequentially: header first, then each tensor's bytes in order.
+
+    The file is hashed (sha256) as it is written and fsynced on :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        specs: Sequence[tuple[str, torch.dtype | str, Sequence[int]]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.path = path
+        header, self.ranges = build_header(specs, metadata)
+        self._order = [s[0] for s in specs]
+        self._file: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._sha = hashlib.sha256()
+        self._written = 0
+        self._write(memoryview(header))
+        self._data_start = len(header)
+
+    def _write(self, data: memoryview) -> None:
+        self._file.write(data)
+        self._sha.update(data)
+        self._written += len(data)
+
+    def write(self, data: memoryview | bytes) -> None:
+        """Append raw bytes; callers write tensors in ``specs`` order."""
+        self._write(memoryview(data))
+
+    def write_tensor(self, t: torch.Tensor) -> None:
+        self._write(tensor_bytes(t))
+
+    def close(self) -> tuple[str, int]:
+        """Flush, fsync and close; returns (sha256 hex, size)."""
+        expected = self._data_start + (self.ranges[self._order[-1]][1] if self._order else 0)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if self._written != expected:
+            raise RuntimeError(f"wrote {self._written} bytes to {self.path}, expected {expected}")
+        return self._sha.hexdigest(), self._written
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+def save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> tuple[str, int]:
+    """Write small in-memory tensors (LoRA factors, sparse indices) to one fsynced file."""
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    w = SafetensorsWriter(path, specs, metadata)
+    try:
+        for v in tensors.values():
+            w.write_tensor(v.detach().cpu())
+        return w.close()
+    except BaseException:
+        w.abort()
+        raise
+
+
+def sha256_file(path: Path, bufsize: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        buf = bytearray(bufsize)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def iter_chunks(numel: int, chunk: int) -> Iterable[tuple[int, int]]:
+    start = 0
+    while start < numel:
+        stop = min(numel, start + chunk)
+        yield start, stop
+        start = stop
