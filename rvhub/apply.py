@@ -22,10 +22,11 @@ from .checkpoint import SAFE_INDEX, Checkpoint, open_checkpoint
 from .compat import ApplyPlan, model_identity, plan_apply
 from .errors import CompatibilityError, InputError
 from .extract import FileHandles, read_range
+from .kernels import Scratch, axpy_into, single_thread
 from .progress import bar, logger
-from .safetensors_io import SafetensorsWriter, iter_chunks, read_header
+from .safetensors_io import SafetensorsWriter, TensorEntry, iter_chunks, read_header
 from .vector import ReasoningVector, compile_excludes, is_excluded
-from .writer import CHUNK_ELEMS, BackgroundWriter, Pipeline
+from .writer import SLAB_ELEMS, BackgroundWriter
 
 APPLIED_RECORD = "rvhub_applied.json"
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -191,9 +192,14 @@ def _apply_converted(
         raise CompatibilityError(f"the vector was made for model_type {vt}, the target is {tt}")
     _check_finite(vec, [n for n in vec.names if n not in excluded], allow_nonfinite)
     report = ApplyReport(scale=scale, skipped=excluded, missing=list(live.unmapped))
+    seen: set[int] = set()
     with torch.no_grad():
         for pname, delta in live.deltas(lambda n: vec.source.get(n, None)):
             p = params[pname]
+            if p.data_ptr() in seen:
+                report.notes.append(f"{pname}: shares storage with a tensor already changed; skipped")
+                continue
+            seen.add(p.data_ptr())
             if tuple(p.shape) != tuple(delta.shape):
                 raise CompatibilityError(
                     f"the vector does not fit the target: {pname} is {list(p.shape)}, "
@@ -301,34 +307,33 @@ def apply_to_checkpoint(
     source = vec.source
     total = ckpt.nbytes
 
-    def produce(job: tuple[str, int, int]) -> torch.Tensor:
-        name, start, stop = job
-        entry = ckpt.entries[name]
+    scratch = Scratch()
+
+    def _slab(entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
         raw = read_range(entry, start, stop, handles)
-        spec = plan.targets.get(name)
+        spec = plan.targets.get(entry.name)
         if spec is None:
             return raw
         vname, rows = spec
-        limit = math.prod(entry.shape) if rows is None else rows * math.prod(entry.shape[1:])
+        limit = entry.numel if rows is None else rows * math.prod(entry.shape[1:])
         if start >= limit:
             return raw
-        d = source.chunk(vname, start, min(stop, limit))
+        d = source.raw_chunk(vname, start, min(stop, limit))
         if dev.type != "cpu":
             t = raw.to(dev).float()
             t[: d.numel()].add_(d.to(dev), alpha=scale)
             result = t.to(raw.dtype).cpu()
         else:
-            t = raw.float() if raw.dtype != torch.float32 else raw.clone()
-            t[: d.numel()].add_(d, alpha=scale)
-            result = t.to(raw.dtype)
+            result = torch.empty_like(raw)
+            axpy_into(raw, d, scale, result, scratch)
         if raw.dtype == torch.float16 and not bool(torch.isfinite(result).all()):
             raise InputError(
-                f"float16 overflow in {name} at scale {scale:g}: the result holds Inf; use a "
-                "smaller --scale or a bfloat16/float32 target"
+                f"float16 overflow in {entry.name} at scale {scale:g}: the result holds Inf; "
+                "use a smaller --scale or a bfloat16/float32 target"
             )
         return result
 
-    with atomic_dir(out_path, overwrite=overwrite) as tmp:
+    with atomic_dir(out_path, overwrite=overwrite) as tmp, single_thread():
         progress = bar(total, "applying vector")
         bg = BackgroundWriter()
         writers: list[SafetensorsWriter] = []
@@ -344,12 +349,11 @@ def apply_to_checkpoint(
                     metadata or {"format": "pt"},
                 )
                 writers.append(writer)
-                jobs = [
-                    (e.name, s, t) for e in entries for s, t in iter_chunks(e.numel, CHUNK_ELEMS)
-                ]
-                for _, blob in Pipeline().map_ordered(jobs, produce):
-                    bg.put(writer, blob)
-                    progress.update(blob.numel() * blob.element_size())
+                for e in entries:
+                    for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
+                        blob = _slab(e, start, stop)
+                        bg.put(writer, blob)
+                        progress.update(blob.numel() * blob.element_size())
             bg.finish()
             for w in writers:
                 w.close()

@@ -56,6 +56,10 @@ class DifferenceSource(VectorSource):
         self.a, self.b = a, b
         self._handles = FileHandles()
 
+    def entries_of(self, key: str) -> dict[str, TensorEntry]:
+        """``"a"`` or ``"b"``: that source's entries."""
+        return (self.a if key == "a" else self.b).entries
+
     def parts(self, name: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The raw A and B chunks (source dtypes)."""
         ea, eb = self.a.entries[name], self.b.entries[name]

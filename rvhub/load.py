@@ -34,6 +34,9 @@ class DenseSource(VectorSource):
     def chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
         return read_range(self.entries[name], start, stop, self._handles).float()
 
+    def raw_chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return read_range(self.entries[name], start, stop, self._handles)
+
     def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         t = read_tensor(self.entries[name], self._handles.fd(self.entries[name].path))
         return t if dtype is None or t.dtype == dtype else t.to(dtype)

@@ -49,6 +49,10 @@ class VectorSource:
         """Flat elements ``[start, stop)`` of the delta, as float32."""
         return self.get(name).reshape(-1)[start:stop]
 
+    def raw_chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Like :meth:`chunk`, but in the storage dtype when the source can avoid a cast."""
+        return self.chunk(name, start, stop)
+
     def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """The whole delta, shaped; ``dtype=None`` keeps the storage dtype."""
         numel = math.prod(self.shapes[name])

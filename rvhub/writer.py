@@ -7,11 +7,12 @@ float32 math and the write + sha256 of the output overlap in a small pipeline.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,66 +22,43 @@ import torch
 from . import __version__
 from .atomic import atomic_dir, check_output
 from .errors import InputError
+from .kernels import Moments, Scratch, diff_into, single_thread, store_into
 from .manifest import FORMAT, FORMAT_VERSION, now_iso, write_manifest
 from .progress import bar
-from .safetensors_io import DTYPE_NAMES, SafetensorsWriter, iter_chunks, parse_dtype
+from .safetensors_io import DTYPE_NAMES, SafetensorsWriter, iter_chunks, parse_dtype, tensor_bytes
 from .vector import ReasoningVector, compile_excludes, is_excluded, layer_of
 
-CHUNK_ELEMS = 8 * 1024 * 1024  # 32 MB of float32 per chunk
+CHUNK_ELEMS = 8 * 1024 * 1024  # elements per chunk asked of a generic source
+SLAB_ELEMS = 4 * 1024 * 1024  # elements per read/compute/write unit (8 MB of bf16)
 VECTOR_FILE = "vector.safetensors"
 VECTOR_INDEX = "vector.safetensors.index.json"
 
 
-@dataclass
-class TensorStats:
-    """Running statistics of one delta, accumulated chunk by chunk."""
-
-    sumsq: float = 0.0
-    max_abs: float = 0.0
-    nonzero: int = 0
-    nonfinite: int = 0
-    err_sumsq: float = 0.0  # ‖B + v_stored − A‖² when the vector is a difference
-
-    def update(self, d: torch.Tensor) -> None:
-        sq = float(torch.dot(d, d)) if d.numel() else 0.0
-        if not math.isfinite(sq):
-            finite = torch.isfinite(d)
-            self.nonfinite += int(d.numel() - int(finite.sum()))
-            d = d[finite]
-            sq = float(torch.dot(d, d)) if d.numel() else 0.0
-        self.sumsq += sq
-        if d.numel():
-            lo, hi = torch.aminmax(d)
-            self.max_abs = max(self.max_abs, float(-lo), float(hi))
-            self.nonzero += int(torch.count_nonzero(d))
-
-    def as_json(self, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Any]:
-        return {
-            "shape": list(shape),
-            "dtype": DTYPE_NAMES[dtype],
-            "norm": math.sqrt(self.sumsq),
-            "max_abs": self.max_abs,
-            "nonzero": self.nonzero,
-        }
+def tensor_json(m: Moments, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "shape": list(shape),
+        "dtype": DTYPE_NAMES[dtype],
+        "norm": math.sqrt(m.sumsq),
+    }
+    if m.nonfinite:
+        out["nonfinite"] = m.nonfinite
+    return out
 
 
 @dataclass
 class StatsBook:
-    tensors: dict[str, TensorStats] = field(default_factory=dict)
+    tensors: dict[str, Moments] = field(default_factory=dict)
 
     def summary(self, has_roundtrip: bool) -> dict[str, Any]:
         layers: dict[str, float] = {}
         total = err = 0.0
-        nnz = 0
         for name, st in self.tensors.items():
             layers[layer_of(name)] = layers.get(layer_of(name), 0.0) + st.sumsq
             total += st.sumsq
             err += st.err_sumsq
-            nnz += st.nonzero
         out: dict[str, Any] = {
             "norm": math.sqrt(total),
             "layer_norms": {k: math.sqrt(v) for k, v in sorted(layers.items(), key=_layer_key)},
-            "nonzero": nnz,
         }
         if has_roundtrip:
             out["roundtrip_error"] = {
@@ -94,6 +72,31 @@ class StatsBook:
 def _layer_key(item: tuple[str, float]) -> tuple[int, int | str]:
     k = item[0]
     return (0, int(k)) if k.isdigit() else (1, k)
+
+
+class SourceFingerprint:
+    """A layout-independent content hash of a local checkpoint's tensors.
+
+    ``sha256`` over the lines ``name dtype shape sha256(bytes)`` of every tensor the vector
+    read, sorted by name: resharding or re-saving the same weights keeps it; changing any
+    byte of them changes it. Computed in the writer thread from bytes already in memory.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Any] = {}
+
+    def hasher(self, name: str) -> Any:
+        h = self.tensors.get(name)
+        if h is None:
+            h = self.tensors[name] = hashlib.sha256()
+        return h
+
+    def digest(self, entries: dict[str, Any]) -> str:
+        lines = [
+            f"{n} {entries[n].dtype} {list(entries[n].shape)} {self.tensors[n].hexdigest()}\n"
+            for n in sorted(self.tensors)
+        ]
+        return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
@@ -114,49 +117,6 @@ def shard_file_names(count: int, stem: str = "vector") -> list[str]:
     return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-class Pipeline:
-    """Run ``produce`` for each job in a reader thread, hand results to the caller in order,
-    and write byte blobs in a writer thread. Any exception is re-raised in the caller."""
-
-    def __init__(self, depth: int = 3) -> None:
-        self.depth = depth
-        self._error: BaseException | None = None
-
-    def map_ordered(self, jobs: list[Any], produce: Callable[[Any], Any]) -> Iterator[Any]:
-        q: queue.Queue[Any] = queue.Queue(self.depth)
-        stop = threading.Event()
-        done = object()
-
-        def worker() -> None:
-            try:
-                for job in jobs:
-                    if stop.is_set():
-                        return
-                    q.put((job, produce(job)))
-            except BaseException as e:  # handed to the consumer
-                q.put(e)
-                return
-            q.put(done)
-
-        t = threading.Thread(target=worker, daemon=True)
-        t.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while t.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(0.01)
-
-
 class BackgroundWriter:
     """Writes blobs to a SafetensorsWriter from one thread so I/O and hashing overlap compute."""
 
@@ -171,18 +131,26 @@ class BackgroundWriter:
             item = self.q.get()
             if item is None:
                 return
-            writer, blob = item
+            writer, blob, hashes = item
             if self.error is not None:
                 continue
             try:
                 writer.write_tensor(blob)
+                for hasher, tensor in hashes:
+                    hasher.update(tensor_bytes(tensor))
             except BaseException as e:
                 self.error = e
 
-    def put(self, writer: SafetensorsWriter, blob: torch.Tensor) -> None:
+    def put(
+        self,
+        writer: SafetensorsWriter,
+        blob: torch.Tensor,
+        hashes: Sequence[tuple[Any, torch.Tensor]] = (),
+    ) -> None:
+        """Queue ``blob`` for writing, and each ``(hasher, tensor)`` for hashing after it."""
         if self.error is not None:
             raise self.error
-        self.q.put((writer, blob))
+        self.q.put((writer, blob, hashes))
 
     def finish(self) -> None:
         self.q.put(None)
@@ -219,33 +187,39 @@ def write_dense(
     shards = plan_shards(sizes, max_shard_size)
     files = shard_file_names(len(shards))
     diff = source if isinstance(source, DifferenceSource) else None
-    book = StatsBook({n: TensorStats() for n in names})
+    book = StatsBook({n: Moments() for n in names})
     total_bytes = sum(s for _, s in sizes)
 
-    def produce(job: tuple[str, int, int]) -> tuple[torch.Tensor, torch.Tensor, float]:
-        name, start, stop = job
-        st = book.tensors[name]
+    scratch = Scratch()
+
+    # Local sources have no commit sha: fingerprint their tensors while they stream past.
+    fingerprints = (
+        {"a": SourceFingerprint(), "b": SourceFingerprint()}
+        if diff is not None and "revision" not in vec.meta.get("sources", {}).get("a", {})
+        else {}
+    )
+
+    def _slab(
+        name: str, start: int, stop: int
+    ) -> tuple[torch.Tensor, list[tuple[Any, torch.Tensor]]]:
+        moments = book.tensors[name]
+        stored = torch.empty(stop - start, dtype=dtypes[name])
+        hashes: list[tuple[Any, torch.Tensor]] = []
         if diff is not None:
             a, b = diff.parts(name, start, stop)
-            af = a.float()
-            d = af - b.float()
+            diff_into(a, b, stored, moments, scratch)
+            if fingerprints:
+                hashes = [(fingerprints["a"].hasher(name), a), (fingerprints["b"].hasher(name), b)]
         else:
-            d = source.chunk(name, start, stop)
-        st.update(d)
-        if st.nonfinite and not allow_nonfinite:
+            store_into(source.chunk(name, start, stop), stored, moments, scratch)
+        if moments.nonfinite and not allow_nonfinite:
             raise InputError(
-                f"the delta of {name} has {st.nonfinite} NaN/Inf values (the sources hold "
+                f"the delta of {name} has {moments.nonfinite} NaN/Inf values (the sources hold "
                 "non-finite weights); pass --allow-nonfinite to keep them"
             )
-        stored = d.to(dtypes[name])
-        err = 0.0
-        if diff is not None:
-            r = b.float().add_(stored.float() if stored.dtype != torch.float32 else stored).sub_(af)
-            r = r[torch.isfinite(r)] if st.nonfinite else r
-            err = float(torch.dot(r, r))
-        return d, stored, err
+        return stored, hashes
 
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp, single_thread():
         file_info: dict[str, dict[str, Any]] = {}
         weight_map: dict[str, str] = {}
         progress = bar(total_bytes, "writing vector")
@@ -256,15 +230,11 @@ def write_dense(
                 specs = [(n, dtypes[n], shapes[n]) for n in shard]
                 writer = SafetensorsWriter(tmp / fname, specs, {"format": "pt"})
                 writers.append(writer)
-                jobs = [
-                    (n, s, e)
-                    for n in shard
-                    for s, e in iter_chunks(math.prod(shapes[n]), CHUNK_ELEMS)
-                ]
-                for (name, _, _), (_, stored, err) in Pipeline().map_ordered(jobs, produce):
-                    book.tensors[name].err_sumsq += err
-                    bg.put(writer, stored)
-                    progress.update(stored.numel() * stored.element_size())
+                for name in shard:
+                    for start, stop in iter_chunks(math.prod(shapes[name]), SLAB_ELEMS):
+                        stored, hashes = _slab(name, start, stop)
+                        bg.put(writer, stored, hashes)
+                        progress.update(stored.numel() * stored.element_size())
                 for n in shard:
                     weight_map[n] = fname
             bg.finish()
@@ -288,6 +258,11 @@ def write_dense(
                 "size": (tmp / VECTOR_INDEX).stat().st_size,
             }
         meta = dict(vec.meta)
+        if fingerprints:
+            meta["sources"] = {
+                key: {**info, "content_sha256": fingerprints[key].digest(diff.entries_of(key))}  # type: ignore[union-attr]
+                for key, info in meta["sources"].items()
+            }
         excluded = list(meta.get("excluded", [])) + newly_excluded
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -303,7 +278,7 @@ def write_dense(
             "exclude_patterns": list(meta.get("exclude_patterns", [])) + exclude,
             "skipped_non_float": meta.get("skipped_non_float", []),
             "files": file_info,
-            "tensors": {n: book.tensors[n].as_json(shapes[n], dtypes[n]) for n in names},
+            "tensors": {n: tensor_json(book.tensors[n], shapes[n], dtypes[n]) for n in names},
             "stats": book.summary(diff is not None),
         }
         if "combination" in meta:

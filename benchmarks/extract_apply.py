@@ -1,0 +1,155 @@
+"""rvhub extract / apply on a Qwen2.5-1.5B-shaped bf16 pair vs the naive script and the I/O floor.
+
+    python benchmarks/extract_apply.py [--repeat 3] [--skip-naive] [--layers 28] [--dir DIR]
+
+Builds two 3.09 GB bf16 checkpoints (hidden 1536, 28 layers, intermediate 8960, vocab
+151936, tied embeddings) in a temp folder, warms the page cache, then times, in one run:
+
+* the I/O floor: reading the inputs and writing + fsyncing the output's bytes;
+* ``rvhub extract A B`` and ``rvhub apply v B`` (the CLI, as users run it);
+* the naive scripts a user writes: load with transformers, subtract/add, save.
+
+Prints medians of ``--repeat`` runs (the naive scripts run once: they take minutes) and
+ratios to the floor measured in the same run. Needs ~20 GB of free disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import (
+    Run,
+    base_tensor,
+    drop_cache_hint,
+    finetuned_tensor,
+    io_floor_cmd,
+    median_run,
+    python_cmd,
+    qwen2_config,
+    run_measured,
+    rvhub_cmd,
+    table,
+    write_checkpoint,
+)
+
+NAIVE_EXTRACT = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+from safetensors.torch import save_file
+a = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).state_dict()
+b = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.bfloat16).state_dict()
+v = {k: (a[k].float() - b[k].float()).to(torch.bfloat16).contiguous() for k in a if k != "lm_head.weight"}
+save_file(v, sys.argv[3] + "/vector.safetensors")
+"""
+
+NAIVE_APPLY = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+m = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.bfloat16)
+v = load_file(sys.argv[1] + "/vector.safetensors")
+with torch.no_grad():
+    for k, p in m.named_parameters():
+        if k in v:
+            p.add_(v[k])
+m.save_pretrained(sys.argv[3])
+"""
+
+
+def measure(label: str, cmd_for: object, repeat: int, cleanup: Path) -> Run:
+    runs = []
+    for _ in range(repeat):
+        shutil.rmtree(cleanup, ignore_errors=True)
+        cleanup.unlink(missing_ok=True) if cleanup.is_file() else None
+        runs.append(run_measured(cmd_for()))  # type: ignore[operator]
+        print(f"    {label}: {runs[-1].seconds:.2f} s, {runs[-1].peak_rss_mb:.0f} MB", flush=True)
+    shutil.rmtree(cleanup, ignore_errors=True)
+    if cleanup.is_file():
+        cleanup.unlink()
+    return median_run(runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=28, help="fewer layers for a quick look")
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder)")
+    args = ap.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="rvhub-bench-", dir=args.dir))
+    try:
+        cfg = qwen2_config(num_hidden_layers=args.layers)
+        print(f"building the pair in {root} ...", flush=True)
+        a = write_checkpoint(root / "grpo", cfg, finetuned_tensor)
+        b = write_checkpoint(root / "sft", cfg, base_tensor)
+        size = (a / "model.safetensors").stat().st_size
+        print(f"pair: 2 × {size / 1e9:.2f} GB bf16", flush=True)
+        drop_cache_hint([a, b])
+        vec, out, floor_out = root / "vec", root / "out", root / "floor.bin"
+        a_w, b_w = a / "model.safetensors", b / "model.safetensors"
+
+        env_note = f"median of {args.repeat}"
+        print(f"\nextract ({env_note})", flush=True)
+        floor = measure(
+            "I/O floor", lambda: io_floor_cmd([a_w, b_w], floor_out), args.repeat, floor_out
+        )
+        ext = measure(
+            "rvhub extract",
+            lambda: rvhub_cmd("extract", str(a), str(b), "-o", str(vec)),
+            args.repeat,
+            vec,
+        )
+        rows = [("I/O floor (read A+B, write+fsync v)", floor), ("rvhub extract", ext)]
+        if not args.skip_naive:
+            vec.mkdir()
+            naive = measure(
+                "naive (transformers)",
+                lambda: [*python_cmd(NAIVE_EXTRACT), str(a), str(b), str(vec)],
+                1,
+                root / "none",
+            )
+            shutil.rmtree(vec, ignore_errors=True)
+            rows.append(("naive: load both, subtract, save", naive))
+        print("\n".join(table(rows, floor)))
+
+        run_measured(rvhub_cmd("extract", str(a), str(b), "-o", str(vec)))
+        v_w = vec / "vector.safetensors"
+        drop_cache_hint([vec])
+        print(f"\napply ({env_note})", flush=True)
+        floor2 = measure(
+            "I/O floor", lambda: io_floor_cmd([b_w, v_w], floor_out), args.repeat, floor_out
+        )
+        app = measure(
+            "rvhub apply",
+            lambda: rvhub_cmd("apply", str(vec), str(b), "-o", str(out)),
+            args.repeat,
+            out,
+        )
+        rows = [("I/O floor (read θ+v, write+fsync)", floor2), ("rvhub apply", app)]
+        if not args.skip_naive:
+            naive2 = measure(
+                "naive (transformers)",
+                lambda: [*python_cmd(NAIVE_APPLY), str(vec), str(b), str(out)],
+                1,
+                out,
+            )
+            rows.append(("naive: load, add, save_pretrained", naive2))
+        print("\n".join(table(rows, floor2)))
+        print(
+            f"\nratios: extract {ext.seconds / floor.seconds:.2f}× floor at {ext.peak_rss_mb:.0f} MB; "
+            f"apply {app.seconds / floor2.seconds:.2f}× floor at {app.peak_rss_mb:.0f} MB "
+            "(targets: ≤ 1.3×, ≤ 1.5 GB)"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
