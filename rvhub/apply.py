@@ -197,7 +197,9 @@ def _apply_converted(
         for pname, delta in live.deltas(lambda n: vec.source.get(n, None)):
             p = params[pname]
             if p.data_ptr() in seen:
-                report.notes.append(f"{pname}: shares storage with a tensor already changed; skipped")
+                report.notes.append(
+                    f"{pname}: shares storage with a tensor already changed; skipped"
+                )
                 continue
             seen.add(p.data_ptr())
             if tuple(p.shape) != tuple(delta.shape):
@@ -227,26 +229,36 @@ def _live_tied(model: torch.nn.Module) -> bool:
 def _add_live(
     vec: ReasoningVector, work: list[tuple[torch.nn.Parameter, str, int | None]], scale: float
 ) -> None:
+    from .load import DenseSource
+
     seen: set[int] = set()
+    gpu_work = []
+    dense = vec.source if isinstance(vec.source, DenseSource) else None
     with torch.no_grad():
         for param, vname, rows in work:
             key = param.data_ptr()
             if key in seen:
                 continue  # a tied weight reached twice: one storage, one delta
             seen.add(key)
+            if dense is not None and param.device.type == "cuda":
+                gpu_work.append((param.data, dense.entries[vname], rows))
+                continue
             delta = vec.source.get(vname, None)
             target = param.data
             if rows is not None:
                 target = target[:rows]
                 delta = delta[:rows]
-            delta = delta.to(
-                param.device, non_blocking=param.device.type == "cuda" and delta.is_pinned()
-            )
-            target.add_(delta, alpha=scale)
+            target.add_(delta.to(param.device), alpha=scale)
+        if gpu_work:
+            from .gpu import apply_dense_cuda
+
+            apply_dense_cuda(gpu_work, scale)
 
 
 def _warn_overflow(model: torch.nn.Module, report: ApplyReport) -> None:
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.dtype == torch.float16}
+    if not params:
+        return
     bad = [
         n
         for n in report.applied

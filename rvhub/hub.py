@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
-from .errors import HubError, InputError
-from .manifest import MANIFEST_NAME, artifact_file, validate_manifest
+from . import __version__
+from .errors import HubError, InputError, RvhubError
+from .manifest import MANIFEST_NAME, artifact_file, load_manifest, validate_manifest
+
+if TYPE_CHECKING:
+    from .card import Card, Scores
+
+logger = logging.getLogger("rvhub")
 
 # What a model checkpoint download fetches: weights as safetensors, config and tokenizer.
 CHECKPOINT_PATTERNS = [
@@ -43,13 +54,13 @@ def _hub_error(exc: BaseException, repo_id: str, revision: str | None) -> HubErr
             f"{repo_id}: no such repo on the Hub (or it is private: log in with hf auth login "
             "or set HF_TOKEN); for a local folder, check the path"
         )
-    if isinstance(exc, hf_errors.EntryNotFoundError):
-        return InputError(f"{repo_id}{rev} lacks a file rvhub needs ({exc})".split("\n")[0])
     if isinstance(exc, hf_errors.LocalEntryNotFoundError):
         return HubError(
             f"cannot reach the Hub for {repo_id}{rev} and it is not in the local cache "
             "(offline or network down); connect, or unset HF_HUB_OFFLINE"
         )
+    if isinstance(exc, hf_errors.EntryNotFoundError):
+        return InputError(f"{repo_id}{rev} lacks a file rvhub needs ({exc})".split("\n")[0])
     if isinstance(exc, hf_errors.HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
@@ -63,11 +74,26 @@ def _hub_error(exc: BaseException, repo_id: str, revision: str | None) -> HubErr
     )
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """httpx's errors under both names huggingface_hub has used (``httpx``, then ``httpx2``)."""
+    out: list[type[BaseException]] = []
+    for module in ("httpx2", "httpx"):
+        try:
+            out.append(__import__(module).HTTPError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(out)
+
+
 def _network_errors() -> tuple[type[BaseException], ...]:
-    import httpx
     from huggingface_hub import errors as hf_errors
 
-    return (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, httpx.HTTPError, OSError)
+    return (
+        hf_errors.HfHubHTTPError,
+        hf_errors.LocalEntryNotFoundError,
+        *_transport_errors(),
+        OSError,
+    )
 
 
 def download_checkpoint(
@@ -126,5 +152,312 @@ def download_vector(repo_id: str, *, revision: str | None = None) -> tuple[Path,
     }
 
 
-def push_vector(folder: str | Path, repo_id: str, **kwargs: Any) -> Any:
-    raise HubError("rvhub push is not available yet")
+# -- push -----------------------------------------------------------------------------------
+
+TOKEN_HELP = "log in with `hf auth login` or set HF_TOKEN to a token with write access"
+# Files an earlier push may have left that the artifact being pushed no longer has (another
+# shard count, another encoding): deleted in the same commit so the repo equals the artifact.
+ARTIFACT_PATTERNS = (
+    "vector.safetensors",
+    "vector-*-of-*.safetensors",
+    "vector.safetensors.index.json",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+)
+_COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What :func:`push_vector` did: the commit (or the unchanged head) and where it lives."""
+
+    repo_id: str
+    url: str  # the repo (at the branch, when not main)
+    commit_sha: str
+    commit_url: str
+    changed: bool  # False: the Hub already held these exact files, no commit was made
+    revision: str  # the branch pushed to
+    pr_url: str | None = None
+
+
+def resolve_token(token: str | None = None) -> str:
+    """The token to write with: ``token``, else ``HF_TOKEN``, else the ``hf auth login`` one."""
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    try:
+        found = get_token()
+    except Exception as e:  # an OIDC exchange that failed, an unreadable token file
+        raise HubError(f"cannot read your Hugging Face token ({e}); {TOKEN_HELP}") from None
+    if not found:
+        raise HubError(f"no Hugging Face token found: {TOKEN_HELP}")
+    return found
+
+
+def _push_error(
+    exc: BaseException, repo_id: str, endpoint: str, revision: str | None
+) -> HubError | InputError:
+    """One line for a failed push; every such failure leaves the repo as it was."""
+    from huggingface_hub import errors as hf_errors
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, hf_errors.HfHubHTTPError) and status == 401:
+        return HubError(
+            f"the Hub rejected the token (HTTP 401): it is invalid or expired; {TOKEN_HELP}"
+        )
+    if isinstance(exc, hf_errors.HfHubHTTPError) and status == 403:
+        namespace = repo_id.split("/", 1)[0]
+        return HubError(
+            f"no write access to {repo_id} (HTTP 403): {namespace!r} is not your namespace or one "
+            "of your organizations, or the token is read-only; nothing was pushed"
+        )
+    if isinstance(exc, hf_errors.HfHubHTTPError) and status == 412:
+        return HubError(
+            f"{repo_id} changed while pushing (HTTP 412); nothing was committed: push again"
+        )
+    if isinstance(exc, hf_errors.OfflineModeIsEnabled):
+        return HubError("cannot push with HF_HUB_OFFLINE=1; unset it to publish")
+    if isinstance(exc, (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError)):
+        return _hub_error(exc, repo_id, revision)
+    if isinstance(exc, (*_transport_errors(), OSError)):
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return HubError(f"cannot reach the Hub at {endpoint} ({reason}); nothing was pushed")
+    return HubError(f"push to {repo_id} failed: {str(exc).splitlines()[0]}")
+
+
+def source_licenses(
+    manifest: dict[str, Any], *, token: str | bool | None = None, endpoint: str | None = None
+) -> dict[str, str | None]:
+    """The license of each source (``a``, ``b``) where one is known: a Hub source's card at its
+    recorded revision, a local source's README front matter. Best effort, never raises."""
+    from huggingface_hub import HfApi, constants
+
+    from .card import local_source_license
+
+    out: dict[str, str | None] = {}
+    api = HfApi(endpoint=endpoint, token=token)
+    for role in ("a", "b"):
+        info = (manifest.get("sources") or {}).get(role) or {}
+        if info.get("kind") == "local" and info.get("path"):
+            out[role] = local_source_license(info["path"])
+        elif info.get("kind") == "hub" and info.get("repo_id") and not constants.HF_HUB_OFFLINE:
+            try:
+                data = api.model_info(info["repo_id"], revision=info.get("revision")).card_data
+            except Exception as e:  # a missing card, a private repo, the network: no license
+                logger.info("no license for %s: %s", info["repo_id"], str(e).splitlines()[0:1])
+                out[role] = None
+                continue
+            value = data.get("license") if data is not None else None
+            out[role] = value if isinstance(value, str) and value else None
+    return out
+
+
+def check_card(text: str) -> None:
+    """Parse a card with huggingface_hub's ``ModelCard`` (front matter, model-index)."""
+    from huggingface_hub import ModelCard
+
+    try:
+        ModelCard(text, ignore_metadata_errors=False)
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(
+            f"the card's metadata is not valid for the Hub: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def build_card(
+    folder: Path,
+    manifest: dict[str, Any],
+    *,
+    repo_id: str,
+    scores: Scores | None = None,
+    template: str | os.PathLike[str] | None = None,
+    license: str | None = None,
+    target: str | None = None,
+    token: str | bool | None = None,
+    endpoint: str | None = None,
+) -> Card:
+    """Render and check the card for ``repo_id`` (what ``rvhub card`` shows and ``push`` uploads)."""
+    from huggingface_hub import constants
+
+    from .card import hub_sources, render_card
+
+    licenses = (
+        source_licenses(manifest, token=token, endpoint=endpoint)
+        if license is None and hub_sources(manifest)
+        else None
+    )
+    card = render_card(
+        folder,
+        manifest=manifest,
+        repo_id=repo_id,
+        scores=scores,
+        template=template,
+        license=license,
+        source_licenses=licenses,
+        target=target,
+        endpoint=endpoint or constants.ENDPOINT,
+    )
+    check_card(card.text)
+    return card
+
+
+def _upload_operations(folder: Path, manifest: dict[str, Any], card: Card) -> list[Any]:
+    """One CommitOperationAdd per artifact file, the manifest and the card files.
+
+    The sha256 of every listed file was just checked against the manifest, so it is handed to
+    huggingface_hub instead of being computed a second time.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    ops = []
+    for name, info in manifest["files"].items():
+        op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(artifact_file(folder, name)))
+        op.upload_info.sha256 = bytes.fromhex(info["sha256"])
+        ops.append(op)
+    ops.append(
+        CommitOperationAdd(
+            path_in_repo=MANIFEST_NAME,
+            path_or_fileobj=artifact_file(folder, MANIFEST_NAME).read_bytes(),
+        )
+    )
+    for name, data in card.files.items():
+        ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=data))
+    return ops
+
+
+def push_vector(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+    scores: Scores | None = None,
+    template: str | os.PathLike[str] | None = None,
+    card: str | os.PathLike[str] | None = None,
+    license: str | None = None,
+    target: str | None = None,
+    endpoint: str | None = None,
+) -> PushResult:
+    """Publish the artifact ``folder`` to the Hub repo ``repo_id`` in one commit.
+
+    Checks every file against its sha256 in ``rvhub.json`` (and refuses the push on a
+    mismatch) before talking to the Hub, renders the model card (``README.md`` + the norm
+    plot; ``card=`` uploads a ready README instead), creates the repo if missing
+    (``private``), the branch ``revision`` if missing, and commits the manifest, every listed
+    file and the card together (``create_pr`` opens a pull request instead). Files of an
+    earlier push that the artifact no longer has are deleted in the same commit. Pushing
+    unchanged files makes no commit: ``changed`` is False and ``commit_sha`` the current head.
+
+    The token is ``token``, else ``HF_TOKEN``, else the one saved by ``hf auth login``.
+
+    Example:
+        >>> result = push_vector("./reasoning-vector", "user/qwen2.5-1.5b-reasoning-vector")
+        >>> print(result.url, result.commit_sha)
+    """
+    from huggingface_hub import CommitOperationDelete, HfApi, constants
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub.utils import filter_repo_objects
+
+    from .checkpoint import looks_like_hub_id
+    from .load import verify_artifact
+
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise InputError(f"{path}: no such folder (push takes a vector folder made by rvhub)")
+    if not looks_like_hub_id(repo_id):
+        raise InputError(f"{repo_id!r} is not a Hub repo id; write it as user/name or org/name")
+    branch = revision or constants.DEFAULT_REVISION
+    if _COMMIT_SHA.match(branch):
+        raise InputError(f"--revision {branch} is a commit sha; push to a branch name")
+    manifest = load_manifest(path)
+    write_token = resolve_token(token)
+    card_text = None
+    if card is not None:
+        card_path = Path(card).expanduser()
+        if not card_path.is_file():
+            raise InputError(f"card {card_path}: no such file")
+        card_text = card_path.read_text(encoding="utf-8")
+        check_card(card_text)
+    verify_artifact(path, manifest, full=True)  # refuse a damaged artifact before any request
+    api = HfApi(endpoint=endpoint, token=write_token)
+    url_base = api.endpoint.rstrip("/")
+    failures: tuple[type[BaseException], ...] = (ValueError, *_network_errors())
+    try:
+        if card_text is None:
+            rendered = build_card(
+                path,
+                manifest,
+                repo_id=repo_id,
+                scores=scores,
+                template=template,
+                license=license,
+                target=target,
+                token=write_token,
+                endpoint=url_base,
+            )
+        else:
+            from .card import Card, norms_plot, split_front_matter
+
+            meta, _ = split_front_matter(card_text)
+            rendered = Card(
+                text=card_text,
+                metadata=meta or {},
+                plot_png=norms_plot((manifest.get("stats") or {}).get("layer_norms") or {}),
+            )
+        operations = _upload_operations(path, manifest, rendered)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        try:
+            info = api.repo_info(repo_id, revision=branch)
+        except hf_errors.RevisionNotFoundError:
+            if branch.startswith("refs/"):
+                raise InputError(f"{repo_id} has no revision {branch!r}") from None
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+            info = api.repo_info(repo_id, revision=branch)
+        head = info.sha
+        assert head is not None
+        if private and not getattr(info, "private", True):
+            logger.warning(
+                "%s already exists and is public; --private applies to new repos", repo_id
+            )
+        uploading = {op.path_in_repo for op in operations}
+        stale = [
+            f
+            for f in filter_repo_objects(
+                api.list_repo_files(repo_id, revision=head), allow_patterns=list(ARTIFACT_PATTERNS)
+            )
+            if f not in uploading
+        ]
+        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
+        message = commit_message or (
+            f"Upload reasoning vector ({manifest.get('encoding', 'dense')}, "
+            f"{len(manifest.get('tensors') or {})} tensors) with rvhub {__version__}"
+        )
+        commit = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=message,
+            revision=branch,
+            create_pr=create_pr,
+            parent_commit=head,
+        )
+    except RvhubError:
+        raise
+    except failures as e:
+        if isinstance(e, ValueError) and not isinstance(e, hf_errors.HfHubHTTPError):
+            raise InputError(f"push to {repo_id} refused: {str(e).splitlines()[0]}") from None
+        raise _push_error(e, repo_id, url_base, branch) from None
+    changed = commit.oid != head or commit.pr_url is not None
+    url = f"{url_base}/{repo_id}" + ("" if branch == "main" else f"/tree/{quote(branch, safe='')}")
+    return PushResult(
+        repo_id=repo_id,
+        url=url,
+        commit_sha=commit.oid,
+        commit_url=commit.commit_url,
+        changed=changed,
+        revision=branch,
+        pr_url=commit.pr_url,
+    )

@@ -54,7 +54,7 @@ def describe(vec: ReasoningVector) -> str:
         f"model      {model.get('model_type')} {', '.join(model.get('architectures') or [])}"
         f" (tied embeddings: {model.get('tie_word_embeddings')})",
     ]
-    for key, label in (("a", "A (minuend)"), ("b", "B (subtrahend)")):
+    for key, label in (("a", "source A"), ("b", "source B")):
         if key in s["sources"]:
             lines.append(f"{label:<11}{_source_line(s['sources'][key])}")
     lines.append(

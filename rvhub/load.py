@@ -54,42 +54,52 @@ def _stamp(path: Path) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+_verified_here: dict[str, tuple[list[int], str]] = {}  # this process's checks, by path
+
+
 def verify_artifact(folder: Path, manifest: dict[str, Any], *, full: bool = False) -> list[str]:
     """Check every listed file's size and sha256.
 
     A file whose (device, inode, size, mtime, ctime) match a previous successful check is not
     hashed again unless ``full``: any write to it, or a ``touch`` to hide one, changes its
-    ctime, which user code cannot set.
+    ctime, which user code cannot set. Checks are remembered in ``$RVHUB_CACHE/verified.json``
+    (entries for files that no longer exist are dropped on each write).
     """
-    cache_path = _cache_dir() / "verified.json"
-    cache: dict[str, Any] = {}
-    if not full:
-        with contextlib.suppress(OSError, ValueError):
-            cache = json.loads(cache_path.read_text())
-            if not isinstance(cache, dict):
-                cache = {}
     verify_files(folder, manifest, quick=True)  # sizes and presence first: cheap, clear errors
-    changed = False
+    todo = []
     for name, info in manifest["files"].items():
         path = artifact_file(folder, name)
         key = str(path.resolve())
         stamp = _stamp(path)
+        if not full and _verified_here.get(key) == (stamp, info["sha256"]):
+            continue
+        todo.append((name, info["sha256"], path, key, stamp))
+    if not todo:
+        return list(manifest["files"])
+    cache_path = _cache_dir() / "verified.json"
+    cache: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(cache_path.read_text())
+        cache = loaded if isinstance(loaded, dict) else {}
+    changed = False
+    for name, sha, path, key, stamp in todo:
         hit = cache.get(key)
-        if (
+        if not (
             not full
             and isinstance(hit, dict)
             and hit.get("stamp") == stamp
-            and hit.get("sha256") == info["sha256"]
+            and hit.get("sha256") == sha
         ):
-            continue
-        if sha256_file(path) != info["sha256"]:
-            raise IntegrityError(
-                f"{name} does not match its sha256 in rvhub.json: the file was tampered with "
-                "or corrupted; re-download the vector"
-            )
-        cache[key] = {"stamp": stamp, "sha256": info["sha256"]}
-        changed = True
+            if sha256_file(path) != sha:
+                raise IntegrityError(
+                    f"{name} does not match its sha256 in rvhub.json: the file was tampered "
+                    "with or corrupted; re-download the vector"
+                )
+            cache[key] = {"stamp": stamp, "sha256": sha}
+            changed = True
+        _verified_here[key] = (stamp, sha)
     if changed:
+        cache = {k: v for k, v in cache.items() if os.path.exists(k)}
         with contextlib.suppress(OSError):
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache_path.parent, suffix=".tmp")

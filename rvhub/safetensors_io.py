@@ -43,8 +43,11 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 
 
+DTYPE_SIZES: dict[str, int] = {k: v.itemsize for k, v in DTYPES.items()}
+
+
 def dtype_size(dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return DTYPE_SIZES[dtype]
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -116,7 +119,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
                 raise ValueError(f"header length {header_len} does not fit in a {size}-byte file")
-            header = json.loads(f.read(header_len), object_pairs_hook=_no_duplicates)
+            raw = f.read(header_len)
+            header = json.loads(raw)
+            # json keeps the last of duplicate keys silently; count entries to catch them, and
+            # re-parse strictly (naming the duplicate) only when the counts disagree.
+            if isinstance(header, dict) and raw.count(b'"data_offsets"') != len(header) - (
+                "__metadata__" in header
+            ):
+                header = json.loads(raw, object_pairs_hook=_no_duplicates)
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}") from None
     except (ValueError, UnicodeDecodeError) as e:

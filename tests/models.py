@@ -54,7 +54,7 @@ def finetune_like(model, seed: int, scale: float = 0.02) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            noise = torch.randn(p.shape, generator=g) * scale * (p.float().std() + 1e-3)
+            noise = torch.randn(p.shape, generator=g) * scale * (p.float().abs().mean() + 1e-3)
             p.add_(noise.to(p.dtype))
 
 

@@ -1,0 +1,146 @@
+"""Applying a dense vector to GPU-resident parameters at host-to-device copy speed.
+
+``safetensors.load_file(device="cuda")`` reads each tensor into pageable memory and copies it
+synchronously: ~12× slower than one pinned copy of the same bytes (H200, 3.09 GB). Here each
+vector file is ``mmap``ed read-only and pre-faulted (``MAP_POPULATE``: straight from the page
+cache, no read() copy) and pinned for DMA with ``cudaHostRegister`` (read-only flag: no page
+is dirtied or copied). Each tensor then reaches its parameter's GPU in one asynchronous DMA
+and is added in place on the same stream, one tensor at a time, so the vector is never whole
+on the GPU.
+
+Pinning costs about as much as the copy itself (H200, 3.09 GB: register 61 ms, DMA 57 ms,
+unregister 20 ms; benchmarks/gpu_probe.py), and pinning in chunks from several threads
+pipelined with the copies did not overlap the two (the driver serialises them). So a
+registration is kept for the next apply of the same file — the usual case is a sweep over
+α on one model — keyed by the file's identity (device, inode, size, mtime, ctime), up to
+``RVHUB_GPU_PIN_CACHE_GB`` (default 16) of pinned page cache; :func:`release_pinned` drops it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import mmap
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .progress import logger
+from .safetensors_io import TensorEntry, read_tensor
+
+CUDA_HOST_REGISTER_PORTABLE = 1
+CUDA_HOST_REGISTER_READ_ONLY = 8
+
+# (target tensor on a CUDA device, vector entry, rows to apply or None)
+GpuWork = tuple[torch.Tensor, TensorEntry, int | None]
+FileKey = tuple[int, int, int, int, int]
+
+
+@dataclass
+class _Pinned:
+    mm: mmap.mmap
+    base: torch.Tensor
+    nbytes: int
+
+
+_pinned: OrderedDict[FileKey, _Pinned] = OrderedDict()
+_lock = threading.Lock()
+
+
+def _budget() -> int:
+    try:
+        return int(float(os.environ.get("RVHUB_GPU_PIN_CACHE_GB", "16")) * 1e9)
+    except ValueError:
+        return int(16e9)
+
+
+def _key(path: Path) -> FileKey:
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _unpin(entry: _Pinned) -> None:
+    torch.cuda.synchronize()  # no DMA may still read these pages
+    torch.cuda.cudart().cudaHostUnregister(entry.base.data_ptr())
+    del entry.base
+    with contextlib.suppress(BufferError):
+        entry.mm.close()
+
+
+def release_pinned() -> None:
+    """Unpin every vector file kept pinned for later applies."""
+    with _lock:
+        while _pinned:
+            _unpin(_pinned.popitem()[1])
+
+
+def _pin(path: Path) -> torch.Tensor | None:
+    """The file's bytes as a registered (pinned) uint8 CPU tensor, or None if CUDA refuses."""
+    key = _key(path)
+    with _lock:
+        hit = _pinned.get(key)
+        if hit is not None:
+            _pinned.move_to_end(key)
+            return hit.base
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": read only
+            base = torch.frombuffer(mm, dtype=torch.uint8)
+        flags = CUDA_HOST_REGISTER_PORTABLE | CUDA_HOST_REGISTER_READ_ONLY
+        if int(torch.cuda.cudart().cudaHostRegister(base.data_ptr(), size, flags)) != 0:
+            del base
+            with contextlib.suppress(BufferError):
+                mm.close()
+            return None
+        entry = _Pinned(mm, base, size)
+        _pinned[key] = entry
+        budget = _budget()
+        while len(_pinned) > 1 and sum(p.nbytes for p in _pinned.values()) > budget:
+            _unpin(_pinned.popitem(last=False)[1])
+        if budget <= 0:  # caching disabled: unpin right after this apply's copies
+            _deferred.append(_pinned.pop(key))
+        return base
+
+
+_deferred: list[_Pinned] = []
+
+
+def _flush_deferred() -> None:
+    while _deferred:
+        _unpin(_deferred.pop())
+
+
+atexit.register(release_pinned)
+
+
+def apply_dense_cuda(work: Sequence[GpuWork], scale: float) -> None:
+    """``target += scale · vector`` for every item; every target is on a CUDA device."""
+    by_file: dict[Path, list[GpuWork]] = {}
+    for item in work:
+        if item[1].nbytes:
+            by_file.setdefault(item[1].path, []).append(item)
+    for path, items in by_file.items():
+        base = _pin(path)
+        if base is None:
+            logger.info("cudaHostRegister refused %s; using pageable copies", path)
+        for target, entry, rows in items:
+            if base is not None:
+                src = base[entry.start : entry.end].view(entry.torch_dtype).view(entry.shape)
+            else:
+                src = read_tensor(entry)
+            if rows is not None:
+                src, target = src[:rows], target[:rows]
+            target.add_(src.to(target.device, non_blocking=base is not None), alpha=scale)
+    _flush_deferred()

@@ -1,0 +1,167 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, the output untouched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rvhub import extract_vector
+from tests.cli_helpers import assert_clean_failure, run, tree_snapshot
+from tests.models import build_model, save
+
+
+@pytest.fixture
+def vec(family, tmp_path):
+    fam = family("qwen2")
+    return extract_vector(fam["a"], fam["b"]).save(tmp_path / "vec")
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_path(family, tmp_path):
+    out = tmp_path / "out"
+    r = run("extract", tmp_path / "does-not-exist", family("qwen2")["b"], "-o", out)
+    assert_clean_failure(r, match="no such file or folder", output=out)
+
+
+def test_unknown_hub_id(hub, family, tmp_path):
+    out = tmp_path / "out"
+    r = run("extract", "nobody/no-such-model", family("qwen2")["b"], "-o", out)
+    assert_clean_failure(r, match="no such repo on the Hub", output=out)
+
+
+def test_network_down(hub, family, tmp_path, monkeypatch):
+    from tests.hub_server.fixtures import HubServer  # noqa: F401  (the fixture patches endpoints)
+
+    out = tmp_path / "out"
+    with hub.use_endpoint(tmp_path / "hf-home", endpoint=hub.dead_endpoint):
+        r = run("extract", "alice/some-model", family("qwen2")["b"], "-o", out)
+    assert_clean_failure(r, match="cannot reach the Hub", output=out)
+
+
+def test_truncated_safetensors(family, tmp_path):
+    broken = _copy(family("qwen2")["a"], tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    out = tmp_path / "out"
+    r = run("extract", broken, family("qwen2")["b"], "-o", out)
+    assert_clean_failure(r, match="truncated or corrupt", output=out)
+
+
+def test_garbage_safetensors_header(family, tmp_path):
+    broken = _copy(family("qwen2")["a"], tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"\0" * 64)
+    out = tmp_path / "out"
+    r = run("extract", broken, family("qwen2")["b"], "-o", out)
+    assert_clean_failure(r, match="not a valid safetensors file", output=out)
+
+
+def test_architecture_mismatch(family, tmp_path):
+    out = tmp_path / "out"
+    r = run("extract", family("qwen2")["a"], family("llama")["b"], "-o", out)
+    assert_clean_failure(r, match="model_type qwen2 vs llama", output=out)
+
+
+def test_shape_mismatch_on_apply(vec, tmp_path):
+    other = save(build_model("qwen2", seed=2, dtype=torch.bfloat16, intermediate_size=48), tmp_path / "other")
+    out = tmp_path / "out"
+    r = run("apply", vec, other, "-o", out)
+    assert_clean_failure(r, match="shape differs", output=out)
+
+
+def test_vocab_mismatch(vec, tmp_path):
+    other = save(build_model("qwen2", seed=2, dtype=torch.bfloat16, vocab_size=160), tmp_path / "other")
+    out = tmp_path / "out"
+    r = run("apply", vec, other, "-o", out)
+    assert_clean_failure(r, match="--vocab overlap", output=out)
+
+
+def test_nonfinite_delta_refused_unless_allowed(family, tmp_path):
+    poisoned = _copy(family("qwen2")["a"], tmp_path / "poisoned")
+    from safetensors.torch import load_file
+
+    tensors = load_file(poisoned / "model.safetensors")
+    tensors["model.norm.weight"][3] = float("nan")
+    save_file(tensors, poisoned / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    r = run("extract", poisoned, family("qwen2")["b"], "-o", out)
+    assert_clean_failure(r, match="NaN/Inf", output=out)
+    assert run("extract", poisoned, family("qwen2")["b"], "-o", out, "--allow-nonfinite").exit_code == 0
+    manifest = json.loads((out / "rvhub.json").read_text())
+    assert manifest["tensors"]["model.norm.weight"]["nonfinite"] == 1
+    # applying it is refused too, unless allowed
+    applied = tmp_path / "applied"
+    r = run("apply", out, family("qwen2")["target"], "-o", applied)
+    assert_clean_failure(r, match="NaN/Inf", output=applied)
+
+
+def test_tampered_artifact_file(vec, family, tmp_path):
+    weights = vec / "vector.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # same size, one byte flipped
+    weights.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    r = run("apply", vec, family("qwen2")["target"], "-o", out)
+    assert_clean_failure(r, match="does not match its sha256", output=out)
+    r = run("verify", vec)
+    assert_clean_failure(r, match="does not match its sha256")
+
+
+def test_output_exists_without_overwrite(family, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    before = tree_snapshot(out)
+    r = run("extract", family("qwen2")["a"], family("qwen2")["b"], "-o", out)
+    assert_clean_failure(r, match="already exists; pass --overwrite", output=out, before=before)
+
+
+@pytest.mark.parametrize("scale", ["abc", "nan", "inf", ""])
+def test_scale_not_a_number(vec, family, tmp_path, scale):
+    out = tmp_path / "out"
+    r = run("apply", vec, family("qwen2")["target"], "-o", out, "--scale", scale)
+    assert_clean_failure(r, match="--scale must be a finite number", output=out)
+
+
+def test_pickle_only_checkpoint(tmp_path, family):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
+    out = tmp_path / "out"
+    r = run("extract", folder, family("qwen2")["b"], "-o", out)
+    line = assert_clean_failure(r, match="pickle", output=out)
+    assert "save_pretrained" in line  # says how to convert
+
+
+def test_unknown_dtype(family, tmp_path):
+    out = tmp_path / "out"
+    r = run("extract", family("qwen2")["a"], family("qwen2")["b"], "-o", out, "--dtype", "int7")
+    assert_clean_failure(r, match="unknown dtype", output=out)
+
+
+def test_invalid_exclude_regex(family, tmp_path):
+    out = tmp_path / "out"
+    r = run("extract", family("qwen2")["a"], family("qwen2")["b"], "-o", out, "--exclude", "(")
+    assert_clean_failure(r, match="not a valid regular expression", output=out)
+
+
+def test_not_a_vector_folder(family, tmp_path):
+    out = tmp_path / "out"
+    r = run("apply", family("qwen2")["a"], family("qwen2")["target"], "-o", out)
+    assert_clean_failure(r, match="not an rvhub vector", output=out)
+
+
+def test_cuda_requested_without_gpu(vec, family, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "out"
+    r = run("apply", vec, family("qwen2")["target"], "-o", out, "--device", "cuda")
+    assert_clean_failure(r, match="no CUDA GPU", output=out)
