@@ -243,7 +243,11 @@ def _add_live(
             if dense is not None and param.device.type == "cuda":
                 gpu_work.append((param.data, dense.entries[vname], rows))
                 continue
-            delta = vec.source.get(vname, None)
+            delta_on = getattr(vec.source, "delta_on", None)
+            if delta_on is not None:  # LoRA: B @ A on the parameter's own device
+                delta = delta_on(vname, param.device)
+            else:
+                delta = vec.source.get(vname, None)
             target = param.data
             if rows is not None:
                 target = target[:rows]

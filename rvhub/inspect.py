@@ -70,7 +70,8 @@ def describe(vec: ReasoningVector) -> str:
         lines.append(f"round trip ‖B + v − A‖ = {rt['abs']:.3e} ({rt['rel']:.3e} of ‖A − B‖)")
     comp = s.get("compression")
     if comp:
-        lines.extend(_compression_lines(comp))
+        manifest = vec.meta.get("manifest") or {}
+        lines.extend(_compression_lines(comp, manifest.get("tensors", {})))
     layer_norms: dict[str, float] = stats.get("layer_norms") or {}
     if layer_norms:
         top = max(layer_norms.values()) or 1.0
@@ -81,10 +82,28 @@ def describe(vec: ReasoningVector) -> str:
     return "\n".join(lines)
 
 
-def _compression_lines(comp: dict[str, Any]) -> list[str]:
-    out = []
-    for key, value in comp.items():
-        if isinstance(value, (dict, list)):
-            continue
-        out.append(f"{key:<11}{value}")
-    return out
+def _compression_lines(comp: dict[str, Any], tensors: dict[str, Any]) -> list[str]:
+    size = f"{comp['bytes']:,} bytes = {comp['ratio']:.1%} of dense ({comp['dense_bytes']:,})"
+    if comp.get("encoding") == "sparse":
+        return [
+            f"sparse     {comp['sparse_tensors']} tensors sparse, {comp['dense_tensors']} dense; "
+            f"{comp['nonzero_fraction']:.1%} of entries non-zero; lossless",
+            f"           {size}",
+        ]
+    ranks = comp["ranks"]
+    rule = ", ".join(f"{k} {v}" for k, v in comp["rank_rule"].items() if v is not None)
+    lines = [
+        f"lora       {comp['lora_tensors']} modules as a PEFT adapter ({rule}; {comp['svd']} SVD), "
+        f"ranks {ranks['min']}–{ranks['max']} (median {ranks['median']})",
+        f"           overall relative error {comp['overall_rel_error']:.4f}; {size}",
+        f"peft       stock PEFT (PeftModel.from_pretrained + merge_and_unload) applies "
+        f"{comp['lora_tensors']} tensors = {comp['peft_norm_share']:.1%} of ‖v‖²; the "
+        f"{comp['dense_tensors']} dense tensors (biases, norms, ...) = "
+        f"{comp['rvhub_norm_share']:.1%} need rvhub apply / load_vector",
+    ]
+    lora = [(n, t) for n, t in tensors.items() if t.get("stored") == "lora"]
+    worst = sorted(lora, key=lambda nt: -float(nt[1].get("rel_error", 0.0)))[:5]
+    if worst:
+        lines.append("worst modules (rank, relative error)")
+        lines.extend(f"  {n}: {t['rank']}, {t['rel_error']:.4f}" for n, t in worst)
+    return lines

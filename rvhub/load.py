@@ -155,12 +155,13 @@ def load_vector(
     else:
         verify_files(folder, manifest, quick=True)
     encoding = manifest["encoding"]
+    src: VectorSource
     if encoding == "dense":
         src = dense_source(folder, manifest)
     else:
-        raise IntegrityError(
-            f"{folder}: encoding {encoding!r} is not readable by this rvhub version"
-        )
+        from .encodings.readers import open_encoded
+
+        src = open_encoded(folder, manifest)
     meta = {k: manifest.get(k) for k in ("sources", "model", "excluded", "stats", "encoding")}
     meta["manifest"] = manifest
     meta["origin"] = origin

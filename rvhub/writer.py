@@ -25,7 +25,14 @@ from .errors import InputError
 from .kernels import Moments, Scratch, diff_into, single_thread, store_into
 from .manifest import FORMAT, FORMAT_VERSION, now_iso, write_manifest
 from .progress import bar
-from .safetensors_io import DTYPE_NAMES, SafetensorsWriter, iter_chunks, parse_dtype, tensor_bytes
+from .safetensors_io import (
+    DTYPE_NAMES,
+    SafetensorsWriter,
+    iter_chunks,
+    parse_dtype,
+    sha256_file,
+    tensor_bytes,
+)
 from .vector import ReasoningVector, compile_excludes, is_excluded, layer_of
 
 CHUNK_ELEMS = 8 * 1024 * 1024  # elements per chunk asked of a generic source
@@ -159,29 +166,33 @@ class BackgroundWriter:
             raise self.error
 
 
-def write_dense(
+@dataclass
+class DenseWrite:
+    """What :func:`write_dense_files` wrote: file hashes, statistics, source fingerprints."""
+
+    files: dict[str, dict[str, Any]]
+    book: StatsBook
+    dtypes: dict[str, torch.dtype]
+    shapes: dict[str, tuple[int, ...]]
+    roundtrip: bool
+    content_hashes: dict[str, str]
+
+
+def write_dense_files(
     vec: ReasoningVector,
-    out: Path,
+    names: list[str],
+    folder: Path,
     *,
-    dtype: torch.dtype | str | None,
-    overwrite: bool,
-    exclude: list[str],
+    dtype: torch.dtype | None,
     allow_nonfinite: bool,
     max_shard_size: int,
-    extra_meta: dict[str, Any] | None = None,
-) -> Path:
-    """Stream ``vec`` into a new artifact folder ``out``; returns its path."""
+    desc: str = "writing vector",
+) -> DenseWrite:
+    """Stream the deltas ``names`` of ``vec`` into ``vector*.safetensors`` files in ``folder``."""
     from .extract import DifferenceSource
 
-    check_output(out, overwrite=overwrite)
-    out_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    patterns = compile_excludes(exclude)
     source = vec.source
-    names = [n for n in vec.names if not is_excluded(n, patterns)]
-    newly_excluded = [n for n in vec.names if is_excluded(n, patterns)]
-    if not names:
-        raise InputError("every tensor was excluded: the vector would be empty")
-    dtypes = {n: out_dtype or source.dtypes[n] for n in names}
+    dtypes = {n: dtype or source.dtypes[n] for n in names}
     shapes = {n: tuple(source.shapes[n]) for n in names}
     sizes = [(n, math.prod(shapes[n]) * dtypes[n].itemsize) for n in names]
     shards = plan_shards(sizes, max_shard_size)
@@ -189,7 +200,6 @@ def write_dense(
     diff = source if isinstance(source, DifferenceSource) else None
     book = StatsBook({n: Moments() for n in names})
     total_bytes = sum(s for _, s in sizes)
-
     scratch = Scratch()
 
     # Local sources have no commit sha: fingerprint their tensors while they stream past.
@@ -219,16 +229,16 @@ def write_dense(
             )
         return stored, hashes
 
-    with atomic_dir(out, overwrite=overwrite) as tmp, single_thread():
-        file_info: dict[str, dict[str, Any]] = {}
-        weight_map: dict[str, str] = {}
-        progress = bar(total_bytes, "writing vector")
-        bg = BackgroundWriter()
-        writers = []
-        try:
+    file_info: dict[str, dict[str, Any]] = {}
+    weight_map: dict[str, str] = {}
+    progress = bar(total_bytes, desc)
+    bg = BackgroundWriter()
+    writers = []
+    try:
+        with single_thread():
             for fname, shard in zip(files, shards, strict=True):
                 specs = [(n, dtypes[n], shapes[n]) for n in shard]
-                writer = SafetensorsWriter(tmp / fname, specs, {"format": "pt"})
+                writer = SafetensorsWriter(folder / fname, specs, {"format": "pt"})
                 writers.append(writer)
                 for name in shard:
                     for start, stop in iter_chunks(math.prod(shapes[name]), SLAB_ELEMS):
@@ -237,53 +247,91 @@ def write_dense(
                         progress.update(stored.numel() * stored.element_size())
                 for n in shard:
                     weight_map[n] = fname
-            bg.finish()
-            for fname, writer in zip(files, writers, strict=True):
-                sha, size = writer.close()
-                file_info[fname] = {"sha256": sha, "size": size}
-        except BaseException:
-            bg.q.put(None)
-            for w in writers:
-                w.abort()
-            raise
-        finally:
-            progress.close()
-        if len(files) > 1:
-            index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-            (tmp / VECTOR_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-            from .safetensors_io import sha256_file
-
-            file_info[VECTOR_INDEX] = {
-                "sha256": sha256_file(tmp / VECTOR_INDEX),
-                "size": (tmp / VECTOR_INDEX).stat().st_size,
-            }
-        meta = dict(vec.meta)
-        if fingerprints:
-            meta["sources"] = {
-                key: {**info, "content_sha256": fingerprints[key].digest(diff.entries_of(key))}  # type: ignore[union-attr]
-                for key, info in meta["sources"].items()
-            }
-        excluded = list(meta.get("excluded", [])) + newly_excluded
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "encoding": "dense",
-            "rvhub_version": __version__,
-            "created_at": now_iso(),
-            "sources": meta.get("sources", {}),
-            "model": meta.get("model", {}),
-            "dtype": sorted({str(d).removeprefix("torch.") for d in dtypes.values()}),
-            "math_dtype": "float32",
-            "excluded": excluded,
-            "exclude_patterns": list(meta.get("exclude_patterns", [])) + exclude,
-            "skipped_non_float": meta.get("skipped_non_float", []),
-            "files": file_info,
-            "tensors": {n: tensor_json(book.tensors[n], shapes[n], dtypes[n]) for n in names},
-            "stats": book.summary(diff is not None),
+        bg.finish()
+        for fname, writer in zip(files, writers, strict=True):
+            sha, size = writer.close()
+            file_info[fname] = {"sha256": sha, "size": size}
+    except BaseException:
+        bg.q.put(None)
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        progress.close()
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        (folder / VECTOR_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        file_info[VECTOR_INDEX] = {
+            "sha256": sha256_file(folder / VECTOR_INDEX),
+            "size": (folder / VECTOR_INDEX).stat().st_size,
         }
-        if "combination" in meta:
-            manifest["combination"] = meta["combination"]
-        if extra_meta:
-            manifest.update(extra_meta)
+    content = (
+        {k: f.digest(diff.entries_of(k)) for k, f in fingerprints.items()}
+        if fingerprints and diff is not None
+        else {}
+    )
+    return DenseWrite(file_info, book, dtypes, shapes, diff is not None, content)
+
+
+def base_manifest(
+    vec: ReasoningVector, encoding: str, excluded: list[str], exclude: list[str]
+) -> dict[str, Any]:
+    """The manifest fields every encoding shares (files, tensors and stats are added after)."""
+    meta = vec.meta
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "encoding": encoding,
+        "rvhub_version": __version__,
+        "created_at": now_iso(),
+        "sources": meta.get("sources", {}),
+        "model": meta.get("model", {}),
+        "math_dtype": "float32",
+        "excluded": list(meta.get("excluded", [])) + excluded,
+        "exclude_patterns": list(meta.get("exclude_patterns", [])) + exclude,
+        "skipped_non_float": meta.get("skipped_non_float", []),
+        **({"combination": meta["combination"]} if "combination" in meta else {}),
+    }
+
+
+def with_content_hashes(sources: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]:
+    return {k: {**v, "content_sha256": hashes[k]} if k in hashes else v for k, v in sources.items()}
+
+
+def write_dense(
+    vec: ReasoningVector,
+    out: Path,
+    *,
+    dtype: torch.dtype | str | None,
+    overwrite: bool,
+    exclude: list[str],
+    allow_nonfinite: bool,
+    max_shard_size: int,
+) -> Path:
+    """Stream ``vec`` into a new dense artifact folder ``out``; returns its path."""
+    check_output(out, overwrite=overwrite)
+    out_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    patterns = compile_excludes(exclude)
+    names = [n for n in vec.names if not is_excluded(n, patterns)]
+    newly_excluded = [n for n in vec.names if is_excluded(n, patterns)]
+    if not names:
+        raise InputError("every tensor was excluded: the vector would be empty")
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        w = write_dense_files(
+            vec,
+            names,
+            tmp,
+            dtype=out_dtype,
+            allow_nonfinite=allow_nonfinite,
+            max_shard_size=max_shard_size,
+        )
+        manifest = base_manifest(vec, "dense", newly_excluded, exclude)
+        manifest["sources"] = with_content_hashes(manifest["sources"], w.content_hashes)
+        manifest["dtype"] = sorted({str(d).removeprefix("torch.") for d in w.dtypes.values()})
+        manifest["files"] = w.files
+        manifest["tensors"] = {
+            n: tensor_json(w.book.tensors[n], w.shapes[n], w.dtypes[n]) for n in names
+        }
+        manifest["stats"] = w.book.summary(w.roundtrip)
         write_manifest(tmp, manifest)
     return out.absolute()

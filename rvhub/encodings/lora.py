@@ -1,0 +1,604 @@
+"""LoRA encoding: truncated SVD of 2-D deltas, stored as a stock PEFT LoRA adapter.
+
+A delta ``D`` of shape ``[out, in]`` becomes ``B @ A`` with ``A`` ``[r, in]`` and ``B``
+``[out, r]``. The singular values are split symmetrically (``A = √S·Vᵀ``, ``B = U·√S``) so both
+factors have the same magnitude, which keeps them well inside the range of float16/bfloat16
+when they are stored in the sources' dtype.
+
+The adapter is written in PEFT's own format (``adapter_config.json`` +
+``adapter_model.safetensors``) with ``lora_alpha == r`` for every module, so PEFT's scale
+``lora_alpha / r`` is 1 and ``merge_and_unload()`` adds exactly ``B @ A``. Only ``nn.Linear`` and
+``nn.Embedding`` weights go into the adapter; biases, norms and every other tensor stay dense
+(see ``docs/lora.md`` for the layout and the reasons).
+
+Example:
+    ```python
+    >>> factor = factorize(delta, rank=64)
+    >>> write_peft_adapter(folder, {"model.layers.0.mlp.up_proj.weight": factor},
+    ...                    embedding_names=set(), base_model_name_or_path=None,
+    ...                    dtype=torch.bfloat16)
+    ['adapter_config.json', 'adapter_model.safetensors']
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_ADAPTER_WEIGHTS_NAME = "adapter_model.bin"
+PEFT_KEY_PREFIX = "base_model.model."
+
+METHODS = ("randomized", "exact")
+DEFAULT_OVERSAMPLE = 16
+DEFAULT_NITER = 4
+# Randomized SVD only pays off while its sketch is narrow; beyond this fraction of min(out, in)
+# a full SVD is as fast and exact.
+_RANDOMIZED_MAX_SKETCH_FRACTION = 0.25
+# First sketch rank when only --energy/--max-error is given; doubled until the bound is met.
+_FIRST_SKETCH_RANK = 64
+# Slack for float32 rounding when checking a measured error against --max-error/--energy.
+_BOUND_SLACK = 1e-5
+# Rows per block when measuring the reconstruction error (bounds the temporary memory).
+_ERROR_BLOCK_ELEMENTS = 1 << 24
+
+_LINEAR_A, _LINEAR_B = ".lora_A.weight", ".lora_B.weight"
+_EMBEDDING_A, _EMBEDDING_B = ".lora_embedding_A", ".lora_embedding_B"
+
+# Keys of adapter_config.json that define what the adapter means; extra_config may not change them.
+_STRUCTURAL_CONFIG_KEYS = frozenset(
+    {
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "rank_pattern",
+        "alpha_pattern",
+        "target_modules",
+        "use_rslora",
+        "use_dora",
+        "lora_bias",
+        "bias",
+        "fan_in_fan_out",
+        "modules_to_save",
+        "ensure_weight_tying",
+        "init_lora_weights",
+    }
+)
+
+
+@dataclass(frozen=True)
+class LoraFactor:
+    """A rank-``rank`` factorization ``delta ≈ B @ A`` of one 2-D delta.
+
+    Attributes:
+        A: ``[rank, in]`` float32 on the CPU (``√S·Vᵀ``).
+        B: ``[out, rank]`` float32 on the CPU (``U·√S``).
+        rank: number of kept singular values; 0 only for an all-zero delta.
+        rel_error: measured ``‖delta − B @ A‖_F / ‖delta‖_F`` in float32 (0.0 for a zero delta).
+        energy_kept: fraction of ``‖delta‖_F²`` held by the kept singular values (1.0 for zero).
+    """
+
+    A: Tensor
+    B: Tensor
+    rank: int
+    rel_error: float
+    energy_kept: float
+
+
+def select_rank(
+    singular_values: Tensor,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    total_energy: float | None = None,
+) -> int:
+    """Choose how many singular values to keep.
+
+    ``energy`` asks for the smallest rank whose singular values hold at least that fraction of
+    ``Σσ²``; ``max_error`` for the smallest rank with relative Frobenius error
+    ``√(Σ_{i>r} σᵢ² / Σσ²) ≤ max_error``. Given both, both hold. ``rank`` caps the result
+    (alone, it is the result). The result never exceeds ``len(singular_values)`` (which is at
+    most ``min(out, in)``), is at least 1 for a nonzero spectrum and 0 for an all-zero one (an
+    all-zero delta needs no factor; PEFT itself cannot hold a rank-0 module).
+
+    Args:
+        singular_values: the spectrum, largest first (any float dtype, any device).
+        rank: maximum rank, ≥ 1.
+        energy: fraction of ``Σσ²`` to keep, in ``(0, 1]``.
+        max_error: bound on the relative Frobenius error, in ``[0, 1)``.
+        total_energy: ``‖delta‖_F²`` when ``singular_values`` is only the top of the spectrum
+            (a randomized SVD); the energy the given values miss counts as error. Default:
+            ``Σσ²`` of the given values.
+
+    Returns:
+        The rank to keep. When the bounds cannot be met with the given values (a partial
+        spectrum), all of them (capped by ``rank``).
+
+    Raises:
+        ValueError: an option is out of range, or none of ``rank``/``energy``/``max_error``.
+
+    Example:
+        ```python
+        >>> select_rank(torch.tensor([3.0, 2.0, 1.0]), energy=0.9)
+        2
+        ```
+    """
+    check_rank_options(rank=rank, energy=energy, max_error=max_error)
+    squares = singular_values.detach().to(device="cpu", dtype=torch.float64).flatten() ** 2
+    chosen, _ = _choose_rank(squares, total_energy, cap=rank, energy=energy, max_error=max_error)
+    return chosen
+
+
+def check_rank_options(*, rank: int | None, energy: float | None, max_error: float | None) -> None:
+    """Raise ``ValueError`` with a clear message when a rank option is out of range."""
+    if rank is None and energy is None and max_error is None:
+        raise ValueError("give at least one of rank, energy or max_error")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if energy is not None and not (0.0 < energy <= 1.0):
+        raise ValueError(f"energy must be in (0, 1] (the fraction of Σσ² kept), got {energy!r}")
+    if max_error is not None and not (0.0 <= max_error < 1.0):
+        raise ValueError(
+            f"max_error must be in [0, 1) (a relative Frobenius error), got {max_error!r}"
+        )
+
+
+def factorize(
+    delta: Tensor,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    method: str = "randomized",
+    device: str | torch.device = "cpu",
+    oversample: int = DEFAULT_OVERSAMPLE,
+    niter: int = DEFAULT_NITER,
+    seed: int = 0,
+) -> LoraFactor:
+    """Factorize a 2-D delta into ``B @ A`` by truncated SVD in float32.
+
+    ``method="randomized"`` (default) sketches the top of the spectrum (Halko et al. 2011:
+    ``rank + oversample`` random probes, ``niter`` power iterations with QR re-orthonormalization,
+    a fixed ``seed`` so artifacts are reproducible and the global RNG is untouched). It falls back
+    to an exact SVD where that is as cheap (sketch wider than a quarter of ``min(out, in)``).
+    With only ``energy``/``max_error`` the needed rank is unknown: the sketch starts at rank 64
+    and doubles until the bound holds, using the exact ``‖delta‖_F²`` as total energy, so the
+    missed energy counts as error and the bound holds for the factor returned, not an estimate;
+    past a quarter of ``min(out, in)`` it switches to the exact SVD. ``method="exact"`` always
+    uses ``torch.linalg.svd``.
+
+    Args:
+        delta: ``[out, in]`` tensor, any float dtype and device; must be finite.
+        rank, energy, max_error: see :func:`select_rank`.
+        method: ``"randomized"`` or ``"exact"``.
+        device: where the SVD runs (``"cuda"`` is much faster for big models); factors come
+            back on the CPU.
+        oversample: extra random probes beyond the rank (randomized only).
+        niter: power iterations (randomized only); 4 kept the error within 0.2% of exact on
+            fine-tune-like spectra (2: within 0.6%, about 30% faster).
+        seed: seed of the random probes.
+
+    Returns:
+        A :class:`LoraFactor` with the measured relative error.
+
+    Raises:
+        ValueError: bad options, a tensor that is not 2-D, or non-finite values.
+
+    Example:
+        ```python
+        >>> f = factorize(torch.randn(512, 256), rank=16)
+        >>> f.A.shape, f.B.shape
+        (torch.Size([16, 256]), torch.Size([512, 16]))
+        ```
+    """
+    check_rank_options(rank=rank, energy=energy, max_error=max_error)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if oversample < 0 or niter < 0:
+        raise ValueError(f"oversample and niter must be ≥ 0, got {oversample} and {niter}")
+    if delta.ndim != 2:
+        raise ValueError(f"can only factorize a 2-D tensor, got shape {tuple(delta.shape)}")
+    matrix = delta.detach().to(device=device, dtype=torch.float32)
+    out_features, in_features = matrix.shape
+    full_rank = min(out_features, in_features)
+    # Work on delta / max|delta| so squared entries neither underflow nor overflow in float32.
+    scale = float(torch.linalg.vector_norm(matrix, ord=math.inf).item()) if matrix.numel() else 0.0
+    if not math.isfinite(scale):
+        raise ValueError("cannot factorize a delta with non-finite values (inf or nan)")
+    if scale == 0.0:
+        return LoraFactor(
+            A=torch.zeros(0, in_features),
+            B=torch.zeros(out_features, 0),
+            rank=0,
+            rel_error=0.0,
+            energy_kept=1.0,
+        )
+    # In place when .to() made a copy (the caller's tensor is never modified).
+    matrix = matrix / scale if matrix.data_ptr() == delta.data_ptr() else matrix.div_(scale)
+    total = float(torch.linalg.vector_norm(matrix).item()) ** 2
+    cap = full_rank if rank is None else min(rank, full_rank)
+    bounded = energy is not None or max_error is not None
+
+    if method == "randomized":
+        generator = torch.Generator(device=matrix.device).manual_seed(seed)
+        sketch_rank = min(cap, _FIRST_SKETCH_RANK) if bounded else cap
+        while sketch_rank + oversample <= _RANDOMIZED_MAX_SKETCH_FRACTION * full_rank:
+            u, s, vh = _randomized_svd(matrix, sketch_rank + oversample, niter, generator)
+            squares = s.to(torch.float64) ** 2
+            kept, met = _choose_rank(squares, total, cap=cap, energy=energy, max_error=max_error)
+            if met:
+                factor = _build_factor(matrix, u, s, vh, kept, total, scale)
+                # At the cap the bound is allowed to fail; below it, it must hold as measured.
+                if kept == cap or _bounds_hold(factor, energy=energy, max_error=max_error):
+                    return factor
+                break  # float32 rounding near a tight bound: let the exact SVD decide
+            sketch_rank *= 2
+
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    squares = s.to(torch.float64) ** 2
+    kept, _ = _choose_rank(squares, None, cap=cap, energy=energy, max_error=max_error)
+    return _build_factor(matrix, u, s, vh, kept, total, scale)
+
+
+def write_peft_adapter(
+    folder: str | os.PathLike[str],
+    factors: Mapping[str, LoraFactor],
+    *,
+    embedding_names: set[str],
+    base_model_name_or_path: str | None,
+    dtype: torch.dtype,
+    extra_config: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Write factors as a PEFT LoRA adapter that stock ``PeftModel.from_pretrained`` loads.
+
+    Keys of ``factors`` are checkpoint tensor names ending in ``.weight``; the module name is the
+    name without it. Names in ``embedding_names`` are ``nn.Embedding`` weights
+    (``[num_embeddings, embedding_dim]``) and are written as PEFT's ``lora_embedding_A``
+    ``[r, num_embeddings]`` / ``lora_embedding_B`` ``[embedding_dim, r]``; the others as
+    ``nn.Linear`` ``lora_A.weight`` ``[r, in]`` / ``lora_B.weight`` ``[out, r]``. Rank-0 factors
+    (all-zero deltas) are left out. ``r`` is the most common rank (the larger on a tie);
+    modules of another rank get ``rank_pattern`` and ``alpha_pattern`` entries, and
+    ``lora_alpha == r`` everywhere, so PEFT's scale is 1 and merging adds exactly ``B @ A``.
+    ``target_modules`` is the sorted list of exact module names.
+
+    Args:
+        folder: the artifact folder (created if missing); both files are written atomically.
+        factors: checkpoint weight name → factor.
+        embedding_names: which of those names are embedding weights.
+        base_model_name_or_path: recorded in the config (a Hub id or ``None``).
+        dtype: storage dtype of the factors (e.g. the sources' bfloat16).
+        extra_config: more ``adapter_config.json`` keys (e.g. ``revision``, ``task_type``); keys
+            that change the adapter's meaning (``r``, ``target_modules``, ...) are refused.
+
+    Returns:
+        The file names written, relative to ``folder``.
+
+    Raises:
+        ValueError: a name without ``.weight``, inconsistent factor shapes, nothing to write, or
+            a structural key in ``extra_config``.
+    """
+    modules: dict[str, LoraFactor] = {}
+    for name, factor in sorted(factors.items()):
+        _check_factor(name, factor)
+        if factor.rank > 0:
+            modules[name.removesuffix(".weight")] = factor
+    if not modules:
+        raise ValueError("no factor to write: every delta is zero (PEFT needs rank ≥ 1)")
+    refused = sorted(_STRUCTURAL_CONFIG_KEYS.intersection(extra_config or {}))
+    if refused:
+        raise ValueError(f"extra_config may not set {', '.join(refused)}")
+
+    counts = Counter(factor.rank for factor in modules.values())
+    common_rank = max(counts, key=lambda r: (counts[r], r))
+    targets = sorted(modules)
+    rank_pattern = {
+        _pattern_key(module, targets): factor.rank
+        for module, factor in modules.items()
+        if factor.rank != common_rank
+    }
+    embedding_modules = {name.removesuffix(".weight") for name in embedding_names}
+
+    tensors: dict[str, Tensor] = {}
+    for module, factor in modules.items():
+        key = PEFT_KEY_PREFIX + module
+        if module in embedding_modules:
+            # PEFT's Embedding merges (lora_embedding_B @ lora_embedding_A).T.
+            tensors[key + _EMBEDDING_A] = factor.B.T
+            tensors[key + _EMBEDDING_B] = factor.A.T
+        else:
+            tensors[key + _LINEAR_A] = factor.A
+            tensors[key + _LINEAR_B] = factor.B
+    tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
+
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": common_rank,
+        "lora_alpha": common_rank,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),
+        "target_modules": targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "lora_bias": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "ensure_weight_tying": False,
+        "inference_mode": True,
+    }
+    config.update(extra_config or {})
+
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    _write_atomically(target / ADAPTER_WEIGHTS_NAME, lambda p: _save_safetensors(tensors, p))
+    _write_atomically(
+        target / ADAPTER_CONFIG_NAME,
+        lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
+    )
+    return [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
+
+
+def read_peft_adapter(folder: str | os.PathLike[str]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Read a PEFT LoRA adapter back as checkpoint weight name → ``(A, B)``, ``delta = B @ A``.
+
+    PEFT's scale (``lora_alpha / r``, or ``lora_alpha / √r`` with ``use_rslora``, per module
+    through ``rank_pattern``/``alpha_pattern``, matched the way PEFT matches them) is folded into
+    ``B``; embedding factors are transposed back so ``B @ A`` has the embedding's
+    ``[num_embeddings, embedding_dim]`` shape, and ``fan_in_fan_out`` (GPT-2 ``Conv1D``)
+    adapters come back in the checkpoint's ``[in, out]`` layout. Works for adapters written by
+    :func:`write_peft_adapter` and by PEFT itself.
+
+    Only ``adapter_model.safetensors`` is read, never a pickled ``adapter_model.bin``, and only
+    plain LoRA: DoRA, ``lora_bias``, ``modules_to_save``, trainable tokens, parameter targets and
+    layer replication are refused, as is any tensor key that is not a LoRA factor.
+
+    Returns:
+        Float32 CPU tensors ``A`` ``[r, in]`` and ``B`` ``[out, r]`` per weight name.
+
+    Raises:
+        ValueError: a missing or unsafe file, an unsupported LoRA variant, or inconsistent shapes.
+    """
+    root = Path(folder)
+    config_path = root / ADAPTER_CONFIG_NAME
+    weights_path = root / ADAPTER_WEIGHTS_NAME
+    if not config_path.is_file():
+        raise ValueError(f"no {ADAPTER_CONFIG_NAME} in {root}")
+    if not weights_path.is_file():
+        if (root / PICKLED_ADAPTER_WEIGHTS_NAME).exists():
+            raise ValueError(
+                f"refusing {PICKLED_ADAPTER_WEIGHTS_NAME} in {root}: pickled weights can run code;"
+                f" convert the adapter to {ADAPTER_WEIGHTS_NAME}"
+            )
+        raise ValueError(f"no {ADAPTER_WEIGHTS_NAME} in {root}")
+    for path in (config_path, weights_path):
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise ValueError(f"{path.name} in {root} points outside the folder")
+
+    config = json.loads(config_path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a JSON object")
+    _check_supported_config(config)
+    default_rank = int(config["r"])
+    default_alpha = float(config.get("lora_alpha", 8))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    use_rslora = bool(config.get("use_rslora", False))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+
+    pairs: dict[str, dict[str, Tensor]] = {}
+    with safe_open(weights_path, framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+            module, part = _split_adapter_key(key)
+            pairs.setdefault(module, {})[part] = handle.get_tensor(key).to(torch.float32)
+
+    result: dict[str, tuple[Tensor, Tensor]] = {}
+    for module, parts in sorted(pairs.items()):
+        if set(parts) == {_LINEAR_A, _LINEAR_B}:
+            a, b = parts[_LINEAR_A], parts[_LINEAR_B]
+            embedding = False
+        elif set(parts) == {_EMBEDDING_A, _EMBEDDING_B}:
+            a, b = parts[_EMBEDDING_A], parts[_EMBEDDING_B]
+            embedding = True
+        else:
+            raise ValueError(f"module {module} has an incomplete LoRA pair: {sorted(parts)}")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"module {module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not form B @ A"
+            )
+        module_rank = int(_pattern_value(rank_pattern, module, default_rank))
+        if module_rank != a.shape[0]:
+            raise ValueError(
+                f"module {module}: rank {a.shape[0]} in the weights, {module_rank} in the config"
+            )
+        alpha = float(_pattern_value(alpha_pattern, module, default_alpha))
+        scale = alpha / math.sqrt(module_rank) if use_rslora else alpha / module_rank
+        b = b * scale
+        if embedding or fan_in_fan_out:
+            # PEFT merges (B @ A).T = Aᵀ @ Bᵀ for these layers.
+            a, b = b.T.contiguous(), a.T.contiguous()
+        result[module + ".weight"] = (a, b)
+    return result
+
+
+def _choose_rank(
+    squares: Tensor,
+    total_energy: float | None,
+    *,
+    cap: int | None,
+    energy: float | None,
+    max_error: float | None,
+) -> tuple[int, bool]:
+    """Return (rank, met): met is False when the bounds need more values than were given."""
+    available = squares.numel()
+    limit = available if cap is None else min(cap, available)
+    spectrum_energy = float(squares.sum().item())
+    total = spectrum_energy if total_energy is None else float(total_energy)
+    if total <= 0.0 or spectrum_energy <= 0.0:
+        return 0, True
+    if energy is None and max_error is None:
+        return limit, True
+    allowed = min(
+        1.0 - energy if energy is not None else 1.0,
+        max_error**2 if max_error is not None else 1.0,
+    )
+    # tails[r] = energy missed when keeping r values: the given values after r (summed from the
+    # small end, exact for small tails) plus what the given values do not hold at all.
+    reverse_cumsum = torch.flip(torch.cumsum(torch.flip(squares, [0]), 0), [0])
+    tails = torch.cat([reverse_cumsum[1:], reverse_cumsum.new_zeros(1)])
+    tails = tails + max(total - spectrum_energy, 0.0)
+    ok = torch.nonzero(tails <= allowed * total)
+    if ok.numel() == 0:
+        return limit, cap is not None and available >= cap
+    return min(int(ok[0].item()) + 1, limit), True
+
+
+def _randomized_svd(
+    matrix: Tensor, sketch: int, niter: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``sketch`` SVD by random range finding with power iterations (Halko et al.)."""
+    tall = matrix.shape[0] >= matrix.shape[1]
+    m = matrix if tall else matrix.T
+    probes = torch.randn(m.shape[1], sketch, generator=generator, device=m.device, dtype=m.dtype)
+    q = torch.linalg.qr(m @ probes).Q
+    for _ in range(niter):
+        q = torch.linalg.qr(m.T @ q).Q
+        q = torch.linalg.qr(m @ q).Q
+    u_small, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)
+    u = q @ u_small
+    if tall:
+        return u, s, vh
+    return vh.T, s, u.T
+
+
+def _build_factor(
+    matrix: Tensor, u: Tensor, s: Tensor, vh: Tensor, rank: int, total: float, scale: float
+) -> LoraFactor:
+    """Split the kept singular values symmetrically and measure the error on ``matrix``."""
+    root = s[:rank].sqrt()
+    b = u[:, :rank] * root
+    a = root[:, None] * vh[:rank]
+    error_sq = 0.0
+    rows = max(1, _ERROR_BLOCK_ELEMENTS // max(1, matrix.shape[1]))
+    for start in range(0, matrix.shape[0], rows):
+        residual = torch.addmm(matrix[start : start + rows], b[start : start + rows], a, alpha=-1)
+        error_sq += float(torch.linalg.vector_norm(residual).item()) ** 2
+    kept = float((s[:rank].to(torch.float64) ** 2).sum().item())
+    unscale = math.sqrt(scale)
+    return LoraFactor(
+        A=(a * unscale).to("cpu").contiguous(),
+        B=(b * unscale).to("cpu").contiguous(),
+        rank=rank,
+        rel_error=math.sqrt(error_sq / total),
+        energy_kept=min(1.0, kept / total),
+    )
+
+
+def _bounds_hold(factor: LoraFactor, *, energy: float | None, max_error: float | None) -> bool:
+    if max_error is not None and factor.rel_error > max_error + _BOUND_SLACK:
+        return False
+    return energy is None or 1.0 - factor.rel_error**2 >= energy - _BOUND_SLACK
+
+
+def _check_factor(name: str, factor: LoraFactor) -> None:
+    if not name.endswith(".weight"):
+        raise ValueError(f"{name}: LoRA factors are for module weights (names ending '.weight')")
+    a, b = factor.A, factor.B
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != factor.rank or b.shape[1] != factor.rank:
+        raise ValueError(
+            f"{name}: A {tuple(a.shape)} and B {tuple(b.shape)} do not match rank {factor.rank}"
+        )
+
+
+def _peft_pattern_matches(pattern: str, module: str) -> bool:
+    """PEFT's rule for rank_pattern/alpha_pattern keys (peft.utils.other.get_pattern_key)."""
+    return re.match(rf"(.*\.)?({pattern})$", module) is not None
+
+
+def _pattern_key(module: str, targets: list[str]) -> str:
+    """The module name itself when, read as PEFT's pattern, it matches no other target.
+
+    Module names are identifiers joined by dots, so the only regex character in them is ``.``;
+    a name can still match a longer one as a suffix (``lm_head`` vs ``mtp.lm_head``). Then an
+    anchored, escaped key that matches only this module is used.
+    """
+    if not any(other != module and _peft_pattern_matches(module, other) for other in targets):
+        return module
+    return "^" + re.escape(module)
+
+
+def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any:
+    for key, value in pattern.items():
+        if _peft_pattern_matches(key, module):
+            return value
+    return default
+
+
+def _check_supported_config(config: Mapping[str, Any]) -> None:
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"not a LoRA adapter: peft_type is {config.get('peft_type')!r}")
+    if "r" not in config:
+        raise ValueError("adapter_config.json has no 'r'")
+    unsupported = [
+        key
+        for key in (
+            "use_dora",
+            "lora_bias",
+            "modules_to_save",
+            "trainable_token_indices",
+            "target_parameters",
+            "layer_replication",
+            "use_qalora",
+        )
+        if config.get(key)
+    ]
+    if unsupported:
+        raise ValueError(f"unsupported LoRA variant: {', '.join(unsupported)} set in the config")
+
+
+def _split_adapter_key(key: str) -> tuple[str, str]:
+    name = key.removeprefix(PEFT_KEY_PREFIX)
+    if ".base_layer." in name:
+        raise ValueError(
+            f"{ADAPTER_WEIGHTS_NAME} holds full base weights ({key}), not only LoRA factors;"
+            " save the adapter with save_embedding_layers=False"
+        )
+    for suffix in (_LINEAR_A, _LINEAR_B, _EMBEDDING_A, _EMBEDDING_B):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), suffix
+    raise ValueError(f"unexpected tensor {key!r} in {ADAPTER_WEIGHTS_NAME}: not a LoRA factor")
+
+
+def _save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

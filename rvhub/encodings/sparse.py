@@ -1,0 +1,138 @@
+"""Sparse encoding: a tensor's nonzero entries, stored losslessly (bit for bit).
+
+A tensor ``t`` is flattened (row-major) and its entries whose bits are not all zero are kept:
+
+- ``<name>.__sparse_idx``: where they are, in one of three layouts told apart by dtype:
+  ``uint8`` or ``uint16`` — gaps between successive flat positions (the first gap is the first
+  position), used when every gap fits; ``int32`` or ``int64`` — the flat positions themselves
+  (``int32`` when ``t.numel() < 2³¹``). The smallest layout that fits is chosen.
+- ``<name>.__sparse_val``: the entries, in ``t``'s dtype, in the same order.
+
+Shape and dtype are not stored in the parts: they belong to the manifest. "Nonzero" is bitwise,
+so ``-0.0`` and every NaN payload survive a round trip. :func:`encode_sparse` returns ``None``
+when the parts would not be smaller than the dense tensor.
+
+Example:
+    ```python
+    >>> parts = encode_sparse(delta)
+    >>> if parts is not None:
+    ...     restored = decode_sparse(parts, delta.shape, delta.dtype)
+    ```
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+INDEX_PART = "__sparse_idx"
+VALUE_PART = "__sparse_val"
+
+_GAP_DTYPES = ((torch.uint8, 0xFF), (torch.uint16, 0xFFFF))
+_POSITION_DTYPES = (torch.int32, torch.int64)
+_BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def sparse_tensor_names(name: str) -> tuple[str, str]:
+    """The stored names of ``name``'s index and value parts: ``<name>.__sparse_idx/_val``."""
+    return f"{name}.{INDEX_PART}", f"{name}.{VALUE_PART}"
+
+
+def encode_sparse(t: Tensor) -> dict[str, Tensor] | None:
+    """Encode ``t``'s bitwise-nonzero entries, or return ``None`` if that is not smaller.
+
+    Returns:
+        ``{INDEX_PART: indices, VALUE_PART: values}`` (CPU tensors; see the module docstring for
+        the index layouts), or ``None`` when their bytes are not fewer than ``t``'s.
+
+    Example:
+        ```python
+        >>> parts = encode_sparse(torch.tensor([0.0, 0.0, -0.0, 2.0]))
+        >>> parts["__sparse_idx"], parts["__sparse_val"]
+        (tensor([2, 1], dtype=torch.uint8), tensor([-0., 2.]))
+        ```
+    """
+    flat = t.detach().reshape(-1).to("cpu")
+    positions = torch.nonzero(_bits(flat)).flatten()
+    indices = _smallest_indices(positions, flat.numel())
+    values = flat[positions]
+    if indices.nbytes + values.nbytes >= flat.nbytes:
+        return None
+    return {INDEX_PART: indices, VALUE_PART: values}
+
+
+def decode_sparse(parts: Mapping[str, Tensor], shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """Rebuild the dense tensor from :func:`encode_sparse`'s parts, bit for bit.
+
+    Raises:
+        ValueError: missing parts, a value dtype other than ``dtype``, an unknown index dtype,
+            mismatched lengths, or positions outside ``shape`` or not increasing.
+    """
+    if set(parts) != {INDEX_PART, VALUE_PART}:
+        raise ValueError(f"sparse parts must be {INDEX_PART} and {VALUE_PART}, got {sorted(parts)}")
+    indices, values = parts[INDEX_PART], parts[VALUE_PART]
+    if values.dtype != dtype:
+        raise ValueError(f"sparse values are {values.dtype}, expected {dtype}")
+    if indices.ndim != 1 or values.ndim != 1 or indices.numel() != values.numel():
+        raise ValueError(
+            f"sparse parts disagree: {tuple(indices.shape)} indices, {tuple(values.shape)} values"
+        )
+    numel = math.prod(shape)
+    positions = _positions(indices)
+    if positions.numel() and (
+        int(positions[0]) < 0
+        or int(positions[-1]) >= numel
+        or bool((positions[1:] <= positions[:-1]).any())
+    ):
+        raise ValueError(f"sparse positions are not increasing within a tensor of {numel} entries")
+    bits_dtype = _BITS_DTYPES[torch.empty(0, dtype=dtype).element_size()]
+    bits = torch.zeros(numel, dtype=bits_dtype)
+    bits[positions] = values.to("cpu").view(bits_dtype)
+    return bits.view(dtype).reshape(tuple(shape))
+
+
+def sparse_nbytes(parts: Mapping[str, Tensor]) -> int:
+    """Bytes the parts take on disk (tensor data only)."""
+    return sum(part.nbytes for part in parts.values())
+
+
+def sparse_ratio(t: Tensor) -> float:
+    """Sparse bytes over dense bytes for ``t`` (below 1 when sparse pays off); 0.0 if ``t`` is empty.
+
+    Unlike :func:`encode_sparse`, this also answers when sparse is larger (ratio ≥ 1).
+    """
+    flat = t.detach().reshape(-1).to("cpu")
+    if flat.numel() == 0:
+        return 0.0
+    positions = torch.nonzero(_bits(flat)).flatten()
+    indices = _smallest_indices(positions, flat.numel())
+    return (indices.nbytes + positions.numel() * flat.element_size()) / flat.nbytes
+
+
+def _bits(flat: Tensor) -> Tensor:
+    """The entries as same-width integers, so ``-0.0`` and NaNs count as nonzero."""
+    size = flat.element_size()
+    if size not in _BITS_DTYPES:
+        raise ValueError(f"sparse encoding does not support {flat.dtype}")
+    return flat.view(_BITS_DTYPES[size])
+
+
+def _smallest_indices(positions: Tensor, numel: int) -> Tensor:
+    if positions.numel():
+        gaps = torch.diff(positions, prepend=positions.new_zeros(1))
+        largest_gap = int(gaps.max())
+        for dtype, limit in _GAP_DTYPES:
+            if largest_gap <= limit:
+                return gaps.to(dtype)
+    return positions.to(_POSITION_DTYPES[0] if numel < 2**31 else _POSITION_DTYPES[1])
+
+
+def _positions(indices: Tensor) -> Tensor:
+    if indices.dtype in (dtype for dtype, _ in _GAP_DTYPES):
+        return torch.cumsum(indices.to(torch.int64), 0)
+    if indices.dtype in _POSITION_DTYPES:
+        return indices.to(torch.int64)
+    raise ValueError(f"sparse indices have unknown dtype {indices.dtype}")
