@@ -14,6 +14,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .apply import ApplyReport, apply_to_checkpoint
+from .card import Scores, load_scores, render_card
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import (
     CompatibilityError,
@@ -23,6 +24,7 @@ from .errors import (
     RvhubError,
 )
 from .extract import extract_vector
+from .hub import PushResult, push_vector
 from .load import load_vector
 from .vector import ReasoningVector
 
@@ -33,11 +35,16 @@ __all__ = [
     "HubError",
     "InputError",
     "IntegrityError",
+    "PushResult",
     "ReasoningVector",
     "RvhubError",
+    "Scores",
     "__version__",
     "apply_to_checkpoint",
     "extract_vector",
+    "load_scores",
     "load_vector",
     "open_checkpoint",
+    "push_vector",
+    "render_card",
 ]

@@ -206,8 +206,10 @@ def _open_local(path: Path) -> Checkpoint:
 
 def _inside(folder: Path, name: str) -> Path:
     """Resolve ``name`` inside ``folder``, refusing anything that escapes it."""
+    from .manifest import inside_folder
+
     candidate = (folder / name).resolve()
-    if folder.resolve() not in candidate.parents:
+    if candidate == folder.resolve() or not inside_folder(folder.resolve(), candidate):
         raise InputError(f"{folder}: refusing path {name!r}, which points outside the folder")
     return candidate
 

@@ -81,6 +81,10 @@ def _setup_logging(verbose: bool) -> None:
         format="%(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    if not verbose:
+        # huggingface_hub logs retries and "no files have been modified" itself; the CLI says
+        # what happened in one line (rvhub -v shows them).
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def _emit(text: str) -> None:
@@ -107,6 +111,8 @@ def cli(verbose: bool) -> None:
     rvhub inspect ./vec                           # sources, norms, round-trip error
     rvhub apply ./vec TARGET -o ./out --scale 1   # TARGET + 1·v, loads with transformers
     rvhub verify ./vec --against A B              # hashes, and B + v ≈ A
+    rvhub card ./vec --scores s.yaml -o README.md # preview the model card
+    rvhub push ./vec user/name                    # publish vector + card in one commit
 
     Sources are local folders (model.safetensors or a sharded index), .safetensors files or
     Hub ids (org/name or org/name@revision). Set RVHUB_DEBUG=1 for tracebacks.
@@ -127,6 +133,108 @@ overwrite_option = click.option(
 nonfinite_option = click.option(
     "--allow-nonfinite", is_flag=True, help="Keep NaN/Inf deltas instead of refusing them."
 )
+
+
+def _encoding_options(func: Any) -> Any:
+    """Options for writing a compressed vector (extract --encoding, compress)."""
+    for option in reversed(
+        [
+            click.option(
+                "--encoding",
+                type=click.Choice(["dense", "lora", "sparse"]),
+                default="dense",
+                show_default=True,
+                help="dense safetensors; lora: a stock PEFT adapter (+ dense biases/norms); sparse: only changed entries, exact.",
+            ),
+            click.option(
+                "--rank",
+                type=int,
+                default=None,
+                help="LoRA rank per module (caps --energy/--max-error).",
+            ),
+            click.option(
+                "--energy",
+                type=float,
+                default=None,
+                help="LoRA: keep this fraction of Σσ² per module, in (0, 1].",
+            ),
+            click.option(
+                "--max-error",
+                type=float,
+                default=None,
+                help="LoRA: relative Frobenius error bound per module, in [0, 1).",
+            ),
+            click.option(
+                "--svd",
+                type=click.Choice(["randomized", "exact"]),
+                default="randomized",
+                show_default=True,
+                help="LoRA: randomized SVD (fast, within ~0.2% of exact) or exact SVD.",
+            ),
+            click.option(
+                "--device",
+                default="cpu",
+                show_default=True,
+                help="LoRA: where the SVDs run (cpu, cuda, auto).",
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _write_encoded(
+    vec: Any,
+    output: Path,
+    *,
+    encoding: str,
+    rank: int | None,
+    energy: float | None,
+    max_error: float | None,
+    svd: str,
+    device: str,
+    **kwargs: Any,
+) -> Path:
+    from .compress import compress_vector
+
+    if encoding != "lora" and any(x is not None for x in (rank, energy, max_error)):
+        raise click.UsageError("--rank/--energy/--max-error need --encoding lora")
+    return compress_vector(
+        vec,
+        output,
+        encoding=encoding,
+        rank=rank,
+        energy=energy,
+        max_error=max_error,
+        svd=svd,
+        device=device,
+        **kwargs,
+    )
+
+
+def _report_written(path: Path) -> None:
+    from .manifest import load_manifest
+
+    manifest = load_manifest(path)
+    stats = manifest["stats"]
+    size = _human(sum(f["size"] for f in manifest["files"].values()))
+    comp = manifest.get("compression")
+    if comp:
+        extra = f"{comp['ratio']:.1%} of dense"
+        if comp.get("encoding") == "lora":
+            extra += (
+                f", LoRA error {comp['overall_rel_error']:.3f} relative, "
+                f"ranks {comp['ranks']['min']}–{comp['ranks']['max']}"
+            )
+        _emit(
+            f"wrote {path} ({manifest['encoding']}, {len(manifest['tensors'])} tensors, {size}, {extra})"
+        )
+        return
+    err = stats.get("roundtrip_error", {})
+    _emit(
+        f"wrote {path} ({len(manifest['tensors'])} tensors, {size}, ‖v‖ = {stats['norm']:.4g}, "
+        f"round-trip error {err.get('rel', 0):.2e} relative)"
+    )
 
 
 @cli.command()
@@ -152,6 +260,7 @@ nonfinite_option = click.option(
     show_default=True,
     help="Split vector.safetensors above this size.",
 )
+@_encoding_options
 def extract(
     a: str,
     b: str,
@@ -163,6 +272,12 @@ def extract(
     overwrite: bool,
     allow_nonfinite: bool,
     max_shard_size: str,
+    encoding: str,
+    rank: int | None,
+    energy: float | None,
+    max_error: float | None,
+    svd: str,
+    device: str,
 ) -> None:
     """Compute the reasoning vector v = A − B and save it to OUTPUT.
 
@@ -172,27 +287,26 @@ def extract(
     from .atomic import check_output
     from .extract import extract_vector
     from .safetensors_io import parse_dtype
+    from .vector import parse_size
 
     check_output(output, overwrite=overwrite)
     torch_dtype = parse_dtype(dtype) if dtype else None
     vec = extract_vector(a, b, revision_a=revision_a, revision_b=revision_b, exclude=exclude)
-    path = vec.save(
+    path = _write_encoded(
+        vec,
         output,
+        encoding=encoding,
+        rank=rank,
+        energy=energy,
+        max_error=max_error,
+        svd=svd,
+        device=device,
         dtype=torch_dtype,
         overwrite=overwrite,
         allow_nonfinite=allow_nonfinite,
-        max_shard_size=max_shard_size,
+        max_shard_size=parse_size(max_shard_size),
     )
-    from .manifest import load_manifest
-
-    manifest = load_manifest(path)
-    stats = manifest["stats"]
-    err = stats.get("roundtrip_error", {})
-    _emit(
-        f"wrote {path} ({len(manifest['tensors'])} tensors, "
-        f"{_human(sum(f['size'] for f in manifest['files'].values()))}, "
-        f"‖v‖ = {stats['norm']:.4g}, round-trip error {err.get('rel', 0):.2e} relative)"
-    )
+    _report_written(path)
 
 
 def _human(n: float) -> str:
@@ -321,6 +435,238 @@ def verify(
             f"ok: B + v reproduces A: relative error {result['rel']:.3e} "
             f"(max abs {result['max_abs']:.3e}) over {result['tensors']} tensors"
         )
+
+
+def _card_options(func: Any) -> Any:
+    """The options ``card`` and ``push`` share: scores, template, license, target."""
+    for option in reversed(
+        [
+            click.option(
+                "--scores",
+                "scores",
+                multiple=True,
+                type=click.Path(path_type=Path),
+                metavar="FILE",
+                help="Benchmark scores in rvhub's YAML/JSON format (repeatable; see docs/card.md).",
+            ),
+            click.option(
+                "--lm-eval",
+                "lm_eval",
+                multiple=True,
+                metavar="COND=FILE",
+                help="An lm-evaluation-harness results JSON for one condition: baseline=, plus= or minus= (repeatable).",
+            ),
+            click.option(
+                "--template",
+                type=click.Path(path_type=Path),
+                default=None,
+                metavar="FILE",
+                help="Your own jinja2 card template (rendered in a sandbox) instead of the default.",
+            ),
+            click.option(
+                "--license",
+                "license_",
+                default=None,
+                help="License id for the card [default: the sources' license when known].",
+            ),
+            click.option(
+                "--target",
+                default=None,
+                help="The model the vector is meant for, shown in the usage examples.",
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _load_card_scores(scores: tuple[Path, ...], lm_eval: tuple[str, ...]) -> Any:
+    from .card import load_scores
+    from .errors import InputError
+
+    pairs = []
+    for item in lm_eval:
+        condition, sep, file = item.partition("=")
+        if not sep or not file:
+            raise InputError(
+                f"--lm-eval {item!r}: write CONDITION=FILE, e.g. --lm-eval baseline=results.json"
+            )
+        pairs.append((condition, Path(file)))
+    return load_scores(scores, lm_eval=pairs)
+
+
+@cli.command()
+@click.argument("vector")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Where to write the card (README.md); the norm plot goes next to it.",
+)
+@click.option(
+    "--repo-id", default=None, help="The repo the card is for [default: YOUR-USER/<folder>]."
+)
+@click.option("--revision", default=None, help="Hub revision, when VECTOR is a Hub id.")
+@_card_options
+def card(
+    vector: str,
+    output: Path,
+    repo_id: str | None,
+    revision: str | None,
+    scores: tuple[Path, ...],
+    lm_eval: tuple[str, ...],
+    template: Path | None,
+    license_: str | None,
+    target: str | None,
+) -> None:
+    """Render VECTOR's model card (README.md with Hub metadata and scores) to preview it.
+
+    \b
+    rvhub card ./vec --scores scores.yaml -o README.md
+    rvhub card ./vec --lm-eval baseline=base.json --lm-eval plus=plus.json -o README.md
+    """
+    from .hub import build_card
+    from .load import resolve_artifact
+    from .manifest import load_manifest
+
+    parsed = _load_card_scores(scores, lm_eval)
+    folder, origin = resolve_artifact(vector, revision=revision)
+    manifest = load_manifest(folder)
+    if repo_id is None and origin.get("kind") == "hub":
+        repo_id = origin["repo_id"]
+    rendered = build_card(
+        folder,
+        manifest,
+        repo_id=repo_id or f"YOUR-USER/{folder.resolve().name}",
+        scores=parsed,
+        template=template,
+        license=license_,
+        target=target,
+    )
+    written = rendered.save(output)
+    _emit("wrote " + ", ".join(str(p) for p in written))
+
+
+@cli.command()
+@click.argument("vector", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option(
+    "--private", is_flag=True, help="Create the repo as private (when it does not exist)."
+)
+@click.option("--revision", default=None, help="Branch to push to (created from main if missing).")
+@click.option("--commit-message", default=None, help="Commit summary.")
+@click.option(
+    "--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch."
+)
+@click.option(
+    "--card",
+    "card_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="README",
+    help="Upload this ready card (e.g. an edited `rvhub card` output) instead of rendering one.",
+)
+@_card_options
+def push(
+    vector: Path,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    create_pr: bool,
+    card_file: Path | None,
+    scores: tuple[Path, ...],
+    lm_eval: tuple[str, ...],
+    template: Path | None,
+    license_: str | None,
+    target: str | None,
+) -> None:
+    """Publish the vector folder VECTOR to the Hub repo REPO_ID (user/name) in one commit.
+
+    Every file is checked against its sha256 first; the model card (README.md + norm plot) is
+    rendered and uploaded with it. The token comes from HF_TOKEN or `hf auth login`.
+    Pushing an unchanged vector makes no commit.
+    """
+    from .hub import push_vector
+
+    parsed = _load_card_scores(scores, lm_eval)
+    result = push_vector(
+        vector,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        create_pr=create_pr,
+        scores=parsed,
+        template=template,
+        card=card_file,
+        license=license_,
+        target=target,
+    )
+    if not result.changed:
+        _emit(f"no changes; {result.url} already at {result.commit_sha}")
+    elif result.pr_url:
+        _emit(f"opened {result.pr_url} (commit {result.commit_sha})")
+    else:
+        _emit(f"pushed to {result.url} (commit {result.commit_sha})")
+
+
+@cli.command()
+@click.argument("vector")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder."
+)
+@click.option("--revision", default=None, help="Hub revision of the vector.")
+@click.option(
+    "--dtype", default=None, metavar="DTYPE", help="Storage dtype [default: the vector's]."
+)
+@_encoding_options
+@exclude_option
+@overwrite_option
+@nonfinite_option
+def compress(
+    vector: str,
+    output: Path,
+    revision: str | None,
+    dtype: str | None,
+    encoding: str,
+    rank: int | None,
+    energy: float | None,
+    max_error: float | None,
+    svd: str,
+    device: str,
+    exclude: tuple[str, ...],
+    overwrite: bool,
+    allow_nonfinite: bool,
+) -> None:
+    """Re-encode an existing vector: LoRA (a stock PEFT adapter) or lossless sparse.
+
+    \b
+    rvhub compress ./vec -o ./vec-lora --encoding lora --rank 64
+    rvhub compress ./vec -o ./vec-lora --encoding lora --energy 0.95
+    rvhub compress ./vec -o ./vec-sparse --encoding sparse
+    """
+    from .atomic import check_output
+    from .load import load_vector
+
+    check_output(output, overwrite=overwrite)
+    vec = load_vector(vector, revision=revision)
+    path = _write_encoded(
+        vec,
+        output,
+        encoding=encoding,
+        rank=rank,
+        energy=energy,
+        max_error=max_error,
+        svd=svd,
+        device=device,
+        dtype=dtype,
+        exclude=list(exclude),
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+    )
+    _report_written(path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,6 +166,7 @@ ARTIFACT_PATTERNS = (
     "adapter_model.safetensors",
 )
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+CARD_FILE = "README.md"
 
 
 @dataclass(frozen=True)
@@ -276,15 +278,20 @@ def build_card(
     target: str | None = None,
     token: str | bool | None = None,
     endpoint: str | None = None,
+    plot: bool | bytes = True,
+    lookup_licenses: bool = True,
 ) -> Card:
-    """Render and check the card for ``repo_id`` (what ``rvhub card`` shows and ``push`` uploads)."""
+    """Render and check the card for ``repo_id`` (what ``rvhub card`` shows and ``push`` uploads).
+
+    Without a ``license``, the sources' licenses are looked up on the Hub (``lookup_licenses``).
+    """
     from huggingface_hub import constants
 
     from .card import hub_sources, render_card
 
     licenses = (
         source_licenses(manifest, token=token, endpoint=endpoint)
-        if license is None and hub_sources(manifest)
+        if license is None and lookup_licenses and hub_sources(manifest)
         else None
     )
     card = render_card(
@@ -296,6 +303,7 @@ def build_card(
         license=license,
         source_licenses=licenses,
         target=target,
+        plot=plot,
         endpoint=endpoint or constants.ENDPOINT,
     )
     check_card(card.text)
@@ -362,6 +370,7 @@ def push_vector(
     from huggingface_hub import errors as hf_errors
     from huggingface_hub.utils import filter_repo_objects
 
+    from .card import Card, norms_plot, split_front_matter
     from .checkpoint import looks_like_hub_id
     from .load import verify_artifact
 
@@ -375,6 +384,11 @@ def push_vector(
         raise InputError(f"--revision {branch} is a commit sha; push to a branch name")
     manifest = load_manifest(path)
     write_token = resolve_token(token)
+    api = HfApi(endpoint=endpoint, token=write_token)
+    url_base = api.endpoint.rstrip("/")
+    card_args: dict[str, Any] = dict(
+        repo_id=repo_id, scores=scores, template=template, license=license, target=target
+    )
     card_text = None
     if card is not None:
         card_path = Path(card).expanduser()
@@ -382,41 +396,45 @@ def push_vector(
             raise InputError(f"card {card_path}: no such file")
         card_text = card_path.read_text(encoding="utf-8")
         check_card(card_text)
-    verify_artifact(path, manifest, full=True)  # refuse a damaged artifact before any request
-    api = HfApi(endpoint=endpoint, token=write_token)
-    url_base = api.endpoint.rstrip("/")
+    else:  # a template or metadata error shows now, not after hashing gigabytes
+        if (path / CARD_FILE).is_file():
+            logger.warning(
+                "%s is not uploaded: rvhub renders the card (pass --card %s to upload it instead)",
+                path / CARD_FILE,
+                path / CARD_FILE,
+            )
+        build_card(
+            path, manifest, **card_args, endpoint=url_base, plot=False, lookup_licenses=False
+        )
+    layer_norms = (manifest.get("stats") or {}).get("layer_norms") or {}
+    with ThreadPoolExecutor(1) as pool:
+        # matplotlib's import and drawing (~1 s) overlap the hashing, which releases the GIL
+        plot = pool.submit(norms_plot, layer_norms)
+        verify_artifact(path, manifest, full=True)  # refuse a damaged artifact before any request
+        plot_png = plot.result()
     failures: tuple[type[BaseException], ...] = (ValueError, *_network_errors())
     try:
         if card_text is None:
             rendered = build_card(
                 path,
                 manifest,
-                repo_id=repo_id,
-                scores=scores,
-                template=template,
-                license=license,
-                target=target,
+                **card_args,
                 token=write_token,
                 endpoint=url_base,
+                plot=plot_png or False,
             )
         else:
-            from .card import Card, norms_plot, split_front_matter
-
             meta, _ = split_front_matter(card_text)
-            rendered = Card(
-                text=card_text,
-                metadata=meta or {},
-                plot_png=norms_plot((manifest.get("stats") or {}).get("layer_norms") or {}),
-            )
+            rendered = Card(text=card_text, metadata=meta or {}, plot_png=plot_png)
         operations = _upload_operations(path, manifest, rendered)
         api.create_repo(repo_id, private=private, exist_ok=True)
         try:
-            info = api.repo_info(repo_id, revision=branch)
+            info = api.model_info(repo_id, revision=branch)
         except hf_errors.RevisionNotFoundError:
             if branch.startswith("refs/"):
                 raise InputError(f"{repo_id} has no revision {branch!r}") from None
             api.create_branch(repo_id, branch=branch, exist_ok=True)
-            info = api.repo_info(repo_id, revision=branch)
+            info = api.model_info(repo_id, revision=branch)
         head = info.sha
         assert head is not None
         if private and not getattr(info, "private", True):
@@ -424,11 +442,10 @@ def push_vector(
                 "%s already exists and is public; --private applies to new repos", repo_id
             )
         uploading = {op.path_in_repo for op in operations}
+        remote = [s.rfilename for s in info.siblings or []]  # the file list comes with the info
         stale = [
             f
-            for f in filter_repo_objects(
-                api.list_repo_files(repo_id, revision=head), allow_patterns=list(ARTIFACT_PATTERNS)
-            )
+            for f in filter_repo_objects(remote, allow_patterns=list(ARTIFACT_PATTERNS))
             if f not in uploading
         ]
         operations += [CommitOperationDelete(path_in_repo=f) for f in stale]

@@ -39,11 +39,23 @@ def artifact_file(folder: Path, name: object) -> Path:
     root = folder.resolve()
     candidate = root / rel
     resolved = candidate.resolve()
-    if root != resolved and root not in resolved.parents:
+    if not inside_folder(root, resolved):
         raise IntegrityError(
             f"artifact file {name!r} resolves outside the artifact (a symlink?); refusing it"
         )
     return candidate
+
+
+def inside_folder(root: Path, resolved: Path) -> bool:
+    """Whether ``resolved`` (a resolved path) lies in the resolved folder ``root``.
+
+    A huggingface_hub cache snapshot (``.../snapshots/<sha>/``) holds symlinks into its repo's
+    ``blobs/`` folder, which huggingface_hub created itself (repos cannot ship symlinks), so
+    a target there counts as inside the snapshot.
+    """
+    if root == resolved or root in resolved.parents:
+        return True
+    return root.parent.name == "snapshots" and resolved.parent == root.parent.parent / "blobs"
 
 
 def _finite_or_none(x: Any) -> Any:

@@ -291,7 +291,7 @@ class ReasoningVector:
         )
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Publish this vector (it must be saved first) to ``repo_id``; see :func:`rvhub.push`."""
+        """Publish this vector (it must be saved first) to ``repo_id``; see :func:`rvhub.push_vector`."""
         if self.path is None:
             raise InputError("save the vector first (v.save(folder)), then push the folder")
         from .hub import push_vector

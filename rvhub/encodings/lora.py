@@ -390,8 +390,10 @@ def read_peft_adapter(folder: str | os.PathLike[str]) -> dict[str, tuple[Tensor,
                 f" convert the adapter to {ADAPTER_WEIGHTS_NAME}"
             )
         raise ValueError(f"no {ADAPTER_WEIGHTS_NAME} in {root}")
+    from ..manifest import inside_folder  # a Hub cache snapshot links into its blobs/
+
     for path in (config_path, weights_path):
-        if not path.resolve().is_relative_to(root.resolve()):
+        if not inside_folder(root.resolve(), path.resolve()):
             raise ValueError(f"{path.name} in {root} points outside the folder")
 
     config = json.loads(config_path.read_text())

@@ -1,0 +1,1 @@
+"""Model-card templates (jinja2), installed as the package ``rvhub.templates``."""
