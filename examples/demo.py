@@ -62,8 +62,16 @@ def main() -> None:
     rvhub("extract", work / "grpo", work / "sft", "-o", work / "reasoning-vector", "--overwrite")
     rvhub("inspect", work / "reasoning-vector")
     rvhub("verify", work / "reasoning-vector", "--against", work / "grpo", work / "sft")
-    rvhub("apply", work / "reasoning-vector", work / "instruct", "-o", work / "instruct-plus-reasoning",
-          "--scale", "1.0", "--overwrite")
+    rvhub(
+        "apply",
+        work / "reasoning-vector",
+        work / "instruct",
+        "-o",
+        work / "instruct-plus-reasoning",
+        "--scale",
+        "1.0",
+        "--overwrite",
+    )
 
     model = AutoModelForCausalLM.from_pretrained(work / "instruct-plus-reasoning")
     prompt = torch.tensor([[1, 2, 3, 4]])

@@ -1,0 +1,76 @@
+"""The toy transfer example (examples/toy_transfer) end to end, shortened with --quick."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaForCausalLM
+
+from rvhub import load_vector
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "toy_transfer" / "toy_transfer.py"
+ALPHAS = [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5]
+MODELS = ("base", "sft", "rl", "instruct")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("toy-transfer")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_toy_transfer_writes_models_vector_plot_and_card(quick_run: Path) -> None:
+    for name in MODELS:
+        assert (quick_run / name / "config.json").is_file()
+        assert (quick_run / name / "model.safetensors").is_file()
+    assert (quick_run / "vector" / "rvhub.json").is_file()
+    assert (quick_run / "vector" / "vector.safetensors").is_file()
+    assert (quick_run / "accuracy_vs_alpha.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert (quick_run / "card" / "README.md").read_text().startswith("---")
+
+
+def test_toy_transfer_reports_accuracy_for_every_alpha(quick_run: Path) -> None:
+    results = json.loads((quick_run / "results.json").read_text())
+    assert [row["alpha"] for row in results["transfer"]] == ALPHAS
+    for row in results["transfer"]:
+        assert 0.0 <= row["addition"] <= 1.0
+        assert 0.0 <= row["reversal"] <= 1.0
+    for name in MODELS:
+        assert 0.0 <= results["models"][name]["addition"] <= 1.0
+
+
+def test_toy_transfer_alpha_zero_reproduces_the_instruct_model(quick_run: Path) -> None:
+    results = json.loads((quick_run / "results.json").read_text())
+    at_zero = next(row for row in results["transfer"] if row["alpha"] == 0.0)
+    instruct = results["models"]["instruct"]
+    assert at_zero["addition"] == instruct["addition"]
+    assert at_zero["reversal"] == instruct["reversal"]
+
+    model = LlamaForCausalLM.from_pretrained(str(quick_run / "instruct"), dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    load_vector(str(quick_run / "vector")).apply_to(model, scale=0.0)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_toy_transfer_card_scores_are_the_measured_ones(quick_run: Path) -> None:
+    results = json.loads((quick_run / "results.json").read_text())
+    by_alpha = {row["alpha"]: row["addition"] for row in results["transfer"]}
+    bench = yaml.safe_load((quick_run / "scores.yaml").read_text())["benchmarks"][0]
+    assert bench["baseline"] == by_alpha[0.0]
+    assert bench["plus_vector"] == by_alpha[1.0]
+    assert bench["minus_vector"] == by_alpha[-1.0]
