@@ -19,10 +19,14 @@ def tree_snapshot(path: Path) -> dict[str, bytes] | None:
         return None
     if path.is_file():
         return {"": path.read_bytes()}
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
 
 
-def assert_clean_failure(result: Result, *, match: str, output: Path | None = None, before: object = None) -> str:
+def assert_clean_failure(
+    result: Result, *, match: str, output: Path | None = None, before: object = None
+) -> str:
     """One line on stderr naming the problem, a non-zero exit, no traceback, output unchanged."""
     assert result.exit_code != 0, result.output
     err = result.stderr.strip()

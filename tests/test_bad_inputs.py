@@ -57,7 +57,9 @@ def test_truncated_safetensors(family, tmp_path):
 
 def test_garbage_safetensors_header(family, tmp_path):
     broken = _copy(family("qwen2")["a"], tmp_path / "broken")
-    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"\0" * 64)
+    (broken / "model.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + b"\0" * 64
+    )
     out = tmp_path / "out"
     r = run("extract", broken, family("qwen2")["b"], "-o", out)
     assert_clean_failure(r, match="not a valid safetensors file", output=out)
@@ -70,14 +72,18 @@ def test_architecture_mismatch(family, tmp_path):
 
 
 def test_shape_mismatch_on_apply(vec, tmp_path):
-    other = save(build_model("qwen2", seed=2, dtype=torch.bfloat16, intermediate_size=48), tmp_path / "other")
+    other = save(
+        build_model("qwen2", seed=2, dtype=torch.bfloat16, intermediate_size=48), tmp_path / "other"
+    )
     out = tmp_path / "out"
     r = run("apply", vec, other, "-o", out)
     assert_clean_failure(r, match="shape differs", output=out)
 
 
 def test_vocab_mismatch(vec, tmp_path):
-    other = save(build_model("qwen2", seed=2, dtype=torch.bfloat16, vocab_size=160), tmp_path / "other")
+    other = save(
+        build_model("qwen2", seed=2, dtype=torch.bfloat16, vocab_size=160), tmp_path / "other"
+    )
     out = tmp_path / "out"
     r = run("apply", vec, other, "-o", out)
     assert_clean_failure(r, match="--vocab overlap", output=out)
@@ -93,7 +99,10 @@ def test_nonfinite_delta_refused_unless_allowed(family, tmp_path):
     out = tmp_path / "out"
     r = run("extract", poisoned, family("qwen2")["b"], "-o", out)
     assert_clean_failure(r, match="NaN/Inf", output=out)
-    assert run("extract", poisoned, family("qwen2")["b"], "-o", out, "--allow-nonfinite").exit_code == 0
+    assert (
+        run("extract", poisoned, family("qwen2")["b"], "-o", out, "--allow-nonfinite").exit_code
+        == 0
+    )
     manifest = json.loads((out / "rvhub.json").read_text())
     assert manifest["tensors"]["model.norm.weight"]["nonfinite"] == 1
     # applying it is refused too, unless allowed

@@ -23,7 +23,13 @@ def test_extract_inspect_apply_verify(family, tmp_path):
 
     r = run("inspect", vec)
     assert r.exit_code == 0, r.output
-    for expected in ("encoding   dense (bfloat16)", "qwen2 Qwen2ForCausalLM", str(fam["a"].resolve()), "layer norms", "round trip"):
+    for expected in (
+        "encoding   dense (bfloat16)",
+        "qwen2 Qwen2ForCausalLM",
+        str(fam["a"].resolve()),
+        "layer norms",
+        "round trip",
+    ):
         assert expected in r.output
 
     r = run("inspect", vec, "--json")
@@ -66,9 +72,17 @@ def test_installed_console_script_runs_end_to_end(family, tmp_path):
     exe = shutil.which("rvhub") or str(__import__("pathlib").Path(sys.executable).parent / "rvhub")
     fam = family("gemma2")
     vec = tmp_path / "vec"
-    done = subprocess.run([exe, "extract", str(fam["a"]), str(fam["b"]), "-o", str(vec)], capture_output=True, text=True)
+    done = subprocess.run(
+        [exe, "extract", str(fam["a"]), str(fam["b"]), "-o", str(vec)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
-    done = subprocess.run([exe, "apply", str(vec), str(tmp_path / "nope"), "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    done = subprocess.run(
+        [exe, "apply", str(vec), str(tmp_path / "nope"), "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "no such file or folder" in done.stderr
     assert "Traceback" not in done.stderr

@@ -32,9 +32,15 @@ def _moe_family(tmp_path, config):
 
 
 CONFIGS = {
-    "mixtral": lambda: transformers.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2),
+    "mixtral": lambda: transformers.MixtralConfig(
+        **SMALL, num_local_experts=4, num_experts_per_tok=2
+    ),
     "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
-        **SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16
+        **SMALL,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
     ),
 }
 
@@ -47,7 +53,9 @@ def test_live_apply_on_fused_experts_equals_loading_the_sum(tmp_path, arch):
     v = load_vector(extract_vector(fam["a"], fam["b"]).save(tmp_path / "v", dtype="float32"))
     model = AutoModelForCausalLM.from_pretrained(fam["b"])
     live = dict(model.named_parameters())
-    assert any(n.endswith("experts.gate_up_proj") for n in live), "transformers should fuse experts live"
+    assert any(n.endswith("experts.gate_up_proj") for n in live), (
+        "transformers should fuse experts live"
+    )
     report = v.apply_to(model)
     expected = AutoModelForCausalLM.from_pretrained(fam["a"])
     for name, p in expected.named_parameters():
