@@ -560,13 +560,24 @@ class Card:
     def save(self, path: str | os.PathLike[str]) -> list[Path]:
         """Write the card to ``path`` and the plot next to it; returns the paths written."""
         path = Path(path)
-        path.write_text(self.text, encoding="utf-8")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, self.text.encode("utf-8"))
         written = [path]
         if self.plot_png is not None:
             plot = path.parent / PLOT_NAME
-            plot.write_bytes(self.plot_png)
+            _write_atomic(plot, self.plot_png)
             written.append(plot)
         return written
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file beside ``path``, then rename: never a half-written card."""
+    tmp = path.with_name(f".{path.name}.rvhub-tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _human_bytes(n: float) -> str:
