@@ -37,6 +37,7 @@ def assert_clean_failure(
     assert match.lower() in lines[0].lower(), f"{match!r} not in {lines[0]!r}"
     if output is not None:
         assert tree_snapshot(output) == before, "the output path changed"
-        leftovers = [p.name for p in output.parent.iterdir() if ".rvhub-tmp-" in p.name]
-        assert leftovers == [], leftovers
+        if output.parent.exists():
+            leftovers = [p.name for p in output.parent.iterdir() if ".rvhub-tmp-" in p.name]
+            assert leftovers == [], leftovers
     return lines[0]

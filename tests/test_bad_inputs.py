@@ -174,3 +174,106 @@ def test_cuda_requested_without_gpu(vec, family, tmp_path):
     out = tmp_path / "out"
     r = run("apply", vec, family("qwen2")["target"], "-o", out, "--device", "cuda")
     assert_clean_failure(r, match="no CUDA GPU", output=out)
+
+
+# -- compress --------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--encoding", "lora", "--rank", "0"], "--rank must be a positive integer"),
+        (["--encoding", "lora", "--energy", "1.5"], "--energy must be in (0, 1]"),
+        (["--encoding", "lora"], "needs --rank, --energy or --max-error"),
+    ],
+    ids=["rank-not-positive", "energy-out-of-range", "lora-without-a-rank-rule"],
+)
+def test_compress_bad_lora_options(vec, tmp_path, args, message):
+    out = tmp_path / "out"
+    assert_clean_failure(run("compress", vec, "-o", out, *args), match=message, output=out)
+
+
+def test_compress_sparse_on_a_dense_heavy_vector(vec, tmp_path):
+    out = tmp_path / "out"
+    r = run("compress", vec, "-o", out, "--encoding", "sparse")
+    assert_clean_failure(r, match="not worth it", output=out)
+
+
+# -- inspect / verify -------------------------------------------------------------------------
+def test_inspect_corrupt_manifest(vec):
+    (vec / "rvhub.json").write_text("{ this is not json")
+    assert_clean_failure(run("inspect", vec), match="rvhub.json is not valid JSON")
+
+
+def test_inspect_a_file_instead_of_a_folder(vec):
+    assert_clean_failure(run("inspect", vec / "vector.safetensors"), match="is a file")
+
+
+def test_verify_against_the_wrong_sources(vec, family):
+    other = family("qwen2")["target"]
+    r = run("verify", vec, "--against", other, family("qwen2")["b"])
+    assert_clean_failure(r, match="B + v does not reproduce A")
+
+
+def test_verify_a_truncated_vector_file(vec):
+    weights = vec / "vector.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    assert_clean_failure(run("verify", vec), match="the file was modified or truncated")
+
+
+# -- card -------------------------------------------------------------------------------------
+def test_card_scores_file_with_a_typo(vec, tmp_path):
+    scores = tmp_path / "scores.yaml"
+    scores.write_text(
+        "benchmarks:\n  - task: gsm8k\n    metric: {type: exact_match}\n    baselin: 62.1\n"
+    )
+    out = tmp_path / "card" / "README.md"
+    r = run("card", vec, "--scores", scores, "-o", out)
+    assert_clean_failure(r, match="did you mean 'baseline'", output=out)
+
+
+def test_card_template_with_an_error(vec, tmp_path):
+    template = tmp_path / "my.md.j2"
+    template.write_text("# {{ vector.name }\n")
+    out = tmp_path / "card" / "README.md"
+    r = run("card", vec, "--template", template, "-o", out)
+    assert_clean_failure(r, match="my.md.j2 line 1", output=out)
+
+
+def test_card_lm_eval_without_a_condition(vec, tmp_path):
+    out = tmp_path / "card" / "README.md"
+    r = run("card", vec, "--lm-eval", str(tmp_path / "results.json"), "-o", out)
+    assert_clean_failure(r, match="CONDITION=FILE", output=out)
+
+
+# -- push -------------------------------------------------------------------------------------
+def test_push_without_a_token(hub, vec, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with hub.use_endpoint(tmp_path / "hf-home"):
+        r = run("push", vec, hub.new_repo_id("vec"))
+    assert_clean_failure(r, match="no Hugging Face token found")
+
+
+def test_push_into_someone_elses_namespace(hub, vec, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", hub.other_token)  # bob pushing into alice's namespace
+    r = run("push", vec, hub.new_repo_id("vec"))
+    assert_clean_failure(r, match="403")
+    assert not any(req.method == "POST" and "/commit/" in req.path for req in hub.requests)
+
+
+def test_push_a_tampered_vector(hub, vec, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    weights = vec / "vector.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    r = run("push", vec, hub.new_repo_id("vec"))
+    assert_clean_failure(r, match="does not match its sha256")
+    assert hub.requests == [], "nothing may reach the Hub before the hashes verify"
+
+
+def test_apply_from_an_unknown_revision(hub, vec, monkeypatch, family, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    repo = hub.new_repo_id("vec")
+    assert run("push", vec, repo).exit_code == 0
+    out = tmp_path / "out"
+    r = run("apply", repo, family("qwen2")["target"], "-o", out, "--revision", "no-such-branch")
+    assert_clean_failure(r, match="has no revision 'no-such-branch'", output=out)
