@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--exact-layers", type=int, default=4)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--device", default="cpu", help="where the SVDs run (rvhub and the baseline)")
     args = ap.parse_args()
 
     from rvhub import load_vector
@@ -78,6 +79,8 @@ def main() -> None:
                 str(args.rank),
                 "--exclude",
                 "embed_tokens",
+                "--device",
+                args.device,
             )
         )
         manifest = json.loads((root / "lora" / "rvhub.json").read_text())
@@ -85,7 +88,8 @@ def main() -> None:
         print(
             f"rvhub compress --rank {args.rank}: {ours.seconds:.1f} s, peak RSS {ours.peak_rss_mb:.0f} MB, "
             f"{comp['lora_tensors']} LoRA modules, overall relative error {comp['overall_rel_error']:.4f} "
-            "(all tensors incl. dense biases/norms)",
+            "(all tensors incl. dense biases/norms); "
+            f"SVDs alone {comp['svd_seconds']:.2f} s on {comp['device']}",
             flush=True,
         )
 
@@ -98,7 +102,7 @@ def main() -> None:
         exact_err_sq = ours_err_sq = norm_sq = 0.0
         t0 = time.perf_counter()
         for name in names:
-            d = vec.get(name)
+            d = vec.get(name).to(args.device)
             _u, s, _vh = torch.linalg.svd(d, full_matrices=False)  # what a full-SVD extractor runs
             tail = float((s[args.rank :].double() ** 2).sum())
             total = float((s.double() ** 2).sum())

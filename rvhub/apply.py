@@ -363,6 +363,7 @@ def apply_to_checkpoint(
                     tmp / path.name,
                     [(e.name, e.dtype, e.shape) for e in entries],
                     metadata or {"format": "pt"},
+                    hash_contents=False,  # a model folder records no hashes: skip 1 s/GB of sha256
                 )
                 writers.append(writer)
                 for e in entries:

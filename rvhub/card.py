@@ -638,7 +638,7 @@ def _source_view(
         view.update(
             path=info.get("path"),
             label=Path(str(info.get("path", "?"))).name or str(info.get("path")),
-            content_sha256=info.get("content_sha256"),
+            content_fingerprint=info.get("content_fingerprint"),
         )
     return view
 

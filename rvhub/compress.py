@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,7 @@ def _write_lora(
     factors = {}
     err_sq = 0.0
     lora_bytes_dense = 0
+    svd_seconds = 0.0
     with atomic_dir(out, overwrite=overwrite) as tmp:
         progress = bar(len(lora_names), "factorising", unit="tensor")
         try:
@@ -185,9 +187,13 @@ def _write_lora(
                     raise InputError(
                         f"the delta of {name} holds NaN/Inf values; LoRA cannot encode them"
                     )
+                started = time.perf_counter()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
                 factor = factorize(
                     delta, rank=rank, energy=energy, max_error=max_error, method=svd, device=dev
                 )
+                svd_seconds += time.perf_counter() - started
                 norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
                 norms[name] = norm
                 err_sq += (factor.rel_error * norm) ** 2
@@ -266,6 +272,8 @@ def _write_lora(
         manifest["compression"] = {
             "encoding": "lora",
             "svd": svd,
+            "device": str(dev),
+            "svd_seconds": round(svd_seconds, 3),
             "rank_rule": {"rank": rank, "energy": energy, "max_error": max_error},
             "ranks": {"min": ranks[0], "median": ranks[len(ranks) // 2], "max": ranks[-1]},
             "lora_tensors": len(factors),

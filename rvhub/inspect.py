@@ -13,8 +13,8 @@ def _source_line(info: dict[str, Any]) -> str:
     if info.get("kind") == "hub":
         return f"{info.get('repo_id')} @ {info.get('revision')}"
     text = str(info.get("path", "?"))
-    if info.get("content_sha256"):
-        text += f" (sha256 {str(info['content_sha256'])[:12]}…)"
+    if info.get("content_fingerprint"):
+        text += f" (content fingerprint {str(info['content_fingerprint'])[:12]}…)"
     return text
 
 

@@ -257,19 +257,22 @@ class SafetensorsWriter:
         path: Path,
         specs: Sequence[tuple[str, torch.dtype | str, Sequence[int]]],
         metadata: dict[str, str] | None = None,
+        *,
+        hash_contents: bool = True,
     ) -> None:
         self.path = path
         header, self.ranges = build_header(specs, metadata)
         self._order = [s[0] for s in specs]
         self._file: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._sha = hashlib.sha256()
+        self._sha = hashlib.sha256() if hash_contents else None
         self._written = 0
         self._write(memoryview(header))
         self._data_start = len(header)
 
     def _write(self, data: memoryview) -> None:
         self._file.write(data)
-        self._sha.update(data)
+        if self._sha is not None:
+            self._sha.update(data)
         self._written += len(data)
 
     def write(self, data: memoryview | bytes) -> None:
@@ -280,14 +283,14 @@ class SafetensorsWriter:
         self._write(tensor_bytes(t))
 
     def close(self) -> tuple[str, int]:
-        """Flush, fsync and close; returns (sha256 hex, size)."""
+        """Flush, fsync and close; returns (sha256 hex, or "" when not hashing, size)."""
         expected = self._data_start + (self.ranges[self._order[-1]][1] if self._order else 0)
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         if self._written != expected:
             raise RuntimeError(f"wrote {self._written} bytes to {self.path}, expected {expected}")
-        return self._sha.hexdigest(), self._written
+        return (self._sha.hexdigest() if self._sha is not None else ""), self._written
 
     def abort(self) -> None:
         self._file.close()

@@ -12,6 +12,7 @@ import json
 import math
 import queue
 import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,21 +82,39 @@ def _layer_key(item: tuple[str, float]) -> tuple[int, int | str]:
     return (0, int(k)) if k.isdigit() else (1, k)
 
 
-class SourceFingerprint:
-    """A layout-independent content hash of a local checkpoint's tensors.
-
-    ``sha256`` over the lines ``name dtype shape sha256(bytes)`` of every tensor the vector
-    read, sorted by name: resharding or re-saving the same weights keeps it; changing any
-    byte of them changes it. Computed in the writer thread from bytes already in memory.
-    """
+class _Crc32:
+    """A running CRC-32 with hashlib's update/hexdigest shape (zlib releases the GIL)."""
 
     def __init__(self) -> None:
-        self.tensors: dict[str, Any] = {}
+        self.value = 0
 
-    def hasher(self, name: str) -> Any:
+    def update(self, data: memoryview) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:08x}"
+
+
+class SourceFingerprint:
+    """A layout-independent fingerprint of a local checkpoint's tensors.
+
+    ``sha256`` over the lines ``name dtype shape crc32(bytes)`` of every tensor the vector
+    read, sorted by name: resharding or re-saving the same weights keeps it; changing any
+    tensor changes it (barring a CRC collision). It identifies local sources; it is not a
+    security measure (the artifact's own files carry sha256 hashes). CRC-32 runs at ~7 GB/s
+    against sha256's ~1.3 here, so fingerprinting both sources of a 1.5B model costs ~1 s of
+    the writer thread instead of ~5 s.
+    """
+
+    algorithm = "sha256 of sorted 'name dtype shape crc32' lines"
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, _Crc32] = {}
+
+    def hasher(self, name: str) -> _Crc32:
         h = self.tensors.get(name)
         if h is None:
-            h = self.tensors[name] = hashlib.sha256()
+            h = self.tensors[name] = _Crc32()
         return h
 
     def digest(self, entries: dict[str, Any]) -> str:
@@ -295,7 +314,16 @@ def base_manifest(
 
 
 def with_content_hashes(sources: dict[str, Any], hashes: dict[str, str]) -> dict[str, Any]:
-    return {k: {**v, "content_sha256": hashes[k]} if k in hashes else v for k, v in sources.items()}
+    return {
+        k: {
+            **v,
+            "content_fingerprint": hashes[k],
+            "fingerprint_algorithm": SourceFingerprint.algorithm,
+        }
+        if k in hashes
+        else v
+        for k, v in sources.items()
+    }
 
 
 def write_dense(

@@ -53,8 +53,8 @@ def test_manifest_records_sources_shapes_hashes_and_norms(family, tmp_path):
     assert m["sources"]["a"]["kind"] == "local" and m["sources"]["a"]["path"] == str(
         fam["a"].resolve()
     )
-    assert len(m["sources"]["a"]["content_sha256"]) == 64
-    assert m["sources"]["a"]["content_sha256"] != m["sources"]["b"]["content_sha256"]
+    assert len(m["sources"]["a"]["content_fingerprint"]) == 64
+    assert m["sources"]["a"]["content_fingerprint"] != m["sources"]["b"]["content_fingerprint"]
     assert m["model"]["model_type"] == "qwen2" and m["model"]["architectures"] == [
         "Qwen2ForCausalLM"
     ]
@@ -87,7 +87,7 @@ def test_content_hash_is_independent_of_sharding(family, tmp_path):
     two = json.loads(
         (extract_vector(resharded, fam["b"]).save(tmp_path / "v2") / "rvhub.json").read_text()
     )
-    assert one["sources"]["a"]["content_sha256"] == two["sources"]["a"]["content_sha256"]
+    assert one["sources"]["a"]["content_fingerprint"] == two["sources"]["a"]["content_fingerprint"]
     assert (
         one["files"]["vector.safetensors"]["sha256"] == two["files"]["vector.safetensors"]["sha256"]
     )
