@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -177,3 +178,12 @@ def test_fp16_overflow_is_refused_with_the_tensor_name(family, tmp_path):
     with pytest.raises(Exception, match="float16 overflow in"):
         apply_to_checkpoint(v, fam["target"], tmp_path / "out", scale=1e9)
     assert not (tmp_path / "out").exists()
+
+
+def test_live_fp16_overflow_warns_with_the_tensor_name(family, tmp_path, caplog):
+    fam, v = _vector(family, tmp_path, "llama", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(fam["target"], dtype=torch.float16)
+    with caplog.at_level("WARNING", logger="rvhub"):
+        report = v.apply_to(model, scale=1e9)
+    assert any("float16 overflow" in n for n in report.notes)
+    assert re.search(r"float16 overflow: \S+\.weight", caplog.text), caplog.text

@@ -140,3 +140,15 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_old_output(tiny_disk, tmp_p
     before = tree_snapshot(out)
     r = run("extract", a, b, "-o", out, "--overwrite")
     assert_clean_failure(r, match="no space left", output=out, before=before)
+
+
+def test_sigkill_during_compress_leaves_no_output(big_pair, tmp_path):
+    vec = extract_vector(big_pair["a"], big_pair["b"]).save(tmp_path / "vec", dtype="float32")
+    out = tmp_path / "out"
+    args = ["compress", vec, "-o", out, "--encoding", "lora", "--rank", "8", "--svd", "exact"]
+    proc = _rvhub(*args)
+    _kill_when_temp_appears(proc, tmp_path, "out")
+    assert not out.exists()
+    assert run(*args).exit_code == 0
+    assert (out / "adapter_config.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if ".rvhub-tmp-" in p.name] == []

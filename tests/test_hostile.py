@@ -194,3 +194,57 @@ def test_safetensors_structured_header_fuzz(tmp_path_factory, header):
         read_header(path)
     except InputError as e:
         assert "\n" not in str(e)
+
+
+score_keys = st.sampled_from(
+    [
+        "benchmarks",
+        "target",
+        "scale",
+        "source",
+        "task",
+        "metric",
+        "type",
+        "baseline",
+        "plus_vector",
+        "minus_vector",
+        "stderr",
+        "dataset",
+        "id",
+        "name",
+        "split",
+        "baselin",
+        "results",
+        "configs",
+    ]
+)
+score_docs = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(score_keys, children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(doc=score_docs, as_lm_eval=st.booleans())
+def test_score_parsers_fuzz(tmp_path_factory, doc, as_lm_eval):
+    """Any JSON document is either scores or one clear InputError line, never a crash."""
+    from rvhub.card import parse_lm_eval, parse_scores_file
+
+    path = tmp_path_factory.mktemp("scores") / "scores.json"
+    path.write_text(json.dumps(doc, allow_nan=True))
+    try:
+        if as_lm_eval:
+            parse_lm_eval(path, "baseline")
+        else:
+            parse_scores_file(path)
+    except InputError as e:
+        assert str(e) and "\n" not in str(e)

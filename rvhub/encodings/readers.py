@@ -9,8 +9,7 @@ import torch
 
 from ..errors import IntegrityError
 from ..extract import FileHandles, read_range
-from ..manifest import artifact_file
-from ..safetensors_io import TensorEntry, read_header
+from ..safetensors_io import TensorEntry
 from ..vector import VectorSource
 from .sparse import INDEX_PART, VALUE_PART, decode_sparse, sparse_tensor_names
 
@@ -31,16 +30,9 @@ def _declared(
 
 
 def _entries(folder: Path, manifest: dict[str, Any]) -> dict[str, TensorEntry]:
-    entries: dict[str, TensorEntry] = {}
-    for fname in manifest["files"]:
-        if not fname.endswith(".safetensors") or fname.startswith("adapter_model"):
-            continue
-        found, _ = read_header(artifact_file(folder, fname))
-        for n, e in found.items():
-            if n in entries:
-                raise IntegrityError(f"tensor {n!r} appears in two files of {folder}")
-            entries[n] = e
-    return entries
+    from ..load import dense_entries
+
+    return dense_entries(folder, manifest)
 
 
 class LoraSource(VectorSource):
