@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,10 @@ from .compat import ApplyPlan, model_identity, plan_apply
 from .errors import CompatibilityError, InputError
 from .extract import FileHandles, read_range
 from .kernels import Scratch, axpy_into, single_thread
-from .progress import bar, logger
+from .progress import logger
 from .safetensors_io import SafetensorsWriter, TensorEntry, iter_chunks, read_header
 from .vector import ReasoningVector, compile_excludes, is_excluded
-from .writer import SLAB_ELEMS, BackgroundWriter
+from .writer import SLAB_ELEMS, Blob, write_streams
 
 APPLIED_RECORD = "rvhub_applied.json"
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -349,38 +350,29 @@ def apply_to_checkpoint(
             )
         return result
 
+    def blobs(entries: list[TensorEntry]) -> Iterator[Blob]:
+        for e in entries:
+            for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
+                yield _slab(e, start, stop), ()
+
+    def opener(path: Path, entries: list[TensorEntry]) -> Callable[[], SafetensorsWriter]:
+        _, metadata = read_header(path)
+        specs = [(e.name, e.dtype, e.shape) for e in entries]
+        # A model folder records no hashes: skip ~1 s/GB of sha256.
+        return lambda: SafetensorsWriter(
+            tmp / path.name, specs, metadata or {"format": "pt"}, hash_contents=False
+        )
+
     with atomic_dir(out_path, overwrite=overwrite) as tmp, single_thread():
-        progress = bar(total, "applying vector")
-        bg = BackgroundWriter()
-        writers: list[SafetensorsWriter] = []
+        streams = []
+        for path in ckpt.files:
+            entries = sorted(
+                (e for e in ckpt.entries.values() if e.path == path), key=lambda e: e.start
+            )
+            streams.append((opener(path, entries), blobs(entries)))
         try:
-            for path in ckpt.files:
-                entries = sorted(
-                    (e for e in ckpt.entries.values() if e.path == path), key=lambda e: e.start
-                )
-                _, metadata = read_header(path)
-                writer = SafetensorsWriter(
-                    tmp / path.name,
-                    [(e.name, e.dtype, e.shape) for e in entries],
-                    metadata or {"format": "pt"},
-                    hash_contents=False,  # a model folder records no hashes: skip 1 s/GB of sha256
-                )
-                writers.append(writer)
-                for e in entries:
-                    for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
-                        blob = _slab(e, start, stop)
-                        bg.put(writer, blob)
-                        progress.update(blob.numel() * blob.element_size())
-            bg.finish()
-            for w in writers:
-                w.close()
-        except BaseException:
-            bg.q.put(None)
-            for w in writers:
-                w.abort()
-            raise
+            write_streams(streams, total_bytes=total, desc="applying vector")
         finally:
-            progress.close()
             handles.close()
         _copy_side_files(ckpt, tmp)
         record = {

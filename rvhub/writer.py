@@ -13,7 +13,7 @@ import math
 import queue
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +185,43 @@ class BackgroundWriter:
             raise self.error
 
 
+Blob = tuple[torch.Tensor, Sequence[tuple[Any, torch.Tensor]]]  # bytes to write, (hasher, tensor)s
+
+
+def write_streams(
+    streams: Iterable[tuple[Callable[[], SafetensorsWriter], Iterable[Blob]]],
+    *,
+    total_bytes: int,
+    desc: str,
+) -> list[tuple[str, int]]:
+    """Write each stream's blobs to its file from a background thread; fsync and close them all.
+
+    ``streams`` pairs a function that opens a :class:`SafetensorsWriter` with the blobs for it,
+    produced lazily (the caller's compute overlaps the previous blob's write and hashing).
+    Returns ``(sha256, size)`` per file; on any error every file is closed unfinished and the
+    error re-raised (callers write inside :func:`rvhub.atomic.atomic_dir`).
+    """
+    progress = bar(total_bytes, desc)
+    bg = BackgroundWriter()
+    writers: list[SafetensorsWriter] = []
+    try:
+        for open_writer, blobs in streams:
+            writer = open_writer()
+            writers.append(writer)
+            for blob, hashes in blobs:
+                bg.put(writer, blob, hashes)
+                progress.update(blob.numel() * blob.element_size())
+        bg.finish()
+        return [w.close() for w in writers]
+    except BaseException:
+        bg.q.put(None)
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        progress.close()
+
+
 @dataclass
 class DenseWrite:
     """What :func:`write_dense_files` wrote: file hashes, statistics, source fingerprints."""
@@ -248,35 +285,25 @@ def write_dense_files(
             )
         return stored, hashes
 
-    file_info: dict[str, dict[str, Any]] = {}
-    weight_map: dict[str, str] = {}
-    progress = bar(total_bytes, desc)
-    bg = BackgroundWriter()
-    writers = []
-    try:
-        with single_thread():
-            for fname, shard in zip(files, shards, strict=True):
-                specs = [(n, dtypes[n], shapes[n]) for n in shard]
-                writer = SafetensorsWriter(folder / fname, specs, {"format": "pt"})
-                writers.append(writer)
-                for name in shard:
-                    for start, stop in iter_chunks(math.prod(shapes[name]), SLAB_ELEMS):
-                        stored, hashes = _slab(name, start, stop)
-                        bg.put(writer, stored, hashes)
-                        progress.update(stored.numel() * stored.element_size())
-                for n in shard:
-                    weight_map[n] = fname
-        bg.finish()
-        for fname, writer in zip(files, writers, strict=True):
-            sha, size = writer.close()
-            file_info[fname] = {"sha256": sha, "size": size}
-    except BaseException:
-        bg.q.put(None)
-        for w in writers:
-            w.abort()
-        raise
-    finally:
-        progress.close()
+    def blobs(shard: list[str]) -> Iterator[Blob]:
+        for name in shard:
+            for start, stop in iter_chunks(math.prod(shapes[name]), SLAB_ELEMS):
+                yield _slab(name, start, stop)
+
+    def opener(fname: str, shard: list[str]) -> Callable[[], SafetensorsWriter]:
+        specs = [(n, dtypes[n], shapes[n]) for n in shard]
+        return lambda: SafetensorsWriter(folder / fname, specs, {"format": "pt"})
+
+    with single_thread():
+        hashes = write_streams(
+            [(opener(f, shard), blobs(shard)) for f, shard in zip(files, shards, strict=True)],
+            total_bytes=total_bytes,
+            desc=desc,
+        )
+    file_info = {
+        f: {"sha256": sha, "size": size} for f, (sha, size) in zip(files, hashes, strict=True)
+    }
+    weight_map = {n: f for f, shard in zip(files, shards, strict=True) for n in shard}
     if len(files) > 1:
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (folder / VECTOR_INDEX).write_text(json.dumps(index, indent=2) + "\n")
