@@ -159,9 +159,22 @@ def apply_to_model(
     _check_finite(vec, sorted({v for v, _ in plan.targets.values()}), allow_nonfinite)
     report = _report_from_plan(plan, scale)
     work = [(params[t], vname, rows) for t, (vname, rows) in plan.targets.items()]
+    _refuse_offloaded([t for t, _, _ in work], params)
     _add_live(vec, work, scale)
     _warn_overflow(model, report)
     return report
+
+
+def _refuse_offloaded(targets: list[torch.nn.Parameter], params: dict[str, Any]) -> None:
+    """A parameter on the meta device (accelerate's disk offload) would ignore an add_."""
+    names = {id(p): n for n, p in params.items()}
+    offloaded = [names.get(id(p), "?") for p in targets if p.device.type == "meta"]
+    if offloaded:
+        raise CompatibilityError(
+            f"{offloaded[0]} (and {len(offloaded) - 1} more) are offloaded (meta device): an "
+            "in-place add would be lost; apply to the checkpoint on disk with `rvhub apply` "
+            "instead, or load the model without disk offload"
+        )
 
 
 def _needs_conversion(model: torch.nn.Module, names: list[str], params: dict[str, Any]) -> bool:

@@ -187,3 +187,15 @@ def test_live_fp16_overflow_warns_with_the_tensor_name(family, tmp_path, caplog)
         report = v.apply_to(model, scale=1e9)
     assert any("float16 overflow" in n for n in report.notes)
     assert re.search(r"float16 overflow: \S+\.weight", caplog.text), caplog.text
+
+
+def test_live_apply_refuses_offloaded_parameters_before_touching_any(family, tmp_path):
+    fam, v = _vector(family, tmp_path, "llama", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(fam["target"])
+    model.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(
+        torch.empty(64, 32, device="meta")
+    )
+    before = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(CompatibilityError, match="offloaded"):
+        v.apply_to(model)
+    assert torch.equal(model.model.embed_tokens.weight, before)
