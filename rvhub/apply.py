@@ -206,6 +206,7 @@ def _apply_converted(
         raise CompatibilityError(f"the vector was made for model_type {vt}, the target is {tt}")
     _check_finite(vec, [n for n in vec.names if n not in excluded], allow_nonfinite)
     report = ApplyReport(scale=scale, skipped=excluded, missing=list(live.unmapped))
+    _refuse_offloaded([params[t] for g in live.groups for t in g.targets if t in params], params)
     seen: set[int] = set()
     with torch.no_grad():
         for pname, delta in live.deltas(lambda n: vec.source.get(n, None)):

@@ -71,3 +71,15 @@ def test_on_disk_apply_keeps_checkpoint_names_for_moe(tmp_path):
     assert out.keys() == a.keys()
     for name in a:
         assert torch.allclose(out[name], a[name], atol=1e-6), name
+
+
+def test_live_moe_apply_refuses_offloaded_experts(tmp_path):
+    fam = _moe_family(tmp_path, CONFIGS["mixtral"]())
+    v = load_vector(extract_vector(fam["a"], fam["b"]).save(tmp_path / "v", dtype="float32"))
+    model = AutoModelForCausalLM.from_pretrained(fam["b"])
+    experts = model.model.layers[1].mlp.experts
+    experts.gate_up_proj = torch.nn.Parameter(torch.empty_like(experts.gate_up_proj, device="meta"))
+    before = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(Exception, match="offloaded"):
+        v.apply_to(model)
+    assert torch.equal(model.model.embed_tokens.weight, before)
