@@ -155,7 +155,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--layers", type=int, default=28, help="decoder layers (28 = Qwen2.5-1.5B)")
-    ap.add_argument("--dir", type=Path, default=None, help="work folder (kept; reuses the vector)")
+    ap.add_argument("--dir", type=Path, default=None, help="where the temp work folder goes")
     args = ap.parse_args()
 
     from huggingface_hub import HfApi
@@ -163,78 +163,79 @@ def main() -> None:
     from rvhub.manifest import load_manifest
     from tests.hub_server import start_hub_server
 
-    work = args.dir or Path(tempfile.mkdtemp(prefix="rvhub-hub-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    vec = build_vector(work, args.layers)
-    size = sum(f["size"] for f in load_manifest(vec)["files"].values())
-    plain = plain_folder(vec, work)
-    print(f"vector: {vec} ({size / 1e9:.2f} GB in {len(load_manifest(vec)['files'])} file(s))")
+    # Like the other benchmarks, --dir is where the temp work folder goes (needs ~4× the vector).
+    work = Path(tempfile.mkdtemp(prefix="rvhub-hub-bench-", dir=args.dir))
+    try:
+        vec = build_vector(work, args.layers)
+        size = sum(f["size"] for f in load_manifest(vec)["files"].values())
+        plain = plain_folder(vec, work)
+        print(f"vector: {vec} ({size / 1e9:.2f} GB in {len(load_manifest(vec)['files'])} file(s))")
 
-    times: dict[str, list[dict[str, float]]] = {name: [] for name in CLIENT}
-    with start_hub_server(work / "hub") as hub:
-        api = HfApi(endpoint=hub.endpoint, token=hub.token)
-        base_env = {
-            **os.environ,
-            "HF_ENDPOINT": hub.endpoint,
-            "HF_TOKEN": hub.token,
-            "HF_HUB_DISABLE_XET": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-            "RVHUB_DISABLE_PROGRESS_BARS": "1",
-            "PYTHONWARNINGS": "ignore",
-            # olah streams LFS files at a few tens of MB/s and the stand-in buffers them before
-            # answering: the first byte of a GB-sized file comes after the client's 10 s default
-            "HF_HUB_DOWNLOAD_TIMEOUT": "900",
-            "HF_HUB_ETAG_TIMEOUT": "900",
-        }
-        base_env.pop("HF_HUB_OFFLINE", None)
-        for i in range(args.repeat):
-            order = [("rvhub push", vec), ("upload_folder", plain)]
-            if i % 2:
-                order.reverse()
-            pushed = []
-            for name, folder in order:
-                repo_id = hub.new_repo_id("bench")
-                home = work / "client-home"
-                env = {**base_env, "HF_HOME": str(home), "RVHUB_CACHE": str(home / "rvhub")}
-                settle([folder])
-                times[name].append(run_client(name, folder, repo_id, env))
-                shutil.rmtree(home, ignore_errors=True)
-                pushed.append(repo_id)
-                print(f"  {name}: {times[name][-1]['op']:.2f} s", flush=True)
-            source = pushed[0] if order[0][0] == "rvhub push" else pushed[1]
-            pulls = ["rvhub load_vector", "snapshot_download"]
-            for name in pulls if i % 2 == 0 else pulls[::-1]:
-                home = work / "client-home"
-                env = {**base_env, "HF_HOME": str(home), "RVHUB_CACHE": str(home / "rvhub")}
-                settle([hub.repo(source).path / ".git" / "lfs"])
-                times[name].append(run_client(name, plain, source, env))
-                shutil.rmtree(home, ignore_errors=True)
-                print(f"  {name}: {times[name][-1]['op']:.2f} s", flush=True)
-            for repo_id in pushed:
-                api.delete_repo(repo_id)
+        times: dict[str, list[dict[str, float]]] = {name: [] for name in CLIENT}
+        with start_hub_server(work / "hub") as hub:
+            api = HfApi(endpoint=hub.endpoint, token=hub.token)
+            base_env = {
+                **os.environ,
+                "HF_ENDPOINT": hub.endpoint,
+                "HF_TOKEN": hub.token,
+                "HF_HUB_DISABLE_XET": "1",
+                "HF_HUB_DISABLE_TELEMETRY": "1",
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                "RVHUB_DISABLE_PROGRESS_BARS": "1",
+                "PYTHONWARNINGS": "ignore",
+                # olah streams LFS files at a few tens of MB/s and the stand-in buffers them before
+                # answering: the first byte of a GB-sized file comes after the client's 10 s default
+                "HF_HUB_DOWNLOAD_TIMEOUT": "900",
+                "HF_HUB_ETAG_TIMEOUT": "900",
+            }
+            base_env.pop("HF_HUB_OFFLINE", None)
+            for i in range(args.repeat):
+                order = [("rvhub push", vec), ("upload_folder", plain)]
+                if i % 2:
+                    order.reverse()
+                pushed = []
+                for name, folder in order:
+                    repo_id = hub.new_repo_id("bench")
+                    home = work / "client-home"
+                    env = {**base_env, "HF_HOME": str(home), "RVHUB_CACHE": str(home / "rvhub")}
+                    settle([folder])
+                    times[name].append(run_client(name, folder, repo_id, env))
+                    shutil.rmtree(home, ignore_errors=True)
+                    pushed.append(repo_id)
+                    print(f"  {name}: {times[name][-1]['op']:.2f} s", flush=True)
+                source = pushed[0] if order[0][0] == "rvhub push" else pushed[1]
+                pulls = ["rvhub load_vector", "snapshot_download"]
+                for name in pulls if i % 2 == 0 else pulls[::-1]:
+                    home = work / "client-home"
+                    env = {**base_env, "HF_HOME": str(home), "RVHUB_CACHE": str(home / "rvhub")}
+                    settle([hub.repo(source).path / ".git" / "lfs"])
+                    times[name].append(run_client(name, plain, source, env))
+                    shutil.rmtree(home, ignore_errors=True)
+                    print(f"  {name}: {times[name][-1]['op']:.2f} s", flush=True)
+                for repo_id in pushed:
+                    api.delete_repo(repo_id)
 
-    keys = ("op", "cpu", "import", "wall")
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in times.items()}
-    print(f"\nmedians of {args.repeat} (vector {size / 1e9:.2f} GB, {args.layers} layers):")
-    print(
-        f"  {'contender':<20}{'op s':>8}{'GB/s':>7}{'client CPU s':>14}{'import s':>10}{'process s':>11}"
-    )
-    for name, m in med.items():
+        keys = ("op", "cpu", "import", "wall")
+        med = {n: {k: statistics.median(r[k] for r in rs) for k in keys} for n, rs in times.items()}
+        print(f"\nmedians of {args.repeat} (vector {size / 1e9:.2f} GB, {args.layers} layers):")
         print(
-            f"  {name:<20}{m['op']:>8.2f}{size / 1e9 / m['op']:>7.2f}{m['cpu']:>14.2f}"
-            f"{m['import']:>10.2f}{m['wall']:>11.2f}"
+            f"  {'contender':<20}{'op s':>8}{'GB/s':>7}{'client CPU s':>14}{'import s':>10}{'process s':>11}"
         )
-    for key, label in (("op", "wall time of the call"), ("cpu", "client CPU time")):
-        push = med["rvhub push"][key] / med["upload_folder"][key] - 1
-        pull = med["rvhub load_vector"][key] / med["snapshot_download"][key] - 1
-        both = (med["rvhub push"][key] + med["rvhub load_vector"][key]) / (
-            med["upload_folder"][key] + med["snapshot_download"][key]
-        ) - 1
-        print(
-            f"  rvhub overhead, {label}: push {push:+.1%}, pull {pull:+.1%}, push + pull {both:+.1%}"
-        )
-    if args.dir is None:
+        for name, m in med.items():
+            print(
+                f"  {name:<20}{m['op']:>8.2f}{size / 1e9 / m['op']:>7.2f}{m['cpu']:>14.2f}"
+                f"{m['import']:>10.2f}{m['wall']:>11.2f}"
+            )
+        for key, label in (("op", "wall time of the call"), ("cpu", "client CPU time")):
+            push = med["rvhub push"][key] / med["upload_folder"][key] - 1
+            pull = med["rvhub load_vector"][key] / med["snapshot_download"][key] - 1
+            both = (med["rvhub push"][key] + med["rvhub load_vector"][key]) / (
+                med["upload_folder"][key] + med["snapshot_download"][key]
+            ) - 1
+            print(
+                f"  rvhub overhead, {label}: push {push:+.1%}, pull {pull:+.1%}, push + pull {both:+.1%}"
+            )
+    finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
