@@ -11,7 +11,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,16 +159,15 @@ def apply_to_model(
     _check_finite(vec, sorted({v for v, _ in plan.targets.values()}), allow_nonfinite)
     report = _report_from_plan(plan, scale)
     work = [(params[t], vname, rows) for t, (vname, rows) in plan.targets.items()]
-    _refuse_offloaded([t for t, _, _ in work], params)
+    _refuse_offloaded(plan.targets, params)
     _add_live(vec, work, scale)
     _warn_overflow(model, report)
     return report
 
 
-def _refuse_offloaded(targets: list[torch.nn.Parameter], params: dict[str, Any]) -> None:
+def _refuse_offloaded(names: Iterable[str], params: dict[str, torch.nn.Parameter]) -> None:
     """A parameter on the meta device (accelerate's disk offload) would ignore an add_."""
-    names = {id(p): n for n, p in params.items()}
-    offloaded = [names.get(id(p), "?") for p in targets if p.device.type == "meta"]
+    offloaded = [n for n in names if n in params and params[n].device.type == "meta"]
     if offloaded:
         raise CompatibilityError(
             f"{offloaded[0]} (and {len(offloaded) - 1} more) are offloaded (meta device): an "
@@ -179,6 +178,7 @@ def _refuse_offloaded(targets: list[torch.nn.Parameter], params: dict[str, Any])
 
 def _needs_conversion(model: torch.nn.Module, names: list[str], params: dict[str, Any]) -> bool:
     """True when the vector's checkpoint names are not the model's live parameter names."""
+    # A tied lm_head is not in named_parameters(); compat.plan_apply handles it.
     unknown = [n for n in names if n not in params and n != "lm_head.weight"]
     if not unknown:
         return False
@@ -206,7 +206,7 @@ def _apply_converted(
         raise CompatibilityError(f"the vector was made for model_type {vt}, the target is {tt}")
     _check_finite(vec, [n for n in vec.names if n not in excluded], allow_nonfinite)
     report = ApplyReport(scale=scale, skipped=excluded, missing=list(live.unmapped))
-    _refuse_offloaded([params[t] for g in live.groups for t in g.targets if t in params], params)
+    _refuse_offloaded((t for g in live.groups for t in g.targets), params)
     seen: set[int] = set()
     with torch.no_grad():
         for pname, delta in live.deltas(lambda n: vec.source.get(n, None)):

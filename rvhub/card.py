@@ -33,6 +33,7 @@ import yaml
 from . import __version__
 from .errors import InputError
 from .manifest import MANIFEST_NAME, load_manifest
+from .progress import human_bytes
 from .safetensors_io import sha256_file
 
 logger = logging.getLogger("rvhub")
@@ -580,14 +581,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def _num(value: Any, digits: int = 4, sign: bool = False) -> str:
     if value is None:
         return "–"
@@ -672,7 +665,7 @@ def card_context(
             "name": n,
             "size": f.get("size"),
             "sha256": f.get("sha256"),
-            "size_h": _human_bytes(f.get("size", 0)),
+            "size_h": human_bytes(f.get("size", 0)),
         }
         for n, f in (manifest.get("files") or {}).items()
     ]
@@ -732,9 +725,9 @@ def card_context(
         "excluded": list(manifest.get("excluded") or []),
         "files": files,
         "stored_bytes": stored,
-        "stored_size": _human_bytes(stored),
+        "stored_size": human_bytes(stored),
         "dense_bytes": dense,
-        "dense_size": _human_bytes(dense),
+        "dense_size": human_bytes(dense),
         "compression_ratio": (dense / stored) if stored else None,
         "compression": dict(manifest.get("compression") or {}),
         "manifest_name": MANIFEST_NAME,
@@ -763,7 +756,7 @@ def _environment(loader: Any) -> Any:
         lstrip_blocks=True,
     )
     env.filters["num"] = _num
-    env.filters["human_bytes"] = _human_bytes
+    env.filters["human_bytes"] = human_bytes
     env.filters["md"] = _md_cell
     env.filters["score"] = _score
     return env

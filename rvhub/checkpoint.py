@@ -22,15 +22,6 @@ from .safetensors_io import TensorEntry, read_header, read_tensor
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
-# Files copied next to the weights when a model folder is written (config, tokenizer, ...).
-SIDE_FILE_PATTERNS = (
-    "*.json",
-    "*.model",
-    "*.txt",
-    "*.tiktoken",
-    "*.jinja",
-    "tokenizer*",
-)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 CONVERT_HINT = (

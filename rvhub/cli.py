@@ -19,6 +19,7 @@ import click
 
 from . import __version__
 from .errors import RvhubError
+from .progress import human_bytes
 
 DEBUG_ENV = "RVHUB_DEBUG"
 
@@ -217,7 +218,7 @@ def _report_written(path: Path) -> None:
 
     manifest = load_manifest(path)
     stats = manifest["stats"]
-    size = _human(sum(f["size"] for f in manifest["files"].values()))
+    size = human_bytes(sum(f["size"] for f in manifest["files"].values()))
     comp = manifest.get("compression")
     if comp:
         extra = f"{comp['ratio']:.1%} of dense"
@@ -307,14 +308,6 @@ def extract(
         max_shard_size=parse_size(max_shard_size),
     )
     _report_written(path)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 @cli.command()

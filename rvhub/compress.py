@@ -24,7 +24,14 @@ from .errors import InputError
 from .manifest import write_manifest
 from .progress import bar
 from .safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsWriter, parse_dtype, sha256_file
-from .vector import DEFAULT_MAX_SHARD, ReasoningVector, compile_excludes, is_excluded, layer_of
+from .vector import (
+    DEFAULT_MAX_SHARD,
+    ReasoningVector,
+    compile_excludes,
+    dtype_name,
+    is_excluded,
+    norm_summary,
+)
 from .writer import base_manifest, tensor_json, write_dense_files
 
 ENCODINGS = ("dense", "lora", "sparse")
@@ -130,17 +137,6 @@ def _check_lora_options(
     except ValueError as e:
         msg = str(e).replace("rank must", "--rank must").replace("energy must", "--energy must")
         raise InputError(msg.replace("max_error must", "--max-error must")) from None
-
-
-def _summary_stats(norms: dict[str, float]) -> dict[str, Any]:
-    layers: dict[str, float] = {}
-    for name, n in norms.items():
-        layers[layer_of(name)] = layers.get(layer_of(name), 0.0) + n * n
-    ordered = sorted(layers.items(), key=lambda kv: (0, int(kv[0])) if kv[0].isdigit() else (1, 0))
-    return {
-        "norm": math.sqrt(sum(n * n for n in norms.values())),
-        "layer_norms": {k: math.sqrt(v) for k, v in ordered},
-    }
 
 
 def _write_lora(
@@ -263,12 +259,10 @@ def _write_lora(
         artifact_bytes = sum(f["size"] for f in files.values())
         ranks = sorted(m["rank"] for m in modules.values())
         manifest = base_manifest(vec, "lora", excluded, exclude)
-        manifest["dtype"] = sorted(
-            {str(storage or vec.source.dtypes[n]).removeprefix("torch.") for n in names}
-        )
+        manifest["dtype"] = sorted({dtype_name(storage or vec.source.dtypes[n]) for n in names})
         manifest["files"] = files
         manifest["tensors"] = tensors
-        manifest["stats"] = _summary_stats(norms)
+        manifest["stats"] = norm_summary({n: v * v for n, v in norms.items()})
         manifest["compression"] = {
             "encoding": "lora",
             "svd": svd,
@@ -364,12 +358,10 @@ def _write_sparse(
             writer.abort()
             raise
         manifest = base_manifest(vec, "sparse", excluded, exclude)
-        manifest["dtype"] = sorted(
-            {str(DTYPES[i["dtype"]]).removeprefix("torch.") for i in tensors.values()}
-        )
+        manifest["dtype"] = sorted({dtype_name(DTYPES[i["dtype"]]) for i in tensors.values()})
         manifest["files"] = {"vector.safetensors": {"sha256": sha, "size": size}}
         manifest["tensors"] = tensors
-        manifest["stats"] = _summary_stats({n: i["norm"] for n, i in tensors.items()})
+        manifest["stats"] = norm_summary({n: i["norm"] ** 2 for n, i in tensors.items()})
         manifest["compression"] = {
             "encoding": "sparse",
             "sparse_tensors": sum(1 for i in tensors.values() if i["stored"] == "sparse"),

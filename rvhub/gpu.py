@@ -104,22 +104,17 @@ def _pin(path: Path) -> torch.Tensor | None:
             with contextlib.suppress(BufferError):
                 mm.close()
             return None
-        entry = _Pinned(mm, base, size)
-        _pinned[key] = entry
-        budget = _budget()
-        while len(_pinned) > 1 and sum(p.nbytes for p in _pinned.values()) > budget:
-            _unpin(_pinned.popitem(last=False)[1])
-        if budget <= 0:  # caching disabled: unpin right after this apply's copies
-            _deferred.append(_pinned.pop(key))
+        _pinned[key] = _Pinned(mm, base, size)
         return base
 
 
-_deferred: list[_Pinned] = []
-
-
-def _flush_deferred() -> None:
-    while _deferred:
-        _unpin(_deferred.pop())
+def _evict_over_budget() -> None:
+    """Unpin least recently used files until the pinned total fits ``RVHUB_GPU_PIN_CACHE_GB``
+    (0 unpins everything, i.e. no caching); called once a file's copies are queued."""
+    budget = _budget()
+    with _lock:
+        while _pinned and sum(p.nbytes for p in _pinned.values()) > budget:
+            _unpin(_pinned.popitem(last=False)[1])
 
 
 atexit.register(release_pinned)
@@ -143,4 +138,4 @@ def apply_dense_cuda(work: Sequence[GpuWork], scale: float) -> None:
             if rows is not None:
                 src, target = src[:rows], target[:rows]
             target.add_(src.to(target.device, non_blocking=base is not None), alpha=scale)
-    _flush_deferred()
+        _evict_over_budget()

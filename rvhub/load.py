@@ -11,14 +11,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import looks_like_hub_id, split_revision
+from .checkpoint import PICKLE_SUFFIXES, looks_like_hub_id, split_revision
 from .errors import InputError, IntegrityError
 from .extract import FileHandles, read_range
 from .manifest import artifact_file, load_manifest, verify_files
 from .safetensors_io import TensorEntry, read_header, read_tensor, sha256_file
 from .vector import ReasoningVector, VectorSource
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 class DenseSource(VectorSource):

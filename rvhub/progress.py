@@ -18,6 +18,15 @@ def progress_disabled() -> bool:
     return flag is not None and flag.strip().lower() not in ("", "0", "false", "no")
 
 
+def human_bytes(n: float) -> str:
+    """``184048`` -> ``184.0 KB`` (decimal units, like the Hub shows sizes)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def bar(total: int | None, desc: str, *, unit: str = "B", **kwargs: Any) -> tqdm:
     """A progress bar on stderr (bytes by default); silent when disabled or not a terminal."""
     # None lets tqdm hide the bar when stderr is not a terminal (logs, CI, pipes).

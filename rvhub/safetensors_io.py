@@ -296,21 +296,6 @@ class SafetensorsWriter:
         self._file.close()
 
 
-def save_tensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> tuple[str, int]:
-    """Write small in-memory tensors (LoRA factors, sparse indices) to one fsynced file."""
-    specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-    w = SafetensorsWriter(path, specs, metadata)
-    try:
-        for v in tensors.values():
-            w.write_tensor(v.detach().cpu())
-        return w.close()
-    except BaseException:
-        w.abort()
-        raise
-
-
 def sha256_file(path: Path, bufsize: int = 16 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

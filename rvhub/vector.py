@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import CompatibilityError, InputError
-from .safetensors_io import DTYPE_NAMES, DTYPES
 
 if TYPE_CHECKING:
     from .apply import ApplyReport
@@ -59,10 +58,6 @@ class VectorSource:
         out = self.chunk(name, 0, numel).reshape(self.shapes[name])
         return out if dtype is None else out.to(dtype)
 
-    def row_aligned(self) -> bool:
-        """Whether :meth:`chunk` is cheap for any flat range (else callers use whole tensors)."""
-        return True
-
 
 class CombinationSource(VectorSource):
     """``Σ cᵢ·vᵢ`` over vectors with compatible shapes; names absent from a term count as 0."""
@@ -96,9 +91,6 @@ class CombinationSource(VectorSource):
                 out.add_(part, alpha=coef)
         assert out is not None
         return out
-
-    def row_aligned(self) -> bool:
-        return all(v.source.row_aligned() for _, v in self.terms)
 
 
 @dataclass
@@ -329,12 +321,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def st_dtype(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES[dtype]
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return DTYPES[name]
-
-
-ChunkFn = Callable[[str, int, int], torch.Tensor]
+def norm_summary(sumsq: dict[str, float]) -> dict[str, Any]:
+    """Global and per-block norms from each tensor's ‖Δ‖² (blocks in numeric order)."""
+    layers: dict[str, float] = {}
+    for name, sq in sumsq.items():
+        layers[layer_of(name)] = layers.get(layer_of(name), 0.0) + sq
+    ordered = sorted(layers.items(), key=lambda kv: (0, int(kv[0])) if kv[0].isdigit() else (1, 0))
+    return {
+        "norm": math.sqrt(sum(sumsq.values())),
+        "layer_norms": {k: math.sqrt(v) for k, v in ordered},
+    }

@@ -34,7 +34,7 @@ from .safetensors_io import (
     sha256_file,
     tensor_bytes,
 )
-from .vector import ReasoningVector, compile_excludes, is_excluded, layer_of
+from .vector import ReasoningVector, compile_excludes, dtype_name, is_excluded, norm_summary
 
 CHUNK_ELEMS = 8 * 1024 * 1024  # elements per chunk asked of a generic source
 SLAB_ELEMS = 4 * 1024 * 1024  # elements per read/compute/write unit (8 MB of bf16)
@@ -58,16 +58,9 @@ class StatsBook:
     tensors: dict[str, Moments] = field(default_factory=dict)
 
     def summary(self, has_roundtrip: bool) -> dict[str, Any]:
-        layers: dict[str, float] = {}
-        total = err = 0.0
-        for name, st in self.tensors.items():
-            layers[layer_of(name)] = layers.get(layer_of(name), 0.0) + st.sumsq
-            total += st.sumsq
-            err += st.err_sumsq
-        out: dict[str, Any] = {
-            "norm": math.sqrt(total),
-            "layer_norms": {k: math.sqrt(v) for k, v in sorted(layers.items(), key=_layer_key)},
-        }
+        out = norm_summary({n: st.sumsq for n, st in self.tensors.items()})
+        total = sum(st.sumsq for st in self.tensors.values())
+        err = sum(st.err_sumsq for st in self.tensors.values())
         if has_roundtrip:
             out["roundtrip_error"] = {
                 "abs": math.sqrt(err),
@@ -75,11 +68,6 @@ class StatsBook:
                 "what": "‖B + v − A‖ (Frobenius, all tensors) with v as stored; rel is ÷‖A − B‖",
             }
         return out
-
-
-def _layer_key(item: tuple[str, float]) -> tuple[int, int | str]:
-    k = item[0]
-    return (0, int(k)) if k.isdigit() else (1, k)
 
 
 class _Crc32:
@@ -382,7 +370,7 @@ def write_dense(
         )
         manifest = base_manifest(vec, "dense", newly_excluded, exclude)
         manifest["sources"] = with_content_hashes(manifest["sources"], w.content_hashes)
-        manifest["dtype"] = sorted({str(d).removeprefix("torch.") for d in w.dtypes.values()})
+        manifest["dtype"] = sorted({dtype_name(d) for d in w.dtypes.values()})
         manifest["files"] = w.files
         manifest["tensors"] = {
             n: tensor_json(w.book.tensors[n], w.shapes[n], w.dtypes[n]) for n in names

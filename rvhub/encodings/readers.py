@@ -138,9 +138,6 @@ class SparseSource(VectorSource):
             return read_range(self.entries[name], start, stop, self._handles).float()
         return self.get(name).reshape(-1)[start:stop]
 
-    def row_aligned(self) -> bool:
-        return False
-
 
 def open_encoded(folder: Path, manifest: dict[str, Any]) -> VectorSource:
     """The source for a ``lora`` or ``sparse`` artifact."""
