@@ -30,6 +30,13 @@ QWEN25_15B = dict(
 )
 
 
+def work_dir(prefix: str, parent: Path | None) -> Path:
+    """A fresh temp folder for a benchmark's files, under ``parent`` (created) or the default."""
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
 def qwen2_config(**shape: object) -> dict[str, object]:
     cfg = {**QWEN25_15B, **shape}
     return {

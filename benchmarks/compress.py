@@ -22,7 +22,6 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from common import (
     qwen2_config,
     run_measured,
     rvhub_cmd,
+    work_dir,
     write_checkpoint,
 )
 
@@ -53,7 +53,7 @@ def main() -> None:
 
     from rvhub import load_vector
 
-    root = Path(tempfile.mkdtemp(prefix="rvhub-compress-", dir=args.dir))
+    root = work_dir("rvhub-compress-", args.dir)
     try:
         cfg = qwen2_config(num_hidden_layers=args.layers)
         a = write_checkpoint(root / "grpo", cfg, finetuned_tensor)

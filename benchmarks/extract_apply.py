@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -35,6 +34,7 @@ from common import (
     run_measured,
     rvhub_cmd,
     table,
+    work_dir,
     write_checkpoint,
 )
 
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder)")
     args = ap.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="rvhub-bench-", dir=args.dir))
+    root = work_dir("rvhub-bench-", args.dir)
     try:
         cfg = qwen2_config(num_hidden_layers=args.layers)
         print(f"building the pair in {root} ...", flush=True)

@@ -19,7 +19,6 @@ import argparse
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from common import base_tensor, finetuned_tensor, qwen2_config, write_checkpoint
+from common import base_tensor, finetuned_tensor, qwen2_config, work_dir, write_checkpoint
 
 
 def timed(fn, repeat: int) -> list[float]:  # type: ignore[no-untyped-def]
@@ -62,7 +61,7 @@ def main() -> None:
 
     from rvhub import extract_vector, load_vector
 
-    root = Path(tempfile.mkdtemp(prefix="rvhub-gpu-", dir=args.dir))
+    root = work_dir("rvhub-gpu-", args.dir)
     try:
         cfg = qwen2_config(num_hidden_layers=args.layers)
         t0 = time.perf_counter()

@@ -32,7 +32,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from common import (  # noqa: E402
     drop_cache_hint,
     finetuned_tensor,
     qwen2_config,
+    work_dir,
     write_checkpoint,
 )
 
@@ -164,7 +164,7 @@ def main() -> None:
     from tests.hub_server import start_hub_server
 
     # Like the other benchmarks, --dir is where the temp work folder goes (needs ~4× the vector).
-    work = Path(tempfile.mkdtemp(prefix="rvhub-hub-bench-", dir=args.dir))
+    work = work_dir("rvhub-hub-bench-", args.dir)
     try:
         vec = build_vector(work, args.layers)
         size = sum(f["size"] for f in load_manifest(vec)["files"].values())

@@ -27,7 +27,7 @@ from .kernels import APPLY_BLOCK, APPLY_THREADS, Scratch, axpy_into, torch_threa
 from .progress import logger
 from .safetensors_io import SafetensorsWriter, TensorEntry, iter_chunks, read_header
 from .vector import ReasoningVector, compile_excludes, is_excluded
-from .writer import SLAB_ELEMS, Blob, write_streams
+from .writer import SLAB_ELEMS, SlabPool, write_streams
 
 APPLIED_RECORD = "rvhub_applied.json"
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -339,9 +339,10 @@ def apply_to_checkpoint(
     total = ckpt.nbytes
 
     scratch = Scratch(count=2, block=APPLY_BLOCK)
+    pool = SlabPool(SLAB_ELEMS)
 
     def _slab(entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
-        raw = read_range(entry, start, stop, handles)
+        raw = read_range(entry, start, stop, handles, pool.take(stop - start, entry.torch_dtype))
         spec = plan.targets.get(entry.name)
         if spec is None:
             return raw
@@ -355,8 +356,9 @@ def apply_to_checkpoint(
             t[: d.numel()].add_(d.to(dev), alpha=scale)
             result = t.to(raw.dtype).cpu()
         else:
-            result = torch.empty_like(raw)
+            result = pool.take(raw.numel(), raw.dtype)
             axpy_into(raw, d, scale, result, scratch)
+        pool.give(raw)  # the writer gives ``result`` back once written
         if raw.dtype == torch.float16 and not bool(torch.isfinite(result).all()):
             raise InputError(
                 f"float16 overflow in {entry.name} at scale {scale:g}: the result holds Inf; "
@@ -364,10 +366,10 @@ def apply_to_checkpoint(
             )
         return result
 
-    def blobs(entries: list[TensorEntry]) -> Iterator[Blob]:
+    def blobs(entries: list[TensorEntry]) -> Iterator[torch.Tensor]:
         for e in entries:
             for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
-                yield _slab(e, start, stop), ()
+                yield _slab(e, start, stop)
 
     def opener(path: Path, entries: list[TensorEntry]) -> Callable[[], SafetensorsWriter]:
         _, metadata = read_header(path)
@@ -385,7 +387,7 @@ def apply_to_checkpoint(
             )
             streams.append((opener(path, entries), blobs(entries)))
         try:
-            write_streams(streams, total_bytes=total, desc="applying vector")
+            write_streams(streams, total_bytes=total, desc="applying vector", pool=pool)
         finally:
             handles.close()
         _copy_side_files(ckpt, tmp)

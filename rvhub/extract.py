@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,23 @@ class FileHandles:
         self.close()
 
 
-def read_range(entry: TensorEntry, start: int, stop: int, handles: FileHandles) -> torch.Tensor:
-    """Flat elements ``[start, stop)`` of a stored tensor, in its own dtype."""
-    size = entry.torch_dtype.itemsize
-    buf = torch.empty((stop - start) * size, dtype=torch.uint8)
+def read_range(
+    entry: TensorEntry,
+    start: int,
+    stop: int,
+    handles: FileHandles,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Flat elements ``[start, stop)`` of a stored tensor, in its own dtype (into ``out``, a
+    flat tensor of that dtype and length, when given)."""
+    dtype = entry.torch_dtype
+    if out is None:
+        out = torch.empty(stop - start, dtype=dtype)
     if stop > start:
-        read_bytes_into(entry, buf, start * size, handles.fd(entry.path))
-    return buf.view(entry.torch_dtype)
+        read_bytes_into(
+            entry, out.view(torch.uint8), start * dtype.itemsize, handles.fd(entry.path)
+        )
+    return out
 
 
 class DifferenceSource(VectorSource):
@@ -60,11 +70,16 @@ class DifferenceSource(VectorSource):
         """``"a"`` or ``"b"``: that source's entries."""
         return (self.a if key == "a" else self.b).entries
 
-    def parts(self, name: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The raw A and B chunks (source dtypes)."""
+    def parts(
+        self, name: str, start: int, stop: int, take: Callable[..., torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw A and B chunks (source dtypes), in buffers from ``take(numel, dtype)``
+        when given (e.g. :meth:`rvhub.writer.SlabPool.take`)."""
         ea, eb = self.a.entries[name], self.b.entries[name]
-        return read_range(ea, start, stop, self._handles), read_range(
-            eb, start, stop, self._handles
+        n = stop - start
+        return (
+            read_range(ea, start, stop, self._handles, take and take(n, ea.torch_dtype)),
+            read_range(eb, start, stop, self._handles, take and take(n, eb.torch_dtype)),
         )
 
     def chunk(self, name: str, start: int, stop: int) -> torch.Tensor:

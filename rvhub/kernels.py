@@ -1,10 +1,10 @@
 """The element-wise inner loops of extract and apply, tuned for cache-sized blocks.
 
 A 1.5B model is 1.5 G elements; the float32 math per element is a handful of passes. Done on
-32 MB buffers each pass goes to main memory; done on blocks that fit in L2 (64 K floats =
-256 KB) the same passes run ~5-10× faster on one core. So callers hand over a slab (a few MB
-read with one ``preadv``) and these functions walk it in L2-sized blocks into preallocated
-scratch buffers, with one thread, leaving the other core to the writer and its sha256.
+32 MB buffers each pass goes to main memory; done on cache-sized blocks the same passes run
+several times faster on one core. So callers hand over a slab (a few MB read with one
+``preadv``) and these functions walk it in blocks into preallocated scratch buffers, with one
+thread, leaving the other core to the writer and its sha256.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK = 64 * 1024  # elements per inner block: 3 float32 scratch buffers stay in L2
+# Elements per inner block of extract. Each block costs ~9 torch calls (~4 µs each), so small
+# blocks pay in dispatch what they win in cache: per 1.54 G bf16 elements on one core (AMD
+# EPYC, 1 MB L2 per core, 32 MB L3) 16 K took 2.77 s, 64 K 1.70 s, 256 K 1.29 s, 512 K 1.25 s.
+# 256 K (3 MB of float32 scratch, in L3) leaves the writer thread its share of the cache.
+BLOCK = 256 * 1024
 
 
 @contextlib.contextmanager

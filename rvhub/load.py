@@ -74,11 +74,7 @@ def verify_artifact(folder: Path, manifest: dict[str, Any], *, full: bool = Fals
         todo.append((name, info["sha256"], path, key, stamp))
     if not todo:
         return list(manifest["files"])
-    cache_path = _cache_dir() / "verified.json"
-    cache: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        loaded = json.loads(cache_path.read_text())
-        cache = loaded if isinstance(loaded, dict) else {}
+    cache = _load_cache()
     changed = False
     for name, sha, path, key, stamp in todo:
         hit = cache.get(key)
@@ -97,14 +93,49 @@ def verify_artifact(folder: Path, manifest: dict[str, Any], *, full: bool = Fals
             changed = True
         _verified_here[key] = (stamp, sha)
     if changed:
-        cache = {k: v for k, v in cache.items() if os.path.exists(k)}
-        with contextlib.suppress(OSError):
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(cache, f)
-            os.replace(tmp, cache_path)
+        _save_cache(cache)
     return list(manifest["files"])
+
+
+def _load_cache() -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads((_cache_dir() / "verified.json").read_text())
+        return loaded if isinstance(loaded, dict) else {}
+    return {}
+
+
+def _save_cache(cache: dict[str, Any]) -> None:
+    cache_path = _cache_dir() / "verified.json"
+    cache = {k: v for k, v in cache.items() if os.path.exists(k)}
+    with contextlib.suppress(OSError):
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(cache, f)
+        os.replace(tmp, cache_path)
+
+
+def stamp_files(folder: Path, files: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
+    """The identity stamps of an artifact's files, taken right after writing them."""
+    return {name: _stamp(folder / name) for name in files}
+
+
+def remember_written(
+    folder: Path, files: dict[str, dict[str, Any]], stamps: dict[str, list[int]]
+) -> None:
+    """Record files this process has just written as verified, so the next load skips
+    re-hashing them (~1.5 s per 3 GB).
+
+    Their sha256 was computed from the very bytes written, and ``stamps`` were taken in the
+    temp folder before the rename (renaming a folder keeps its files' inode and ctime), so any
+    later change to a file still misses the cache, exactly as for :func:`verify_artifact`.
+    """
+    cache = _load_cache()
+    for name, info in files.items():
+        key = str((folder / name).resolve())
+        cache[key] = {"stamp": stamps[name], "sha256": info["sha256"]}
+        _verified_here[key] = (stamps[name], info["sha256"])
+    _save_cache(cache)
 
 
 def resolve_artifact(

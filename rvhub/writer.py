@@ -13,7 +13,7 @@ import math
 import queue
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from . import __version__
 from .atomic import atomic_dir, check_output
 from .errors import InputError
 from .kernels import Moments, Scratch, diff_into, single_thread, store_into
+from .load import remember_written, stamp_files
 from .manifest import FORMAT, FORMAT_VERSION, now_iso, write_manifest
 from .progress import bar
 from .safetensors_io import (
@@ -131,11 +132,58 @@ def shard_file_names(count: int, stem: str = "vector") -> list[str]:
     return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+class SlabPool:
+    """Recycled slab buffers, so the steady state of a stream allocates nothing.
+
+    A fresh 8 MB ``torch.empty`` per slab is a fresh ``mmap`` from glibc: every 4 KB page is
+    faulted in and zeroed by the kernel on first touch. Extracting a 1.5B model took ~670 K
+    page faults that way (``perf stat``), over a second of system time. Buffers are taken by
+    the producing thread and given back by whichever thread is done with them (the writer,
+    after writing and hashing). Past ``limit`` buffers of one element size ``take`` falls back
+    to plain allocation, so a buffer never given back costs speed, never a deadlock; the
+    writer's bounded queue already keeps the number in flight below the default.
+    """
+
+    def __init__(self, slab_elems: int, limit: int = 20) -> None:
+        self.slab_elems = slab_elems
+        self.limit = limit
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._made: dict[int, int] = {}
+        self._pooled: dict[int, tuple[int, torch.Tensor]] = {}  # data_ptr -> (itemsize, buffer)
+        self._lock = threading.Lock()
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat ``dtype`` tensor of ``numel`` elements, uninitialised."""
+        size = dtype.itemsize
+        if numel > self.slab_elems:
+            return torch.empty(numel, dtype=dtype)  # not a slab: not pooled
+        with self._lock:
+            free = self._free.setdefault(size, [])
+            if free:
+                buf = free.pop()
+            elif self._made.get(size, 0) < self.limit:
+                buf = torch.empty(self.slab_elems * size, dtype=torch.uint8)
+                self._pooled[buf.data_ptr()] = (size, buf)
+                self._made[size] = self._made.get(size, 0) + 1
+            else:
+                return torch.empty(numel, dtype=dtype)
+        return buf[: numel * size].view(dtype)
+
+    def give(self, *tensors: torch.Tensor) -> None:
+        """Return buffers from :meth:`take` (anything else is ignored)."""
+        with self._lock:
+            for t in tensors:
+                entry = self._pooled.get(t.data_ptr()) if t.numel() else None
+                if entry is not None and all(b is not entry[1] for b in self._free[entry[0]]):
+                    self._free[entry[0]].append(entry[1])
+
+
 class BackgroundWriter:
     """Writes blobs to a SafetensorsWriter from one thread so I/O and hashing overlap compute."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: SlabPool | None = None) -> None:
         self.q: queue.Queue[Any] = queue.Queue(3)
+        self.pool = pool
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -145,26 +193,21 @@ class BackgroundWriter:
             item = self.q.get()
             if item is None:
                 return
-            writer, blob, hashes = item
-            if self.error is not None:
-                continue
+            writer, blob = item
             try:
-                writer.write_tensor(blob)
-                for hasher, tensor in hashes:
-                    hasher.update(tensor_bytes(tensor))
+                if self.error is None:
+                    writer.write_tensor(blob)
             except BaseException as e:
                 self.error = e
+            finally:
+                if self.pool is not None:
+                    self.pool.give(blob)
 
-    def put(
-        self,
-        writer: SafetensorsWriter,
-        blob: torch.Tensor,
-        hashes: Sequence[tuple[Any, torch.Tensor]] = (),
-    ) -> None:
-        """Queue ``blob`` for writing, and each ``(hasher, tensor)`` for hashing after it."""
+    def put(self, writer: SafetensorsWriter, blob: torch.Tensor) -> None:
+        """Queue ``blob`` for writing (and the writer's sha256)."""
         if self.error is not None:
             raise self.error
-        self.q.put((writer, blob, hashes))
+        self.q.put((writer, blob))
 
     def finish(self) -> None:
         self.q.put(None)
@@ -173,31 +216,30 @@ class BackgroundWriter:
             raise self.error
 
 
-Blob = tuple[torch.Tensor, Sequence[tuple[Any, torch.Tensor]]]  # bytes to write, (hasher, tensor)s
-
-
 def write_streams(
-    streams: Iterable[tuple[Callable[[], SafetensorsWriter], Iterable[Blob]]],
+    streams: Iterable[tuple[Callable[[], SafetensorsWriter], Iterable[torch.Tensor]]],
     *,
     total_bytes: int,
     desc: str,
+    pool: SlabPool | None = None,
 ) -> list[tuple[str, int]]:
     """Write each stream's blobs to its file from a background thread; fsync and close them all.
 
     ``streams`` pairs a function that opens a :class:`SafetensorsWriter` with the blobs for it,
     produced lazily (the caller's compute overlaps the previous blob's write and hashing).
+    Buffers of each blob that came from ``pool`` go back to it once written and hashed.
     Returns ``(sha256, size)`` per file; on any error every file is closed unfinished and the
     error re-raised (callers write inside :func:`rvhub.atomic.atomic_dir`).
     """
     progress = bar(total_bytes, desc)
-    bg = BackgroundWriter()
+    bg = BackgroundWriter(pool)
     writers: list[SafetensorsWriter] = []
     try:
         for open_writer, blobs in streams:
             writer = open_writer()
             writers.append(writer)
-            for blob, hashes in blobs:
-                bg.put(writer, blob, hashes)
+            for blob in blobs:
+                bg.put(writer, blob)
                 progress.update(blob.numel() * blob.element_size())
         bg.finish()
         return [w.close() for w in writers]
@@ -245,6 +287,7 @@ def write_dense_files(
     book = StatsBook({n: Moments() for n in names})
     total_bytes = sum(s for _, s in sizes)
     scratch = Scratch()
+    pool = SlabPool(SLAB_ELEMS)
 
     # Local sources have no commit sha: fingerprint their tensors while they stream past.
     fingerprints = (
@@ -253,17 +296,18 @@ def write_dense_files(
         else {}
     )
 
-    def _slab(
-        name: str, start: int, stop: int
-    ) -> tuple[torch.Tensor, list[tuple[Any, torch.Tensor]]]:
+    def _slab(name: str, start: int, stop: int) -> torch.Tensor:
         moments = book.tensors[name]
-        stored = torch.empty(stop - start, dtype=dtypes[name])
-        hashes: list[tuple[Any, torch.Tensor]] = []
+        stored = pool.take(stop - start, dtypes[name])
         if diff is not None:
-            a, b = diff.parts(name, start, stop)
+            a, b = diff.parts(name, start, stop, pool.take)
             diff_into(a, b, stored, moments, scratch)
             if fingerprints:
-                hashes = [(fingerprints["a"].hasher(name), a), (fingerprints["b"].hasher(name), b)]
+                # Here, not in the writer thread: with the output's sha256 and the write, the
+                # writer is the busier of the two threads (docs/performance.md).
+                fingerprints["a"].hasher(name).update(tensor_bytes(a))
+                fingerprints["b"].hasher(name).update(tensor_bytes(b))
+            pool.give(a, b)
         else:
             store_into(source.chunk(name, start, stop), stored, moments, scratch)
         if moments.nonfinite and not allow_nonfinite:
@@ -271,9 +315,9 @@ def write_dense_files(
                 f"the delta of {name} has {moments.nonfinite} NaN/Inf values (the sources hold "
                 "non-finite weights); pass --allow-nonfinite to keep them"
             )
-        return stored, hashes
+        return stored
 
-    def blobs(shard: list[str]) -> Iterator[Blob]:
+    def blobs(shard: list[str]) -> Iterator[torch.Tensor]:
         for name in shard:
             for start, stop in iter_chunks(math.prod(shapes[name]), SLAB_ELEMS):
                 yield _slab(name, start, stop)
@@ -287,6 +331,7 @@ def write_dense_files(
             [(opener(f, shard), blobs(shard)) for f, shard in zip(files, shards, strict=True)],
             total_bytes=total_bytes,
             desc=desc,
+            pool=pool,
         )
     file_info = {
         f: {"sha256": sha, "size": size} for f, (sha, size) in zip(files, hashes, strict=True)
@@ -377,4 +422,6 @@ def write_dense(
         }
         manifest["stats"] = w.book.summary(w.roundtrip)
         write_manifest(tmp, manifest)
+        stamps = stamp_files(tmp, w.files)
+    remember_written(out, w.files, stamps)
     return out.absolute()

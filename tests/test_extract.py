@@ -115,6 +115,50 @@ def test_streaming_slabs_give_the_same_bytes(family, tmp_path, monkeypatch):
     ).read_bytes()
 
 
+def test_slab_pool_recycles_buffers_and_never_blocks():
+    pool = writer_mod.SlabPool(1000, limit=2)
+    a = pool.take(1000, torch.bfloat16)
+    b = pool.take(10, torch.float32)  # another element size: another set of buffers
+    pool.give(a, b, torch.empty(1000, dtype=torch.bfloat16))  # foreign tensors are ignored
+    again = pool.take(700, torch.bfloat16)
+    assert again.data_ptr() == a.data_ptr() and again.numel() == 700
+    assert again.dtype == torch.bfloat16
+    second = pool.take(1000, torch.float16)  # itemsize 2: the second pooled buffer
+    extra = pool.take(1000, torch.bfloat16)  # past the limit: a plain allocation, no wait
+    assert len({again.data_ptr(), second.data_ptr(), extra.data_ptr()}) == 3
+    pool.give(again, second, extra)
+    pool.give(again)  # giving twice does not hand one buffer out twice
+    ptrs = {pool.take(1000, torch.bfloat16).data_ptr() for _ in range(3)}
+    assert len(ptrs) == 3
+    assert pool.take(5000, torch.bfloat16).numel() == 5000  # larger than a slab: not pooled
+
+
+def test_a_fresh_extract_loads_without_rehashing_but_tampering_is_still_caught(
+    family, tmp_path, monkeypatch
+):
+    import rvhub.load as load_mod
+    from rvhub import IntegrityError
+
+    fam = family("qwen2")
+    out = extract_vector(fam["a"], fam["b"]).save(tmp_path / "v")
+    monkeypatch.setattr(load_mod, "_verified_here", {})  # only the on-disk record is left
+
+    def no_hashing(path, *args, **kwargs):
+        raise AssertionError(f"re-hashed {path}")
+
+    monkeypatch.setattr(load_mod, "sha256_file", no_hashing)
+    v = load_vector(out)  # the writer's own sha256 was recorded: no second pass
+    assert set(v.names) == set(state_dict_of(fam["a"]))
+    monkeypatch.undo()
+
+    weights = out / "vector.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not match its sha256"):
+        load_vector(out)
+
+
 def test_exclude_skips_matching_tensors_and_records_them(family, tmp_path):
     fam = family("qwen2")
     out = extract_vector(fam["a"], fam["b"], exclude=["embed_tokens", r"norm\.weight$"]).save(
