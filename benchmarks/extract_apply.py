@@ -16,8 +16,10 @@ ratios to the floor measured in the same run. Needs ~20 GB of free disk.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -62,17 +64,35 @@ m.save_pretrained(sys.argv[3])
 """
 
 
-def measure(label: str, cmd_for: object, repeat: int, cleanup: Path) -> Run:
-    runs = []
+def _clean(path: Path) -> None:
+    if path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def measure(contenders: list[tuple[str, Callable[[], list[str]], Path]], repeat: int) -> list[Run]:
+    """Median runs of each contender, interleaved round by round (floor, rvhub, floor, ...).
+
+    Each run starts after ``sync`` with its output removed: a previous run's gigabytes still
+    being written back would otherwise slow whichever contender comes next (the first floor
+    run after building the pair took 7-8 s instead of 1.5-2.5 s that way), and interleaving
+    gives every contender the same share of the machine's slower and faster moments.
+    """
+    runs: list[list[Run]] = [[] for _ in contenders]
     for _ in range(repeat):
-        shutil.rmtree(cleanup, ignore_errors=True)
-        cleanup.unlink(missing_ok=True) if cleanup.is_file() else None
-        runs.append(run_measured(cmd_for()))  # type: ignore[operator]
-        print(f"    {label}: {runs[-1].seconds:.2f} s, {runs[-1].peak_rss_mb:.0f} MB", flush=True)
-    shutil.rmtree(cleanup, ignore_errors=True)
-    if cleanup.is_file():
-        cleanup.unlink()
-    return median_run(runs)
+        for i, (label, cmd_for, cleanup) in enumerate(contenders):
+            _clean(cleanup)
+            os.sync()
+            runs[i].append(run_measured(cmd_for()))
+            print(
+                f"    {label}: {runs[i][-1].seconds:.2f} s, {runs[i][-1].peak_rss_mb:.0f} MB",
+                flush=True,
+            )
+    for _, _, cleanup in contenders:
+        _clean(cleanup)
+    os.sync()
+    return [median_run(r) for r in runs]
 
 
 def main() -> None:
@@ -97,25 +117,26 @@ def main() -> None:
 
         env_note = f"median of {args.repeat}"
         print(f"\nextract ({env_note})", flush=True)
-        floor = measure(
-            "I/O floor", lambda: io_floor_cmd([a_w, b_w], floor_out), args.repeat, floor_out
-        )
-        ext = measure(
-            "rvhub extract",
-            lambda: rvhub_cmd("extract", str(a), str(b), "-o", str(vec)),
+        floor, ext = measure(
+            [
+                ("I/O floor", lambda: io_floor_cmd([a_w, b_w], floor_out), floor_out),
+                (
+                    "rvhub extract",
+                    lambda: rvhub_cmd("extract", str(a), str(b), "-o", str(vec)),
+                    vec,
+                ),
+            ],
             args.repeat,
-            vec,
         )
         rows = [("I/O floor (read A+B, write+fsync v)", floor), ("rvhub extract", ext)]
         if not args.skip_naive:
-            vec.mkdir()
-            naive = measure(
-                "naive (transformers)",
-                lambda: [*python_cmd(NAIVE_EXTRACT), str(a), str(b), str(vec)],
-                1,
-                root / "none",
-            )
-            shutil.rmtree(vec, ignore_errors=True)
+            naive_out = root / "naive"
+
+            def naive_cmd() -> list[str]:
+                naive_out.mkdir()
+                return [*python_cmd(NAIVE_EXTRACT), str(a), str(b), str(naive_out)]
+
+            (naive,) = measure([("naive (transformers)", naive_cmd, naive_out)], 1)
             rows.append(("naive: load both, subtract, save", naive))
         print("\n".join(table(rows, floor)))
 
@@ -123,22 +144,24 @@ def main() -> None:
         v_w = vec / "vector.safetensors"
         drop_cache_hint([vec])
         print(f"\napply ({env_note})", flush=True)
-        floor2 = measure(
-            "I/O floor", lambda: io_floor_cmd([b_w, v_w], floor_out), args.repeat, floor_out
-        )
-        app = measure(
-            "rvhub apply",
-            lambda: rvhub_cmd("apply", str(vec), str(b), "-o", str(out)),
+        floor2, app = measure(
+            [
+                ("I/O floor", lambda: io_floor_cmd([b_w, v_w], floor_out), floor_out),
+                ("rvhub apply", lambda: rvhub_cmd("apply", str(vec), str(b), "-o", str(out)), out),
+            ],
             args.repeat,
-            out,
         )
         rows = [("I/O floor (read θ+v, write+fsync)", floor2), ("rvhub apply", app)]
         if not args.skip_naive:
-            naive2 = measure(
-                "naive (transformers)",
-                lambda: [*python_cmd(NAIVE_APPLY), str(vec), str(b), str(out)],
+            (naive2,) = measure(
+                [
+                    (
+                        "naive (transformers)",
+                        lambda: [*python_cmd(NAIVE_APPLY), str(vec), str(b), str(out)],
+                        out,
+                    )
+                ],
                 1,
-                out,
             )
             rows.append(("naive: load, add, save_pretrained", naive2))
         print("\n".join(table(rows, floor2)))

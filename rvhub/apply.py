@@ -350,7 +350,7 @@ def apply_to_checkpoint(
         limit = entry.numel if rows is None else rows * math.prod(entry.shape[1:])
         if start >= limit:
             return raw
-        d = source.raw_chunk(vname, start, min(stop, limit))
+        d = source.raw_chunk(vname, start, min(stop, limit), pool.take)
         if dev.type != "cpu":
             t = raw.to(dev).float()
             t[: d.numel()].add_(d.to(dev), alpha=scale)
@@ -358,7 +358,7 @@ def apply_to_checkpoint(
         else:
             result = pool.take(raw.numel(), raw.dtype)
             axpy_into(raw, d, scale, result, scratch)
-        pool.give(raw)  # the writer gives ``result`` back once written
+        pool.give(raw, d)  # the writer gives ``result`` back once written
         if raw.dtype == torch.float16 and not bool(torch.isfinite(result).all()):
             raise InputError(
                 f"float16 overflow in {entry.name} at scale {scale:g}: the result holds Inf; "

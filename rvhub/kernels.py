@@ -128,8 +128,17 @@ def axpy_into(
 ) -> None:
     """``out = round(t + alpha·v)`` with float32 math and one rounding; ``v`` may be shorter
     than ``t`` (vocab overlap): the tail of ``t`` is copied unchanged."""
-    ft, fv = scratch.bufs[:2]
     n = v.numel()
+    if alpha in (1.0, -1.0) and v.dtype == t.dtype == out.dtype:
+        # Adding or removing a vector (the usual α) is one torch.add per slab, 2.5-4× faster
+        # than the blocked loop. Only for ±1: torch's bf16/fp16 CPU add computes in float32
+        # but may round alpha·v to the tensors' dtype first, which is exact only for ±1
+        # (α = 1.5 gave 5 wrong elements in 300 K; tests/test_kernels.py).
+        torch.add(t[:n], v, alpha=alpha, out=out[:n])
+        if t.numel() > n:
+            out[n:].copy_(t[n:])
+        return
+    ft, fv = scratch.bufs[:2]
     for s in range(0, n, scratch.block):
         e = min(n, s + scratch.block)
         k = e - s

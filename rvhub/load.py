@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,13 @@ class DenseSource(VectorSource):
     def chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
         return read_range(self.entries[name], start, stop, self._handles).float()
 
-    def raw_chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return read_range(self.entries[name], start, stop, self._handles)
+    def raw_chunk(
+        self, name: str, start: int, stop: int, take: Callable[..., torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        entry = self.entries[name]
+        return read_range(
+            entry, start, stop, self._handles, take and take(stop - start, entry.torch_dtype)
+        )
 
     def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         t = read_tensor(self.entries[name], self._handles.fd(self.entries[name].path))

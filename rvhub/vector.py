@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,8 +48,13 @@ class VectorSource:
         """Flat elements ``[start, stop)`` of the delta, as float32."""
         return self.get(name).reshape(-1)[start:stop]
 
-    def raw_chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Like :meth:`chunk`, but in the storage dtype when the source can avoid a cast."""
+    def raw_chunk(
+        self, name: str, start: int, stop: int, take: Callable[..., torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Like :meth:`chunk`, but in the storage dtype when the source can avoid a cast.
+
+        Sources that read stored bytes read them into ``take(numel, dtype)`` when given (a
+        :class:`rvhub.writer.SlabPool`'s recycled buffers)."""
         return self.chunk(name, start, stop)
 
     def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
