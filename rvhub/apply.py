@@ -23,7 +23,7 @@ from .checkpoint import SAFE_INDEX, Checkpoint, open_checkpoint
 from .compat import ApplyPlan, model_identity, plan_apply
 from .errors import CompatibilityError, InputError
 from .extract import FileHandles, read_range
-from .kernels import APPLY_BLOCK, APPLY_THREADS, Scratch, axpy_into, torch_threads
+from .kernels import APPLY_BLOCK, Scratch, axpy_into, single_thread
 from .progress import logger
 from .safetensors_io import SafetensorsWriter, TensorEntry, iter_chunks, read_header
 from .vector import ReasoningVector, compile_excludes, is_excluded
@@ -379,7 +379,7 @@ def apply_to_checkpoint(
             tmp / path.name, specs, metadata or {"format": "pt"}, hash_contents=False
         )
 
-    with atomic_dir(out_path, overwrite=overwrite) as tmp, torch_threads(APPLY_THREADS):
+    with atomic_dir(out_path, overwrite=overwrite) as tmp, single_thread():
         streams = []
         for path in ckpt.files:
             entries = sorted(

@@ -35,14 +35,13 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def single_thread() -> contextlib.AbstractContextManager[None]:
-    """One torch thread: for 64 K blocks more threads cost more than they give, and the other
-    core is busy writing and hashing."""
+    """One torch thread for the streaming kernels: the other core belongs to the writer
+    thread. With two, OpenMP's barrier waits for a thread the writer has displaced: extract
+    ran 1.7× slower and on-disk apply 1.2-1.4× slower (3.1-3.5 s vs 3.8-4.9 s for 1.5B)."""
     return torch_threads(1)
 
 
-# Apply hashes nothing, so its kernel may use two threads; on 512 K blocks (L3-sized) two
-# threads ran 2.8× faster than one thread on 64 K blocks (2-core machine, 4 M elements).
-APPLY_THREADS = 2
+# Elements per block of apply's float32 loop (α other than ±1): 4 torch calls per block.
 APPLY_BLOCK = 512 * 1024
 
 
