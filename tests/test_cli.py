@@ -78,6 +78,11 @@ def test_installed_console_script_runs_end_to_end(family, tmp_path):
         text=True,
     )
     assert done.returncode == 0, done.stderr
+    # the script leaves through os._exit: everything printed must still arrive, in full
+    shown = subprocess.run([exe, "inspect", str(vec)], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    in_process = run("inspect", vec)
+    assert shown.stdout == in_process.output and shown.stdout.count("\n") > 10
     done = subprocess.run(
         [exe, "apply", str(vec), str(tmp_path / "nope"), "-o", str(tmp_path / "out")],
         capture_output=True,
