@@ -23,7 +23,7 @@ from .checkpoint import SAFE_INDEX, Checkpoint, open_checkpoint
 from .compat import ApplyPlan, model_identity, plan_apply
 from .errors import CompatibilityError, InputError
 from .extract import FileHandles, read_range
-from .kernels import APPLY_BLOCK, Scratch, axpy_into, single_thread
+from .kernels import APPLY_BLOCK, Scratch, add_scaled_, axpy_into, single_thread
 from .progress import logger
 from .safetensors_io import SafetensorsWriter, TensorEntry, iter_chunks, read_header
 from .vector import ReasoningVector, compile_excludes, is_excluded
@@ -222,7 +222,7 @@ def _apply_converted(
                     f"the vector does not fit the target: {pname} is {list(p.shape)}, "
                     f"the mapped delta {list(delta.shape)}"
                 )
-            p.add_(delta.to(p.device, non_blocking=False), alpha=scale)
+            add_scaled_(p.data, delta.to(p.device, non_blocking=False), scale)
             report.applied.append(pname)
     report.untouched = [n for n in params if n not in set(report.applied)]
     _warn_overflow(model, report)
@@ -267,7 +267,7 @@ def _add_live(
             if rows is not None:
                 target = target[:rows]
                 delta = delta[:rows]
-            target.add_(delta.to(param.device), alpha=scale)
+            add_scaled_(target, delta.to(param.device), scale)
         if gpu_work:
             from .gpu import apply_dense_cuda
 

@@ -148,3 +148,24 @@ def axpy_into(
         out[s:e].copy_(vt)
     if t.numel() > n:
         out[n:].copy_(t[n:])
+
+
+def add_scaled_(target: torch.Tensor, delta: torch.Tensor, alpha: float) -> None:
+    """``target += alpha·delta`` in place, float32 math and one rounding, on any device.
+
+    ``delta`` must already be on ``target``'s device. CUDA's ``add_`` computes in float32
+    with alpha as a float32 already. On the CPU, ``add_`` on bf16/fp16 tensors rounds
+    ``alpha·delta`` to their dtype before the sum, so the CPU goes through :func:`axpy_into`
+    (one ``torch.add`` for α = ±1, float32 blocks otherwise).
+    """
+    if target.device.type != "cpu" or target.dtype == torch.float32:
+        target.add_(delta, alpha=alpha)
+        return
+    if alpha in (1.0, -1.0) and delta.dtype == target.dtype:
+        target.add_(delta, alpha=alpha)  # exact product: one rounding (tests/test_kernels.py)
+        return
+    if target.is_contiguous():
+        flat = target.view(-1)
+        axpy_into(flat, delta.reshape(-1), alpha, flat, Scratch(count=2, block=APPLY_BLOCK))
+    else:
+        target.copy_(target.float().add_(delta.float(), alpha=alpha))

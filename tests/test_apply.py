@@ -64,6 +64,33 @@ def test_apply_copies_config_and_keeps_shard_layout(family, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
+def _rounded_once(t: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+    """round(t + scale·delta): exact sum (float64), one float32 rounding, then t's dtype."""
+    s32 = float(torch.tensor(scale, dtype=torch.float32))
+    return (t.double() + s32 * delta.double()).float().to(t.dtype)
+
+
+@pytest.mark.parametrize("scale", [1.5, 0.3, -0.7])
+def test_any_scale_rounds_once_on_disk_and_live_in_bf16(family, tmp_path, scale):
+    # torch's own bf16 add_ on CPU rounds scale·v to bf16 before adding (α = 1.5 changed
+    # 5 elements in 300 K); both apply paths must round once.
+    fam, v = _vector(family, tmp_path, "qwen2")
+    target = state_dict_of(fam["target"])
+    a, b = state_dict_of(fam["a"]), state_dict_of(fam["b"])
+    expected = {
+        n: _rounded_once(t, (a[n].float() - b[n].float()).bfloat16(), scale)
+        for n, t in target.items()
+    }
+    apply_to_checkpoint(v, fam["target"], tmp_path / "out", scale=scale)
+    on_disk = state_dict_of(tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(fam["target"], dtype=torch.bfloat16)
+    v.apply_to(model, scale=scale)
+    live = model.state_dict()
+    for name, want in expected.items():
+        assert torch.equal(on_disk[name], want), name
+        assert torch.equal(live[name], want), name
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_apply_to_live_model_equals_state_dict_arithmetic(family, tmp_path, arch):
     fam, v = _vector(family, tmp_path, arch, dtype=torch.float32)
