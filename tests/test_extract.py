@@ -115,6 +115,35 @@ def test_streaming_slabs_give_the_same_bytes(family, tmp_path, monkeypatch):
     ).read_bytes()
 
 
+@pytest.mark.parametrize("writeback", ["every 4 KB", "unavailable"])
+def test_early_writeback_leaves_the_bytes_alone(family, tmp_path, monkeypatch, writeback):
+    from rvhub import safetensors_io
+
+    fam = family("qwen2")
+    plain = extract_vector(fam["a"], fam["b"]).save(tmp_path / "plain")
+    calls = []
+    real = safetensors_io._sync_file_range
+    if writeback == "unavailable":
+        monkeypatch.setattr(safetensors_io, "_sync_file_range", None)
+    else:
+
+        def counting(fd, offset, nbytes, flags):
+            calls.append(offset)
+            return real(fd, offset, nbytes, flags)
+
+        monkeypatch.setattr(safetensors_io, "_sync_file_range", counting)
+        monkeypatch.setattr(safetensors_io, "WRITEBACK_BYTES", 4096)
+    kicked = extract_vector(fam["a"], fam["b"]).save(tmp_path / "kicked")
+    assert (plain / "vector.safetensors").read_bytes() == (
+        kicked / "vector.safetensors"
+    ).read_bytes()
+    if writeback == "unavailable":
+        assert calls == []
+    else:
+        assert real is not None, "this Linux C library has sync_file_range"
+        assert len(calls) >= 5 and calls == sorted(calls) and calls[0] == 0
+
+
 def test_slab_pool_recycles_buffers_and_never_blocks():
     pool = writer_mod.SlabPool(1000, limit=2)
     a = pool.take(1000, torch.bfloat16)
