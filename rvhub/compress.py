@@ -21,9 +21,17 @@ import torch
 
 from .atomic import atomic_dir, check_output
 from .errors import InputError
+from .kernels import Scratch
 from .manifest import write_manifest
 from .progress import bar
-from .safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsWriter, parse_dtype, sha256_file
+from .safetensors_io import (
+    DTYPE_NAMES,
+    DTYPES,
+    SafetensorsWriter,
+    parse_dtype,
+    sha256_file,
+    tensor_bytes,
+)
 from .vector import (
     DEFAULT_MAX_SHARD,
     ReasoningVector,
@@ -32,7 +40,14 @@ from .vector import (
     is_excluded,
     norm_summary,
 )
-from .writer import base_manifest, tensor_json, write_dense_files
+from .writer import (
+    SLAB_ELEMS,
+    SlabPool,
+    base_manifest,
+    stored_delta,
+    tensor_json,
+    write_dense_files,
+)
 
 ENCODINGS = ("dense", "lora", "sparse")
 SVD_METHODS = ("randomized", "exact")
@@ -294,69 +309,80 @@ def _write_sparse(
     overwrite: bool,
     allow_nonfinite: bool,
 ) -> Path:
+    """Encode every tensor once, spooling the parts; then write header + spool as one file.
+
+    The safetensors header (every part's dtype and length) must come first, and is only known
+    once everything is encoded; so the parts go to a spool file beside the output and are
+    copied after the header (hashed on the way). That costs one write and read of the sparse
+    bytes, much less than encoding twice, and keeps one tensor in memory at a time.
+    """
     from .encodings.sparse import INDEX_PART, VALUE_PART, encode_sparse, sparse_tensor_names
 
-    def stored_tensor(name: str) -> torch.Tensor:
-        t = vec.get(name, dtype=None)
-        t = t.to(storage) if storage is not None else t
-        if t.is_floating_point() and not allow_nonfinite and not bool(torch.isfinite(t).all()):
-            raise InputError(
-                f"the delta of {name} holds NaN/Inf values; pass --allow-nonfinite to keep them"
-            )
-        return t
-
-    # Pass 1: decide per tensor and size the file (the header comes first).
     specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
     tensors: dict[str, Any] = {}
     dense_total = sparse_total = 0
-    progress = bar(len(names), "sizing sparse parts", unit="tensor")
-    for name in names:
-        t = stored_tensor(name)
-        parts = encode_sparse(t)
-        dense_total += t.nbytes
-        info: dict[str, Any] = {
-            "shape": list(t.shape),
-            "dtype": DTYPE_NAMES[t.dtype],
-            "norm": float(torch.linalg.vector_norm(t.float(), dtype=torch.float64)),
-        }
-        if parts is None:
-            specs.append((name, t.dtype, tuple(t.shape)))
-            info["stored"] = "dense"
-            sparse_total += t.nbytes
-        else:
-            idx, val = sparse_tensor_names(name)
-            specs.append((idx, parts[INDEX_PART].dtype, tuple(parts[INDEX_PART].shape)))
-            specs.append((val, parts[VALUE_PART].dtype, tuple(parts[VALUE_PART].shape)))
-            info["stored"] = "sparse"
-            info["nonzero"] = int(parts[VALUE_PART].numel())
-            sparse_total += sum(p.nbytes for p in parts.values())
-        tensors[name] = info
-        progress.update(1)
-    progress.close()
-    ratio = sparse_total / max(1, dense_total)
-    if ratio > SPARSE_WORTH_IT:
-        raise InputError(
-            f"sparse encoding would keep {ratio:.0%} of the dense size for this vector (most "
-            "entries changed): not worth it; keep it dense or use --encoding lora"
-        )
+    pool, scratch = SlabPool(SLAB_ELEMS), Scratch()
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        spool_path = tmp / "parts.spool"
+        with open(spool_path, "wb") as spool:
+            progress = bar(len(names), "encoding sparse parts", unit="tensor")
+            try:
+                for name in names:
+                    t, moments = stored_delta(
+                        vec, name, storage or vec.source.dtypes[name], pool, scratch
+                    )
+                    if moments.nonfinite and not allow_nonfinite:
+                        raise InputError(
+                            f"the delta of {name} holds NaN/Inf values; pass --allow-nonfinite "
+                            "to keep them"
+                        )
+                    parts = encode_sparse(t)
+                    dense_total += t.nbytes
+                    info: dict[str, Any] = {
+                        "shape": list(t.shape),
+                        "dtype": DTYPE_NAMES[t.dtype],
+                        "norm": math.sqrt(moments.sumsq),
+                    }
+                    if moments.nonfinite:
+                        info["nonfinite"] = moments.nonfinite
+                    if parts is None:
+                        specs.append((name, t.dtype, tuple(t.shape)))
+                        spool.write(tensor_bytes(t))
+                        info["stored"] = "dense"
+                        sparse_total += t.nbytes
+                    else:
+                        idx, val = sparse_tensor_names(name)
+                        for part_name, part in ((idx, parts[INDEX_PART]), (val, parts[VALUE_PART])):
+                            specs.append((part_name, part.dtype, tuple(part.shape)))
+                            spool.write(tensor_bytes(part))
+                            sparse_total += part.nbytes
+                        info["stored"] = "sparse"
+                        info["nonzero"] = int(parts[VALUE_PART].numel())
+                    tensors[name] = info
+                    del t, parts
+                    progress.update(1)
+            finally:
+                progress.close()
+        ratio = sparse_total / max(1, dense_total)
+        if ratio > SPARSE_WORTH_IT:
+            raise InputError(
+                f"sparse encoding would keep {ratio:.0%} of the dense size for this vector (most "
+                "entries changed): not worth it; keep it dense or use --encoding lora"
+            )
         writer = SafetensorsWriter(
             tmp / "vector.safetensors", specs, {"format": "pt", "rvhub_encoding": "sparse"}
         )
         try:
-            for name in names:
-                t = stored_tensor(name)
-                if tensors[name]["stored"] == "dense":
-                    writer.write_tensor(t)
-                else:
-                    parts = encode_sparse(t)
-                    assert parts is not None
-                    writer.write_tensor(parts[INDEX_PART])
-                    writer.write_tensor(parts[VALUE_PART])
+            with open(spool_path, "rb") as spool:
+                buf = bytearray(16 << 20)
+                view = memoryview(buf)
+                while n := spool.readinto(buf):
+                    writer.write(view[:n])
             sha, size = writer.close()
         except BaseException:
             writer.abort()
             raise
+        spool_path.unlink()
         manifest = base_manifest(vec, "sparse", excluded, exclude)
         manifest["dtype"] = sorted({dtype_name(DTYPES[i["dtype"]]) for i in tensors.values()})
         manifest["files"] = {"vector.safetensors": {"sha256": sha, "size": size}}

@@ -358,6 +358,32 @@ def write_dense_files(
     return DenseWrite(file_info, book, dtypes, shapes, diff is not None, content)
 
 
+def stored_delta(
+    vec: ReasoningVector, name: str, dtype: torch.dtype, pool: SlabPool, scratch: Scratch
+) -> tuple[torch.Tensor, Moments]:
+    """One whole delta as stored (``dtype``), built slab by slab, and its statistics.
+
+    Holds the result and one slab of each source, never float32 copies of the whole tensor
+    (for a 1.5B model's embedding that was 2.8 GB instead of 0.5 GB).
+    """
+    from .extract import DifferenceSource
+
+    source = vec.source
+    shape = tuple(source.shapes[name])
+    numel = math.prod(shape)
+    out = torch.empty(numel, dtype=dtype)
+    moments = Moments()
+    if isinstance(source, DifferenceSource):
+        for start, stop in iter_chunks(numel, SLAB_ELEMS):
+            a, b = source.parts(name, start, stop, pool.take)
+            diff_into(a, b, out[start:stop], moments, scratch, roundtrip=False)
+            pool.give(a, b)
+    else:
+        for start, stop in iter_chunks(numel, CHUNK_ELEMS):
+            store_into(source.chunk(name, start, stop), out[start:stop], moments, scratch)
+    return out.reshape(shape), moments
+
+
 def base_manifest(
     vec: ReasoningVector, encoding: str, excluded: list[str], exclude: list[str]
 ) -> dict[str, Any]:

@@ -138,6 +138,16 @@ def test_sparse_round_trip_is_bit_exact(tmp_path):
     assert m["compression"]["ratio"] < 0.2 and m["compression"]["lossless"] is True
     r = run("inspect", tmp_path / "sparse")
     assert "lossless" in r.output
+    # straight from the checkpoints: the same dtype and bits as the dense extract, one file
+    r = run("extract", sa, sb, "-o", tmp_path / "direct", "--encoding", "sparse")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "direct" / "vector.safetensors").read_bytes() == (
+        tmp_path / "sparse" / "vector.safetensors"
+    ).read_bytes()
+    assert not any(p.suffix == ".spool" for p in (tmp_path / "direct").iterdir())
+    direct = json.loads((tmp_path / "direct" / "rvhub.json").read_text())
+    for name, info in direct["tensors"].items():
+        assert info["norm"] == pytest.approx(m["tensors"][name]["norm"], rel=1e-2, abs=1e-6)
 
 
 def test_extract_straight_to_lora_and_inspect_reports_the_peft_share(family, tmp_path):

@@ -34,6 +34,7 @@ VALUE_PART = "__sparse_val"
 _GAP_DTYPES = ((torch.uint8, 0xFF), (torch.uint16, 0xFFFF))
 _POSITION_DTYPES = (torch.int32, torch.int64)
 _BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NONZERO_CHUNK = 1 << 24  # elements searched per torch.nonzero call
 
 
 def sparse_tensor_names(name: str) -> tuple[str, str]:
@@ -56,9 +57,21 @@ def encode_sparse(t: Tensor) -> dict[str, Tensor] | None:
         ```
     """
     flat = t.detach().reshape(-1).to("cpu")
-    positions = torch.nonzero(_bits(flat)).flatten()
-    indices = _smallest_indices(positions, flat.numel())
-    values = flat[positions]
+    numel = flat.numel()
+    bits = _bits(flat)
+    # Positions in int32 where they fit (half of torch.nonzero's int64), found chunk by chunk
+    # so the boolean mask and int64 results stay small: for a 1.5B model's embedding at 10%
+    # nonzero this keeps ~0.2 GB of temporaries instead of ~0.6 GB.
+    position_dtype = _POSITION_DTYPES[0] if numel < 2**31 else _POSITION_DTYPES[1]
+    chunks = []
+    for start in range(0, numel, _NONZERO_CHUNK):
+        found = torch.nonzero(bits[start : start + _NONZERO_CHUNK]).flatten()
+        chunks.append((found + start if start else found).to(position_dtype))
+    positions = torch.cat(chunks) if chunks else torch.zeros(0, dtype=position_dtype)
+    if positions.numel() * (1 + flat.element_size()) >= flat.nbytes:
+        return None  # even one-byte gaps would not be smaller: skip building the parts
+    indices = _smallest_indices(positions, numel)
+    values = torch.index_select(flat, 0, positions)
     if indices.nbytes + values.nbytes >= flat.nbytes:
         return None
     return {INDEX_PART: indices, VALUE_PART: values}
