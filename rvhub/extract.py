@@ -56,6 +56,9 @@ def read_range(
     return out
 
 
+_CHUNK_SLAB = 1 << 20  # elements of A and B read at a time by DifferenceSource.chunk
+
+
 class DifferenceSource(VectorSource):
     """``A − B`` computed in float32, one flat chunk at a time."""
 
@@ -83,8 +86,16 @@ class DifferenceSource(VectorSource):
         )
 
     def chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
-        a, b = self.parts(name, start, stop)
-        return a.float().sub_(b.float()) if a.dtype != torch.float32 else a - b.float()
+        """``A − B`` in float32, read and subtracted one slab at a time into the result, so a
+        whole embedding costs its float32 result, not float32 copies of A and B as well."""
+        out = torch.empty(stop - start, dtype=torch.float32)
+        ea, eb = self.a.entries[name], self.b.entries[name]
+        for s in range(start, stop, _CHUNK_SLAB):
+            e = min(stop, s + _CHUNK_SLAB)
+            part = out[s - start : e - start]
+            part.copy_(read_range(ea, s, e, self._handles))
+            part.sub_(read_range(eb, s, e, self._handles))  # float32 math, as a.float() - b.float()
+        return out
 
 
 def extract_vector(
