@@ -60,6 +60,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from rvhub import extract_vector, load_vector
+    from rvhub.kernels import add_scaled_
 
     root = work_dir("rvhub-gpu-", args.dir)
     try:
@@ -108,6 +109,12 @@ def main() -> None:
             expected = (before[n].float() + vec.get(n).cuda()).to(torch.bfloat16)
             assert torch.equal(params[n], expected), f"GPU apply differs from θ + v on {n}"
         print(f"  correctness: {len(checked)} tensors equal round(θ + v) exactly")
+        for n in checked:  # α = 1.5 rounds once too: add_scaled_ trusts CUDA's float32 add_
+            t, v = before[n].clone(), vec.get(n, dtype=None).cuda()
+            add_scaled_(t, v, 1.5)
+            want = (before[n].double() + 1.5 * v.double()).float().to(t.dtype)
+            assert torch.equal(t, want), f"α = 1.5 on the GPU is not one rounding on {n}"
+        print(f"  correctness: at α = 1.5 too ({len(checked)} tensors)")
         ours = timed(lambda: load_vector(vec_path).apply_to(model), args.repeat)
         peak = torch.cuda.max_memory_allocated() / 1e9
 
