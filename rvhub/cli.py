@@ -6,6 +6,7 @@ and a non-zero exit code; a traceback means a bug in rvhub.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -671,8 +672,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     destructors) takes 0.35-0.5 s here, a tenth of an extract: ``python -c "import
     rvhub.cli"`` takes 1.30-1.49 s, 0.95-0.99 s when it ends with ``os._exit``. By the time a
     command returns its files are written, fsynced and closed and its threads joined, so
-    flushing the standard streams and logging is all that is left to do. A crash (a bug, not
-    a user error) still ends the normal way, with its traceback.
+    running the atexit handlers and flushing the standard streams is all that is left to do.
+    A crash (a bug, not a user error) still ends the normal way, with its traceback.
     """
     code = cli.main(
         args=list(argv) if argv is not None else None, prog_name="rvhub", standalone_mode=False
@@ -681,6 +682,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _exit_now(code: int) -> NoReturn:
+    # atexit handlers still run (logging's flush, torch's and huggingface_hub's clean-ups,
+    # rvhub.gpu's unpinning): 5 ms here; only the interpreter's own teardown is skipped.
+    atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         # a closed pipe (rvhub inspect | head) has nothing left to keep
