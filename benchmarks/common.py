@@ -103,6 +103,19 @@ def write_checkpoint(
     return folder
 
 
+def build_pair(
+    root: Path,
+    layers: int = 28,
+    make_a: Callable[[str, tuple[int, ...], int], torch.Tensor] | None = None,
+) -> tuple[Path, Path]:
+    """Write the benchmark pair under ``root``: ``grpo/`` (``make_a``, default
+    :func:`finetuned_tensor`) and ``sft/`` (:func:`base_tensor`), Qwen2.5-1.5B-shaped."""
+    cfg = qwen2_config(num_hidden_layers=layers)
+    print(f"building the pair in {root} ...", flush=True)
+    a = write_checkpoint(root / "grpo", cfg, make_a or finetuned_tensor)
+    return a, write_checkpoint(root / "sft", cfg, base_tensor)
+
+
 def base_tensor(name: str, shape: tuple[int, ...], index: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(index)
     if len(shape) == 1:

@@ -26,18 +26,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import (
     Run,
-    base_tensor,
+    build_pair,
     drop_cache_hint,
-    finetuned_tensor,
     io_floor_cmd,
     median_run,
     python_cmd,
-    qwen2_config,
     run_measured,
     rvhub_cmd,
     table,
     work_dir,
-    write_checkpoint,
 )
 
 NAIVE_EXTRACT = r"""
@@ -105,10 +102,7 @@ def main() -> None:
 
     root = work_dir("rvhub-bench-", args.dir)
     try:
-        cfg = qwen2_config(num_hidden_layers=args.layers)
-        print(f"building the pair in {root} ...", flush=True)
-        a = write_checkpoint(root / "grpo", cfg, finetuned_tensor)
-        b = write_checkpoint(root / "sft", cfg, base_tensor)
+        a, b = build_pair(root, args.layers)
         size = (a / "model.safetensors").stat().st_size
         print(f"pair: 2 × {size / 1e9:.2f} GB bf16", flush=True)
         drop_cache_hint([a, b])

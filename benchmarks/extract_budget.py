@@ -31,15 +31,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
 from common import (
-    base_tensor,
-    finetuned_tensor,
+    build_pair,
     io_floor_cmd,
     python_cmd,
-    qwen2_config,
     run_measured,
     rvhub_cmd,
     work_dir,
-    write_checkpoint,
 )
 
 from rvhub.checkpoint import open_checkpoint
@@ -100,10 +97,7 @@ def main() -> None:
     root = work_dir("rvhub-budget-", args.dir)
     try:
         if args.pair is None:
-            cfg = qwen2_config()
-            print(f"building the pair in {root} ...", flush=True)
-            write_checkpoint(root / "grpo", cfg, finetuned_tensor)
-            write_checkpoint(root / "sft", cfg, base_tensor)
+            build_pair(root)
         pair = args.pair or root
         a, b = pair / "grpo", pair / "sft"
         a_w, b_w = a / "model.safetensors", b / "model.safetensors"

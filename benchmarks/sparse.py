@@ -27,13 +27,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import (
     Run,
     base_tensor,
+    build_pair,
     drop_cache_hint,
     median_run,
-    qwen2_config,
     run_measured,
     rvhub_cmd,
     work_dir,
-    write_checkpoint,
 )
 
 
@@ -61,10 +60,7 @@ def main() -> None:
 
     root = work_dir("rvhub-sparse-", args.dir)
     try:
-        cfg = qwen2_config(num_hidden_layers=args.layers)
-        print(f"building the pair in {root} ...", flush=True)
-        a = write_checkpoint(root / "rl", cfg, changed_in_places(args.fraction))
-        b = write_checkpoint(root / "sft", cfg, base_tensor)
+        a, b = build_pair(root, args.layers, changed_in_places(args.fraction))
         drop_cache_hint([a, b])
         contenders = {
             "dense extract": ["--encoding", "dense"],
