@@ -89,12 +89,12 @@ class DifferenceSource(VectorSource):
         """``A − B`` in float32, read and subtracted one slab at a time into the result, so a
         whole embedding costs its float32 result, not float32 copies of A and B as well."""
         out = torch.empty(stop - start, dtype=torch.float32)
-        ea, eb = self.a.entries[name], self.b.entries[name]
         for s in range(start, stop, _CHUNK_SLAB):
             e = min(stop, s + _CHUNK_SLAB)
+            a, b = self.parts(name, s, e)
             part = out[s - start : e - start]
-            part.copy_(read_range(ea, s, e, self._handles))
-            part.sub_(read_range(eb, s, e, self._handles))  # float32 math, as a.float() - b.float()
+            part.copy_(a)
+            part.sub_(b)  # float32 math, as a.float() - b.float()
         return out
 
 

@@ -158,11 +158,9 @@ def add_scaled_(target: torch.Tensor, delta: torch.Tensor, alpha: float) -> None
     ``alpha·delta`` to their dtype before the sum, so the CPU goes through :func:`axpy_into`
     (one ``torch.add`` for α = ±1, float32 blocks otherwise).
     """
-    if target.device.type != "cpu" or target.dtype == torch.float32:
+    exact_product = alpha in (1.0, -1.0) and delta.dtype == target.dtype
+    if target.device.type != "cpu" or target.dtype == torch.float32 or exact_product:
         target.add_(delta, alpha=alpha)
-        return
-    if alpha in (1.0, -1.0) and delta.dtype == target.dtype:
-        target.add_(delta, alpha=alpha)  # exact product: one rounding (tests/test_kernels.py)
         return
     if target.is_contiguous():
         flat = target.view(-1)

@@ -305,17 +305,7 @@ def write_dense_files(
     def _slab(name: str, start: int, stop: int) -> torch.Tensor:
         moments = book.tensors[name]
         stored = pool.take(stop - start, dtypes[name])
-        if diff is not None:
-            a, b = diff.parts(name, start, stop, pool.take)
-            diff_into(a, b, stored, moments, scratch)
-            if fingerprints:
-                # Here, not in the writer thread: with the output's sha256 and the write, the
-                # writer is the busier of the two threads (docs/performance.md).
-                fingerprints["a"].hasher(name).update(tensor_bytes(a))
-                fingerprints["b"].hasher(name).update(tensor_bytes(b))
-            pool.give(a, b)
-        else:
-            store_into(source.chunk(name, start, stop), stored, moments, scratch)
+        delta_into(vec, name, start, stop, stored, moments, pool, scratch, fingerprints)
         if moments.nonfinite and not allow_nonfinite:
             raise InputError(
                 f"the delta of {name} has {moments.nonfinite} NaN/Inf values (the sources hold "
@@ -358,6 +348,38 @@ def write_dense_files(
     return DenseWrite(file_info, book, dtypes, shapes, diff is not None, content)
 
 
+def delta_into(
+    vec: ReasoningVector,
+    name: str,
+    start: int,
+    stop: int,
+    out: torch.Tensor,
+    moments: Moments,
+    pool: SlabPool,
+    scratch: Scratch,
+    fingerprints: dict[str, SourceFingerprint] | None = None,
+    *,
+    roundtrip: bool = True,
+) -> None:
+    """Elements ``[start, stop)`` of the delta ``name``, rounded into ``out``; adds to
+    ``moments`` (the round-trip error too, for a difference, when ``roundtrip``), and to
+    ``fingerprints`` the CRCs of A's and B's bytes when given."""
+    from .extract import DifferenceSource
+
+    source = vec.source
+    if not isinstance(source, DifferenceSource):
+        store_into(source.chunk(name, start, stop), out, moments, scratch)
+        return
+    a, b = source.parts(name, start, stop, pool.take)
+    diff_into(a, b, out, moments, scratch, roundtrip=roundtrip)
+    if fingerprints:
+        # Here, not in the writer thread: with the output's sha256 and the write, the writer
+        # is the busier of the two threads (docs/design.md).
+        fingerprints["a"].hasher(name).update(tensor_bytes(a))
+        fingerprints["b"].hasher(name).update(tensor_bytes(b))
+    pool.give(a, b)
+
+
 def stored_delta(
     vec: ReasoningVector, name: str, dtype: torch.dtype, pool: SlabPool, scratch: Scratch
 ) -> tuple[torch.Tensor, Moments]:
@@ -366,21 +388,12 @@ def stored_delta(
     Holds the result and one slab of each source, never float32 copies of the whole tensor
     (for a 1.5B model's embedding that was 2.8 GB instead of 0.5 GB).
     """
-    from .extract import DifferenceSource
-
-    source = vec.source
-    shape = tuple(source.shapes[name])
+    shape = tuple(vec.source.shapes[name])
     numel = math.prod(shape)
     out = torch.empty(numel, dtype=dtype)
     moments = Moments()
-    if isinstance(source, DifferenceSource):
-        for start, stop in iter_chunks(numel, SLAB_ELEMS):
-            a, b = source.parts(name, start, stop, pool.take)
-            diff_into(a, b, out[start:stop], moments, scratch, roundtrip=False)
-            pool.give(a, b)
-    else:
-        for start, stop in iter_chunks(numel, CHUNK_ELEMS):
-            store_into(source.chunk(name, start, stop), out[start:stop], moments, scratch)
+    for start, stop in iter_chunks(numel, SLAB_ELEMS):
+        delta_into(vec, name, start, stop, out[start:stop], moments, pool, scratch, roundtrip=False)
     return out.reshape(shape), moments
 
 
