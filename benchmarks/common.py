@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rvhub.safetensors_io import SafetensorsWriter
+from rvhub.io.safetensors import SafetensorsWriter
 
 QWEN25_15B = dict(
     hidden_size=1536,

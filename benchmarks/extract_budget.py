@@ -39,11 +39,11 @@ from common import (
     work_dir,
 )
 
-from rvhub.checkpoint import open_checkpoint
-from rvhub.extract import FileHandles, read_range
-from rvhub.kernels import Moments, Scratch, diff_into
-from rvhub.safetensors_io import iter_chunks, tensor_bytes
-from rvhub.writer import SLAB_ELEMS, SlabPool
+from rvhub import open_checkpoint
+from rvhub.constants import SLAB_ELEMS
+from rvhub.io.kernels import Moments, Scratch, diff_into
+from rvhub.io.safetensors import FileHandles, iter_chunks, read_range, tensor_bytes
+from rvhub.io.stream import SlabPool
 
 STAGES = ("read", "crc", "kernel", "sha256", "write")
 

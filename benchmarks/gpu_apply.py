@@ -60,7 +60,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from rvhub import extract_vector, load_vector
-    from rvhub.kernels import add_scaled_
+    from rvhub.io.kernels import add_scaled_
 
     root = work_dir("rvhub-gpu-", args.dir)
     try:

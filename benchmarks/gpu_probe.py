@@ -4,7 +4,7 @@
 
 Writes a file of the vector's size and tensor layout (Qwen2.5-1.5B-shaped), warms the page
 cache, and times ways of getting its bytes onto the GPU tensor by tensor. Used to choose the
-strategy in rvhub/gpu.py; without a GPU it skips.
+strategy in rvhub/io/gpu.py; without a GPU it skips.
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ def main() -> None:
         )
 
     # rvhub.gpu: chunked registration in threads, pipelined with per-tensor DMA + add
-    from rvhub import gpu
-    from rvhub.safetensors_io import TensorEntry
+    from rvhub.io import gpu
+    from rvhub.io.safetensors import TensorEntry
 
     entries = [
         TensorEntry(f"t{i}", "BF16", ((e - s) // 2,), path, s, e) for i, (s, e) in enumerate(ranges)

@@ -54,7 +54,7 @@ CLIENT = {
 import json, sys, time
 t0 = time.perf_counter()
 import huggingface_hub.hf_api
-from rvhub.hub import push_vector
+from rvhub.hub.push import push_vector
 t1, c1 = time.perf_counter(), time.process_time()
 push_vector(sys.argv[1], sys.argv[2])
 t2, c2 = time.perf_counter(), time.process_time()
@@ -115,7 +115,7 @@ def build_vector(work: Path, layers: int) -> Path:
 
 def plain_folder(vec: Path, work: Path) -> Path:
     """The files rvhub uploads (artifact + rendered card), as one folder for upload_folder."""
-    from rvhub.hub import build_card
+    from rvhub.hub.push import build_card
     from rvhub.manifest import load_manifest
 
     folder = work / "plain-upload"

@@ -7,26 +7,40 @@ Example:
     >>> from rvhub import extract_vector, load_vector
     >>> extract_vector("org/qwen-grpo", "org/qwen-sft").save("./reasoning-vector")
     >>> load_vector("./reasoning-vector").apply_to(model, scale=1.0)
+
+Names are imported on first use (as huggingface_hub's ``__init__`` does), so ``import rvhub``
+and ``rvhub --help`` do not import torch.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .apply import ApplyReport, apply_to_checkpoint
-from .card import Scores, load_scores, render_card
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import (
-    CompatibilityError,
-    HubError,
-    InputError,
-    IntegrityError,
-    RvhubError,
-)
-from .extract import extract_vector
-from .hub import PushResult, push_vector
-from .load import load_vector
-from .vector import ReasoningVector
+from ._version import __version__
+
+# public name -> the module that defines it
+_LAZY = {
+    "ApplyReport": "rvhub.ops.plan",
+    "Checkpoint": "rvhub.checkpoint",
+    "CompatibilityError": "rvhub.errors",
+    "HubError": "rvhub.errors",
+    "InputError": "rvhub.errors",
+    "IntegrityError": "rvhub.errors",
+    "PushResult": "rvhub.hub.push",
+    "ReasoningVector": "rvhub.vector",
+    "RvhubError": "rvhub.errors",
+    "Scores": "rvhub.card.scores",
+    "apply_to_checkpoint": "rvhub.vector",
+    "compress_vector": "rvhub.vector",
+    "download_vector": "rvhub.vector",
+    "extract_vector": "rvhub.vector",
+    "load_scores": "rvhub.card.scores",
+    "load_vector": "rvhub.vector",
+    "open_checkpoint": "rvhub.hub.resolve",
+    "push_vector": "rvhub.hub.push",
+    "render_card": "rvhub.card.render",
+}
 
 __all__ = [
     "ApplyReport",
@@ -41,6 +55,8 @@ __all__ = [
     "Scores",
     "__version__",
     "apply_to_checkpoint",
+    "compress_vector",
+    "download_vector",
     "extract_vector",
     "load_scores",
     "load_vector",
@@ -48,3 +64,34 @@ __all__ = [
     "push_vector",
     "render_card",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rvhub' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .card.render import render_card
+    from .card.scores import Scores, load_scores
+    from .checkpoint import Checkpoint
+    from .errors import CompatibilityError, HubError, InputError, IntegrityError, RvhubError
+    from .hub.push import PushResult, push_vector
+    from .hub.resolve import open_checkpoint
+    from .ops.plan import ApplyReport
+    from .vector import (
+        ReasoningVector,
+        apply_to_checkpoint,
+        compress_vector,
+        download_vector,
+        extract_vector,
+        load_vector,
+    )

@@ -1,28 +1,25 @@
-"""Model checkpoints, opened lazily: a folder, one ``.safetensors`` file, or a Hub id.
+"""Local model checkpoints, opened lazily: a folder or one ``.safetensors`` file.
 
 A :class:`Checkpoint` knows every tensor's name, dtype, shape and byte range from the
 safetensors headers alone; tensors are read only when asked for. Pickle checkpoints
-(``pytorch_model.bin``) are refused: loading them can run arbitrary code.
+(``pytorch_model.bin``) are refused: loading them can run arbitrary code. Hub ids are
+resolved to local folders above this layer (:mod:`rvhub.hub.resolve`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .architecture import tied_embeddings
+from .constants import CONFIG_NAME, PICKLE_SUFFIXES, SAFE_INDEX, SAFE_SINGLE
 from .errors import InputError
-from .safetensors_io import TensorEntry, read_header, read_tensor
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+from .io.safetensors import TensorEntry, read_header, read_tensor
+from .manifest import inside_folder
 
 CONVERT_HINT = (
     "convert it once with transformers: "
@@ -42,9 +39,6 @@ class Checkpoint:
     index: dict[str, Any] | None = None  # the sharded index as found, if any
 
     # -- lookup -----------------------------------------------------------------------------
-    def names(self) -> list[str]:
-        return list(self.entries)
-
     def __contains__(self, name: object) -> bool:
         return name in self.entries
 
@@ -57,9 +51,6 @@ class Checkpoint:
         except KeyError:
             raise InputError(f"tensor {name!r} is not in {self.path}") from None
         return read_tensor(entry)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name].shape
 
     @property
     def files(self) -> list[Path]:
@@ -92,56 +83,8 @@ class Checkpoint:
         return sorted(self.entries.values(), key=lambda e: (order[e.path], e.start))
 
 
-def tied_embeddings(config: dict[str, Any]) -> bool:
-    """transformers' rule: ``tie_word_embeddings`` (top level or text sub-config), default True."""
-    for key in ("text_config", "llm_config"):
-        sub = config.get(key)
-        if isinstance(sub, dict) and "tie_word_embeddings" in sub:
-            return bool(sub["tie_word_embeddings"])
-    return bool(config.get("tie_word_embeddings", True))
-
-
-def split_revision(source: str) -> tuple[str, str | None]:
-    """``org/name@rev`` -> (``org/name``, ``rev``); local paths never carry a revision."""
-    if "@" in source and not Path(source).exists():
-        repo, _, rev = source.rpartition("@")
-        if repo and rev:
-            return repo, rev
-    return source, None
-
-
-def looks_like_hub_id(source: str) -> bool:
-    return bool(HUB_ID.match(source)) and not source.startswith((".", "/", "~"))
-
-
-def open_checkpoint(source: str | os.PathLike[str], *, revision: str | None = None) -> Checkpoint:
-    """Open a checkpoint from a local folder or file, or a Hub id (``org/name[@revision]``).
-
-    Only safetensors weights and small side files (config, tokenizer) are downloaded from the
-    Hub; the resolved commit sha is recorded in ``checkpoint.source``.
-
-    Example:
-        >>> ckpt = open_checkpoint("./my-model")
-        >>> ckpt.get("model.embed_tokens.weight").shape
-    """
-    text = str(source)
-    path = Path(text).expanduser()
-    if path.exists():
-        if revision:
-            raise InputError(f"--revision applies to Hub ids, but {text} is a local path")
-        return _open_local(path)
-    repo_id, rev = split_revision(text)
-    if looks_like_hub_id(repo_id):
-        from .hub import download_checkpoint
-
-        folder, info = download_checkpoint(repo_id, revision=revision or rev)
-        ckpt = _open_local(folder)
-        ckpt.source = info
-        return ckpt
-    raise InputError(f"{text}: no such file or folder, and not a Hub id (org/name)")
-
-
-def _open_local(path: Path) -> Checkpoint:
+def open_local_checkpoint(path: Path) -> Checkpoint:
+    """Open a local model folder or ``.safetensors`` file (see :func:`rvhub.open_checkpoint`)."""
     path = path.resolve()
     if path.is_file():
         if path.suffix != ".safetensors":
@@ -163,6 +106,13 @@ def _open_local(path: Path) -> Checkpoint:
             weight_map: dict[str, str] = index["weight_map"]
         except (OSError, ValueError, KeyError, TypeError):
             raise InputError(f"{index_path} is not a valid sharded-checkpoint index") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise InputError(
+                f"{index_path} is not a valid sharded-checkpoint index: weight_map must map "
+                "tensor names to shard file names"
+            )
         shards: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
             shards.setdefault(shard, []).append(name)
@@ -197,8 +147,6 @@ def _open_local(path: Path) -> Checkpoint:
 
 def _inside(folder: Path, name: str) -> Path:
     """Resolve ``name`` inside ``folder``, refusing anything that escapes it."""
-    from .manifest import inside_folder
-
     candidate = (folder / name).resolve()
     if candidate == folder.resolve() or not inside_folder(folder.resolve(), candidate):
         raise InputError(f"{folder}: refusing path {name!r}, which points outside the folder")
@@ -206,7 +154,7 @@ def _inside(folder: Path, name: str) -> Path:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
-    cfg = folder / "config.json"
+    cfg = folder / CONFIG_NAME
     if not cfg.is_file():
         return {}
     try:

@@ -19,11 +19,10 @@ from typing import Any, NoReturn
 
 import click
 
-from . import __version__
+from ._version import __version__
+from .constants import ENV_DEBUG
 from .errors import RvhubError
-from .progress import human_bytes
-
-DEBUG_ENV = "RVHUB_DEBUG"
+from .io.progress import human_bytes
 
 
 def _one_line(text: str) -> str:
@@ -57,7 +56,7 @@ class RvhubGroup(click.Group):
             click.echo(f"Error: {_one_line(e.format_message())}", err=True)
             code = e.exit_code
         except RvhubError as e:
-            if os.environ.get(DEBUG_ENV):
+            if os.environ.get(ENV_DEBUG):
                 traceback.print_exc()
             click.echo(f"Error: {_one_line(str(e))}", err=True)
             code = e.exit_code
@@ -68,7 +67,7 @@ class RvhubGroup(click.Group):
             click.echo("Error: out of memory", err=True)
             code = 1
         except OSError as e:
-            if os.environ.get(DEBUG_ENV):
+            if os.environ.get(ENV_DEBUG):
                 traceback.print_exc()
             where = f": {e.filename}" if e.filename else ""
             click.echo(f"Error: {e.strerror or _one_line(str(e))}{where}", err=True)
@@ -90,12 +89,8 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
-def _emit(text: str) -> None:
-    click.echo(text)
-
-
 def _float_arg(value: str, what: str) -> float:
-    from .apply import check_scale
+    from .ops.plan import check_scale
 
     try:
         return check_scale(value)
@@ -198,7 +193,7 @@ def _write_encoded(
     device: str,
     **kwargs: Any,
 ) -> Path:
-    from .compress import compress_vector
+    from .vector import compress_vector
 
     if encoding != "lora" and any(x is not None for x in (rank, energy, max_error)):
         raise click.UsageError("--rank/--energy/--max-error need --encoding lora")
@@ -229,12 +224,12 @@ def _report_written(path: Path) -> None:
                 f", LoRA error {comp['overall_rel_error']:.3f} relative, "
                 f"ranks {comp['ranks']['min']}–{comp['ranks']['max']}"
             )
-        _emit(
+        click.echo(
             f"wrote {path} ({manifest['encoding']}, {len(manifest['tensors'])} tensors, {size}, {extra})"
         )
         return
     err = stats.get("roundtrip_error", {})
-    _emit(
+    click.echo(
         f"wrote {path} ({len(manifest['tensors'])} tensors, {size}, ‖v‖ = {stats['norm']:.4g}, "
         f"round-trip error {err.get('rel', 0):.2e} relative)"
     )
@@ -287,10 +282,9 @@ def extract(
     A and B are two fine-tunes of one base model (e.g. GRPO and SFT). The difference is
     computed in float32, streamed tensor by tensor, and written atomically.
     """
-    from .atomic import check_output
-    from .extract import extract_vector
-    from .safetensors_io import parse_dtype
-    from .vector import parse_size
+    from .io.atomic import check_output
+    from .io.safetensors import parse_dtype
+    from .vector import extract_vector, parse_size
 
     check_output(output, overwrite=overwrite)
     torch_dtype = parse_dtype(dtype) if dtype else None
@@ -318,14 +312,10 @@ def extract(
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def inspect(vector: str, revision: str | None, as_json: bool) -> None:
     """Show a vector's sources, encoding, size, norms and round-trip error."""
-    from .inspect import describe, summary
-    from .load import load_vector
+    from .vector import load_vector
 
     vec = load_vector(vector, revision=revision)
-    if as_json:
-        _emit(json.dumps(summary(vec), indent=2))
-    else:
-        _emit(describe(vec))
+    click.echo(json.dumps(vec.summary(), indent=2) if as_json else vec.describe())
 
 
 @cli.command()
@@ -378,9 +368,8 @@ def apply(
     VECTOR is an rvhub folder or Hub id; TARGET a model folder or Hub id. The result keeps the
     target's dtype, shards, config and tokenizer, and loads with transformers.
     """
-    from .apply import apply_to_checkpoint
-    from .atomic import check_output
-    from .load import load_vector
+    from .io.atomic import check_output
+    from .vector import apply_to_checkpoint, load_vector
 
     alpha = _float_arg(scale, "--scale")
     check_output(output, overwrite=overwrite)
@@ -399,7 +388,7 @@ def apply(
     )
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
-    _emit(f"wrote {report.output}: {report.summary()}")
+    click.echo(f"wrote {report.output}: {report.summary()}")
 
 
 @cli.command()
@@ -417,16 +406,16 @@ def verify(
     vector: str, revision: str | None, against: tuple[str, str] | None, tolerance: float | None
 ) -> None:
     """Check a vector's files against their sha256 hashes (and optionally B + v ≈ A)."""
-    from .load import load_vector, verify_artifact
-    from .verify import verify_against
+    from .manifest import verify_artifact
+    from .vector import load_vector
 
     vec = load_vector(vector, revision=revision, verify=False)
-    assert vec.path is not None
-    files = verify_artifact(vec.path, vec.meta["manifest"], full=True)
-    _emit(f"ok: {len(files)} files match their sha256 in rvhub.json")
+    assert vec.path is not None and vec.manifest is not None
+    files = verify_artifact(vec.path, vec.manifest, full=True)
+    click.echo(f"ok: {len(files)} files match their sha256 in rvhub.json")
     if against:
-        result = verify_against(vec, against[0], against[1], tolerance=tolerance)
-        _emit(
+        result = vec.verify_against(against[0], against[1], tolerance=tolerance)
+        click.echo(
             f"ok: B + v reproduces A: relative error {result['rel']:.3e} "
             f"(max abs {result['max_abs']:.3e}) over {result['tensors']} tensors"
         )
@@ -476,7 +465,7 @@ def _card_options(func: Any) -> Any:
 
 
 def _load_card_scores(scores: tuple[Path, ...], lm_eval: tuple[str, ...]) -> Any:
-    from .card import load_scores
+    from .card.scores import load_scores
     from .errors import InputError
 
     pairs = []
@@ -521,8 +510,8 @@ def card(
     rvhub card ./vec --scores scores.yaml -o README.md
     rvhub card ./vec --lm-eval baseline=base.json --lm-eval plus=plus.json -o README.md
     """
-    from .hub import build_card
-    from .load import resolve_artifact
+    from .hub.push import build_card
+    from .hub.resolve import resolve_artifact
     from .manifest import load_manifest
 
     parsed = _load_card_scores(scores, lm_eval)
@@ -540,7 +529,7 @@ def card(
         target=target,
     )
     written = rendered.save(output)
-    _emit("wrote " + ", ".join(str(p) for p in written))
+    click.echo("wrote " + ", ".join(str(p) for p in written))
 
 
 @cli.command()
@@ -583,7 +572,7 @@ def push(
     rendered and uploaded with it. The token comes from HF_TOKEN or `hf auth login`.
     Pushing an unchanged vector makes no commit.
     """
-    from .hub import push_vector
+    from .hub.push import push_vector
 
     parsed = _load_card_scores(scores, lm_eval)
     result = push_vector(
@@ -600,11 +589,11 @@ def push(
         target=target,
     )
     if not result.changed:
-        _emit(f"no changes; {result.url} already at {result.commit_sha}")
+        click.echo(f"no changes; {result.url} already at {result.commit_sha}")
     elif result.pr_url:
-        _emit(f"opened {result.pr_url} (commit {result.commit_sha})")
+        click.echo(f"opened {result.pr_url} (commit {result.commit_sha})")
     else:
-        _emit(f"pushed to {result.url} (commit {result.commit_sha})")
+        click.echo(f"pushed to {result.url} (commit {result.commit_sha})")
 
 
 @cli.command()
@@ -642,8 +631,8 @@ def compress(
     rvhub compress ./vec -o ./vec-lora --encoding lora --energy 0.95
     rvhub compress ./vec -o ./vec-sparse --encoding sparse
     """
-    from .atomic import check_output
-    from .load import load_vector
+    from .io.atomic import check_output
+    from .vector import load_vector
 
     check_output(output, overwrite=overwrite)
     vec = load_vector(vector, revision=revision)
@@ -666,14 +655,11 @@ def compress(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run one command, then leave without the interpreter's
-    teardown.
+    teardown (tearing torch down costs a noticeable share of a short command; docs/design.md).
 
-    Tearing down a process that imported torch (module clean-up, libtorch's static
-    destructors) takes 0.35-0.5 s here, a tenth of an extract: ``python -c "import
-    rvhub.cli"`` takes 1.30-1.49 s, 0.95-0.99 s when it ends with ``os._exit``. By the time a
-    command returns its files are written, fsynced and closed and its threads joined, so
-    running the atexit handlers and flushing the standard streams is all that is left to do.
-    A crash (a bug, not a user error) still ends the normal way, with its traceback.
+    By the time a command returns its files are written, fsynced and closed and its threads
+    joined, so running the atexit handlers and flushing the standard streams is all that is
+    left to do. A crash (a bug, not a user error) still ends the normal way, with its traceback.
     """
     code = cli.main(
         args=list(argv) if argv is not None else None, prog_name="rvhub", standalone_mode=False

@@ -1,26 +1,34 @@
-"""The artifact manifest, ``rvhub.json``: schema, validation and file hashes.
+"""The artifact manifest, ``rvhub.json``: schema, validation, assembly and the integrity cache.
 
 The manifest is data from a possibly hostile source. :func:`load_manifest` checks its shape
 and :func:`artifact_file` refuses any file name that would leave the artifact folder
-(``..``, absolute paths, symlinks pointing outside).
+(``..``, absolute paths, symlinks pointing outside). Every encoding's writer builds its
+manifest through :func:`build_manifest`, so provenance fields are the same for all of them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
+from .architecture import layer_of
+from .constants import ENV_CACHE, FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES
 from .errors import IntegrityError
-from .safetensors_io import sha256_file
+from .io.atomic import atomic_write
+from .io.kernels import Moments
+from .io.safetensors import DTYPE_NAMES, FileStamp, file_stamp, sha256_file
 
-MANIFEST_NAME = "rvhub.json"
-FORMAT = "rvhub.reasoning-vector"
-FORMAT_VERSION = 1
-ENCODINGS = ("dense", "lora", "sparse")
-MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+ENCODING_NAMES = ("dense", "lora", "sparse")
 
 
 def now_iso() -> str:
@@ -109,7 +117,7 @@ def validate_manifest(data: Any) -> None:
             f"rvhub.json is format version {version}, newer than this rvhub reads "
             f"({FORMAT_VERSION}); upgrade rvhub (pip install -U rvhub)"
         )
-    if data.get("encoding") not in ENCODINGS:
+    if data.get("encoding") not in ENCODING_NAMES:
         raise IntegrityError(f"rvhub.json has unknown encoding {data.get('encoding')!r}")
     files = data.get("files")
     if not isinstance(files, dict) or not files:
@@ -132,10 +140,11 @@ def validate_manifest(data: Any) -> None:
             raise IntegrityError(f"rvhub.json: tensor {name!r} has an invalid shape {shape!r}")
 
 
-def verify_files(folder: Path, manifest: dict[str, Any], *, quick: bool = False) -> list[str]:
-    """Check every file the manifest lists (size, and sha256 unless ``quick``); returns names.
+def check_files_present(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """Check that every file the manifest lists exists with its recorded size; returns names.
 
-    Raises :class:`IntegrityError` naming the first file that fails.
+    Raises :class:`IntegrityError` naming the first file that fails (hashes are
+    :func:`verify_artifact`'s job).
     """
     checked = []
     for name, info in manifest["files"].items():
@@ -150,10 +159,237 @@ def verify_files(folder: Path, manifest: dict[str, Any], *, quick: bool = False)
                 f"{name} is {size} bytes, the manifest says {info['size']}: the file was "
                 "modified or truncated; re-download the vector"
             )
-        if not quick and sha256_file(path) != info["sha256"]:
-            raise IntegrityError(
-                f"{name} does not match its sha256 in rvhub.json: the file was tampered with "
-                "or corrupted; re-download the vector"
-            )
         checked.append(name)
     return checked
+
+
+# -- building a manifest ------------------------------------------------------------------------
+
+
+def tensor_json(m: Moments, shape: tuple[int, ...], dtype: Any) -> dict[str, Any]:
+    """One tensor's manifest entry from its accumulated statistics."""
+    out: dict[str, Any] = {
+        "shape": list(shape),
+        "dtype": DTYPE_NAMES[dtype],
+        "norm": math.sqrt(m.sumsq),
+    }
+    if m.nonfinite:
+        out["nonfinite"] = m.nonfinite
+    return out
+
+
+def norm_summary(sumsq: Mapping[str, float]) -> dict[str, Any]:
+    """Global and per-block norms from each tensor's ‖Δ‖² (blocks in numeric order)."""
+    layers: dict[str, float] = {}
+    for name, sq in sumsq.items():
+        layers[layer_of(name)] = layers.get(layer_of(name), 0.0) + sq
+    ordered = sorted(layers.items(), key=lambda kv: (0, int(kv[0])) if kv[0].isdigit() else (1, 0))
+    return {
+        "norm": math.sqrt(sum(sumsq.values())),
+        "layer_norms": {k: math.sqrt(v) for k, v in ordered},
+    }
+
+
+@dataclass
+class StatsBook:
+    """Per-tensor statistics gathered while streaming, summarised for the manifest."""
+
+    tensors: dict[str, Moments] = field(default_factory=dict)
+
+    def summary(self, has_roundtrip: bool) -> dict[str, Any]:
+        out = norm_summary({n: st.sumsq for n, st in self.tensors.items()})
+        total = sum(st.sumsq for st in self.tensors.values())
+        err = sum(st.err_sumsq for st in self.tensors.values())
+        if has_roundtrip:
+            out["roundtrip_error"] = {
+                "abs": math.sqrt(err),
+                "rel": math.sqrt(err) / math.sqrt(total) if total > 0 else 0.0,
+                "what": "‖B + v − A‖ (Frobenius, all tensors) with v as stored; rel is ÷‖A − B‖",
+            }
+        return out
+
+
+class SourceFingerprint:
+    """A layout-independent fingerprint of a local checkpoint's tensors.
+
+    ``sha256`` over the lines ``name dtype shape crc32(bytes)`` of every tensor the vector
+    read, sorted by name: resharding or re-saving the same weights keeps it; changing any
+    tensor changes it (barring a CRC collision). It identifies local sources; it is not a
+    security measure (the artifact's own files carry sha256 hashes). Each tensor's CRC is
+    accumulated as its bytes stream past in order (:meth:`update`); a tensor whose reads
+    restart from its first element starts over.
+    """
+
+    algorithm = "sha256 of sorted 'name dtype shape crc32' lines"
+
+    def __init__(self) -> None:
+        self._crc: dict[str, tuple[int, int]] = {}  # name -> (next byte offset, crc so far)
+
+    def update(self, name: str, offset: int, data: memoryview) -> None:
+        """Add ``data``, the tensor's bytes from ``offset``; out-of-order reads are ignored."""
+        pos, crc = self._crc.get(name, (0, 0))
+        if offset == 0:
+            pos, crc = 0, 0
+        if offset == pos:
+            self._crc[name] = (pos + len(data), zlib.crc32(data, crc))
+
+    def digest(self, entries: Mapping[str, Any], names: Iterable[str]) -> str | None:
+        """The fingerprint over ``names``, or None unless each was read whole, in order."""
+        lines = []
+        for n in sorted(names):
+            pos, crc = self._crc.get(n, (0, 0))
+            if pos != entries[n].nbytes:
+                return None
+            lines.append(f"{n} {entries[n].dtype} {list(entries[n].shape)} {crc:08x}\n")
+        return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def build_manifest(
+    meta: Mapping[str, Any],
+    encoding: str,
+    *,
+    excluded: list[str],
+    exclude_patterns: list[str],
+    fingerprints: Mapping[str, str],
+    files: dict[str, dict[str, Any]],
+    tensors: dict[str, Any],
+    stats: dict[str, Any],
+    dtypes: Iterable[str],
+    compression: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The whole manifest of a new artifact, the same provenance fields for every encoding.
+
+    ``meta`` is the vector's provenance (sources, model, earlier exclusions, combination);
+    ``fingerprints`` the content fingerprints of local sources by role (``a``, ``b``).
+    """
+    sources = {
+        role: {
+            **info,
+            "content_fingerprint": fingerprints[role],
+            "fingerprint_algorithm": SourceFingerprint.algorithm,
+        }
+        if role in fingerprints
+        else info
+        for role, info in (meta.get("sources") or {}).items()
+    }
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "encoding": encoding,
+        "rvhub_version": __version__,
+        "created_at": now_iso(),
+        "sources": sources,
+        "model": meta.get("model") or {},
+        "math_dtype": "float32",
+        "excluded": list(meta.get("excluded") or []) + excluded,
+        "exclude_patterns": list(meta.get("exclude_patterns") or []) + exclude_patterns,
+        "skipped_non_float": list(meta.get("skipped_non_float") or []),
+        **({"combination": meta["combination"]} if "combination" in meta else {}),
+        "dtype": sorted(set(dtypes)),
+        "files": files,
+        "tensors": tensors,
+        "stats": stats,
+    }
+    if compression is not None:
+        manifest["compression"] = compression
+    return manifest
+
+
+def file_info(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {sha256, size}}`` of files just written into ``folder``."""
+    return {
+        n: {"sha256": sha256_file(folder / n), "size": (folder / n).stat().st_size} for n in names
+    }
+
+
+# -- the integrity cache ------------------------------------------------------------------------
+
+
+def _cache_path() -> Path:
+    base = os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rvhub"
+    )
+    return Path(base) / "verified.json"
+
+
+_verified_here: dict[str, tuple[list[int], str]] = {}  # this process's checks, by path
+
+
+def verify_artifact(folder: Path, manifest: dict[str, Any], *, full: bool = False) -> list[str]:
+    """Check every listed file's size and sha256.
+
+    A file whose identity stamp (:func:`rvhub.io.safetensors.file_stamp`) matches a previous
+    successful check is not hashed again unless ``full``. Checks are remembered in
+    ``$RVHUB_CACHE/verified.json`` (entries for files that no longer exist are dropped on each
+    write).
+    """
+    check_files_present(folder, manifest)  # sizes and presence first: cheap, clear errors
+    todo = []
+    for name, info in manifest["files"].items():
+        path = artifact_file(folder, name)
+        key = str(path.resolve())
+        stamp = list(file_stamp(path))
+        if not full and _verified_here.get(key) == (stamp, info["sha256"]):
+            continue
+        todo.append((name, info["sha256"], path, key, stamp))
+    if not todo:
+        return list(manifest["files"])
+    cache = _load_cache()
+    changed = False
+    for name, sha, path, key, stamp in todo:
+        hit = cache.get(key)
+        if not (
+            not full
+            and isinstance(hit, dict)
+            and hit.get("stamp") == stamp
+            and hit.get("sha256") == sha
+        ):
+            if sha256_file(path) != sha:
+                raise IntegrityError(
+                    f"{name} does not match its sha256 in rvhub.json: the file was tampered "
+                    "with or corrupted; re-download the vector"
+                )
+            cache[key] = {"stamp": stamp, "sha256": sha}
+            changed = True
+        _verified_here[key] = (stamp, sha)
+    if changed:
+        _save_cache(cache)
+    return list(manifest["files"])
+
+
+def _load_cache() -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(_cache_path().read_text())
+        return loaded if isinstance(loaded, dict) else {}
+    return {}
+
+
+def _save_cache(cache: dict[str, Any]) -> None:
+    path = _cache_path()
+    cache = {k: v for k, v in cache.items() if os.path.exists(k)}
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(cache))
+
+
+def stamp_files(folder: Path, files: Iterable[str]) -> dict[str, FileStamp]:
+    """The identity stamps of an artifact's files, taken right after writing them."""
+    return {name: file_stamp(folder / name) for name in files}
+
+
+def remember_written(
+    folder: Path, files: dict[str, dict[str, Any]], stamps: Mapping[str, FileStamp]
+) -> None:
+    """Record files this process has just written as verified, so the next load skips
+    re-hashing them.
+
+    Their sha256 was computed from the very bytes written, and ``stamps`` were taken in the
+    temp folder before the rename (renaming a folder keeps its files' inode and ctime), so any
+    later change to a file still misses the cache, exactly as for :func:`verify_artifact`.
+    """
+    cache = _load_cache()
+    for name, info in files.items():
+        key = str((folder / name).resolve())
+        cache[key] = {"stamp": list(stamps[name]), "sha256": info["sha256"]}
+        _verified_here[key] = (list(stamps[name]), info["sha256"])
+    _save_cache(cache)

@@ -1,9 +1,11 @@
-"""``ReasoningVector``: a lazy map from checkpoint tensor names to weight deltas.
+"""``ReasoningVector``: a lazy map from checkpoint tensor names to weight deltas, and the
+functions that make one (:func:`extract_vector`, :func:`load_vector`).
 
-A vector never holds a whole model in memory. Its *source* knows names, shapes and storage
-dtypes up front and produces one tensor (or one flat chunk of a tensor) on request: the
-difference of two checkpoints, an artifact on disk in any encoding, or a linear combination
-of other vectors. Arithmetic builds new lazy vectors, like ``task_vectors.TaskVector``::
+A vector never holds a whole model in memory. Its *source* (:mod:`rvhub.sources`) knows
+names, shapes and storage dtypes up front and produces one tensor (or one flat chunk of a
+tensor) on request: the difference of two checkpoints, an artifact on disk in any encoding,
+or a linear combination of other vectors. Arithmetic builds new lazy vectors, like
+``task_vectors.TaskVector``::
 
     v = extract_vector("org/grpo", "org/sft")
     (0.5 * v + w).save("mix/")
@@ -15,87 +17,38 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import CompatibilityError, InputError
+from .architecture import model_identity
+from .checkpoint import Checkpoint
+from .constants import DEFAULT_MAX_SHARD, PICKLE_SUFFIXES
+from .encodings import WriteOptions, open_source, write_artifact
+from .errors import CompatibilityError, InputError, IntegrityError
+from .hub.resolve import open_checkpoint, resolve_artifact
+from .io.atomic import check_output
+from .io.device import resolve_device
+from .io.safetensors import FLOAT_DTYPES, parse_dtype
+from .manifest import check_files_present, load_manifest, verify_artifact
+from .ops.disk import apply_to_checkpoint_files
+from .ops.live import apply_to_model
+from .ops.plan import ApplyReport, check_pair, check_scale
+from .ops.summary import describe, summary
+from .ops.verify import verify_against
+from .sources import (
+    CombinationSource,
+    DifferenceSource,
+    TensorDifferenceSource,
+    VectorSource,
+    split_excluded,
+)
 
 if TYPE_CHECKING:
-    from .apply import ApplyReport
-
-LAYER_RE = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
-DEFAULT_MAX_SHARD = 5 * 1024**3
-
-
-def layer_of(name: str) -> str:
-    """The transformer block a tensor belongs to (``"12"``), or ``"other"``."""
-    m = LAYER_RE.search(name)
-    return m.group(1) if m else "other"
-
-
-class VectorSource:
-    """What a vector reads from. Subclasses implement :meth:`chunk` (and may override ``get``)."""
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype]) -> None:
-        self.shapes = shapes
-        self.dtypes = dtypes
-
-    def chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Flat elements ``[start, stop)`` of the delta, as float32."""
-        return self.get(name).reshape(-1)[start:stop]
-
-    def raw_chunk(
-        self, name: str, start: int, stop: int, take: Callable[..., torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """Like :meth:`chunk`, but in the storage dtype when the source can avoid a cast.
-
-        Sources that read stored bytes read them into ``take(numel, dtype)`` when given (a
-        :class:`rvhub.writer.SlabPool`'s recycled buffers)."""
-        return self.chunk(name, start, stop)
-
-    def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """The whole delta, shaped; ``dtype=None`` keeps the storage dtype."""
-        numel = math.prod(self.shapes[name])
-        out = self.chunk(name, 0, numel).reshape(self.shapes[name])
-        return out if dtype is None else out.to(dtype)
-
-
-class CombinationSource(VectorSource):
-    """``Σ cᵢ·vᵢ`` over vectors with compatible shapes; names absent from a term count as 0."""
-
-    def __init__(self, terms: Sequence[tuple[float, ReasoningVector]]) -> None:
-        shapes: dict[str, tuple[int, ...]] = {}
-        dtypes: dict[str, torch.dtype] = {}
-        for _, vec in terms:
-            for name, shape in vec.shapes.items():
-                if name in shapes and shapes[name] != shape:
-                    raise CompatibilityError(
-                        f"cannot combine vectors: {name} is {list(shapes[name])} in one and "
-                        f"{list(shape)} in the other"
-                    )
-                shapes.setdefault(name, shape)
-                dt = vec.source.dtypes[name]
-                prev = dtypes.get(name)
-                dtypes[name] = dt if prev is None else torch.promote_types(prev, dt)
-        super().__init__(shapes, dtypes)
-        self.terms = list(terms)
-
-    def chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
-        out: torch.Tensor | None = None
-        for coef, vec in self.terms:
-            if name not in vec.shapes:
-                continue
-            part = vec.source.chunk(name, start, stop)
-            if out is None:
-                out = part * coef if coef != 1.0 else part.clone()
-            else:
-                out.add_(part, alpha=coef)
-        assert out is not None
-        return out
+    from .hub.push import PushResult
 
 
 @dataclass
@@ -103,12 +56,37 @@ class ReasoningVector:
     """Weight deltas by checkpoint tensor name, read lazily from ``source``.
 
     ``meta`` carries provenance (sources, model type, excluded tensors, manifest statistics).
-    Build one with :func:`rvhub.extract_vector` or :func:`rvhub.load_vector`.
+    Build one with :func:`rvhub.extract_vector`, :func:`rvhub.load_vector` or
+    :meth:`from_state_dicts`.
     """
 
     source: VectorSource
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    terms: tuple[tuple[float, ReasoningVector], ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_state_dicts(
+        cls,
+        a: Mapping[str, torch.Tensor],
+        b: Mapping[str, torch.Tensor],
+        *,
+        config: Mapping[str, Any] | None = None,
+    ) -> ReasoningVector:
+        """``v = a − b`` for two models already in memory (``model.state_dict()``), like
+        ``task_vectors.TaskVector(pretrained, finetuned)`` with the roles of A and B.
+
+        ``config`` (e.g. ``model.config.to_dict()``) is recorded so applies can check the fit.
+
+        Example:
+            >>> v = ReasoningVector.from_state_dicts(grpo.state_dict(), sft.state_dict(),
+            ...                                      config=grpo.config.to_dict())
+        """
+        meta = {
+            "sources": {"a": {"kind": "memory"}, "b": {"kind": "memory"}},
+            "model": model_identity(config or {}),
+        }
+        return cls(TensorDifferenceSource(a, b), meta)
 
     # -- mapping-like access ------------------------------------------------------------------
     @property
@@ -117,6 +95,9 @@ class ReasoningVector:
 
     @property
     def names(self) -> list[str]:
+        return list(self.source.shapes)
+
+    def keys(self) -> list[str]:
         return list(self.source.shapes)
 
     def __len__(self) -> int:
@@ -133,9 +114,18 @@ class ReasoningVector:
             raise KeyError(name)
         return self.source.get(name)
 
-    def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    def delta(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """One delta, shaped; float32 by default, ``dtype=None`` for the stored dtype."""
+        if name not in self.source.shapes:
+            raise KeyError(name)
         return self.source.get(name, dtype)
+
+    def get(
+        self, name: str, default: Any = None, *, dtype: torch.dtype | None = torch.float32
+    ) -> Any:
+        """``Mapping.get``: the float32 delta of ``name`` (``dtype=`` as :meth:`delta`), or
+        ``default`` when the vector has no such tensor."""
+        return self.source.get(name, dtype) if name in self.source.shapes else default
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, float32 delta)`` one tensor at a time."""
@@ -159,6 +149,11 @@ class ReasoningVector:
     def model_info(self) -> dict[str, Any]:
         return dict(self.meta.get("model") or {})
 
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        """The verified manifest of a loaded artifact (None for an unsaved vector)."""
+        return self.meta.get("manifest")
+
     def __repr__(self) -> str:
         where = f" from {self.path}" if self.path else ""
         mt = self.model_info.get("model_type", "?")
@@ -166,16 +161,15 @@ class ReasoningVector:
 
     # -- arithmetic ---------------------------------------------------------------------------
     def _terms(self) -> list[tuple[float, ReasoningVector]]:
-        if isinstance(self.source, CombinationSource):
-            return list(self.source.terms)
-        return [(1.0, self)]
+        return list(self.terms) if self.terms else [(1.0, self)]
 
     def _combine(self, terms: list[tuple[float, ReasoningVector]]) -> ReasoningVector:
         meta = {k: v for k, v in self.meta.items() if k in ("model",)}
         meta["combination"] = [
             {"coef": c, "vector": str(v.path) if v.path else repr(v)} for c, v in terms
         ]
-        return ReasoningVector(CombinationSource(terms), meta)
+        source = CombinationSource([(c, v.source) for c, v in terms])
+        return ReasoningVector(source, meta, terms=tuple(terms))
 
     def __add__(self, other: object) -> ReasoningVector:
         if isinstance(other, (int, float)) and other == 0:
@@ -223,41 +217,76 @@ class ReasoningVector:
         for name in self.names:
             if name not in other:
                 continue
-            a = self.get(name).reshape(-1).double()
-            b = other.get(name).reshape(-1).double()
+            a = self.delta(name).reshape(-1).double()
+            b = other.delta(name).reshape(-1).double()
             dot += float(a @ b)
             na += float(a @ a)
             nb += float(b @ b)
         return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The facts ``rvhub inspect --json`` prints (a saved or loaded vector)."""
+        return summary(
+            self._saved_manifest(),
+            path=str(self.path) if self.path else None,
+            origin=self.meta.get("origin"),
+        )
+
+    def describe(self) -> str:
+        """What ``rvhub inspect`` prints: sources, encoding, size, norms, round-trip error."""
+        manifest = self._saved_manifest()
+        return describe(self.summary(), manifest.get("tensors") or {})
+
+    def _saved_manifest(self) -> dict[str, Any]:
+        if self.manifest is None:
+            raise InputError("this vector is not saved: v.save(folder) first, then load it")
+        return self.manifest
 
     # -- output ---------------------------------------------------------------------------------
     def save(
         self,
         path: str | os.PathLike[str],
         *,
+        encoding: str = "dense",
         dtype: torch.dtype | str | None = None,
         overwrite: bool = False,
         exclude: Iterable[str] = (),
         allow_nonfinite: bool = False,
         max_shard_size: int | str = DEFAULT_MAX_SHARD,
+        rank: int | None = None,
+        energy: float | None = None,
+        max_error: float | None = None,
+        svd: str = "randomized",
+        device: str = "cpu",
     ) -> Path:
-        """Write the vector as a dense artifact folder (``vector.safetensors`` + ``rvhub.json``).
+        """Write the vector as an artifact folder (``rvhub.json`` + the encoding's files).
 
-        Streams tensor by tensor (large tensors in chunks); the folder appears atomically.
+        ``encoding``: ``dense`` (``vector.safetensors``), ``lora`` (a stock PEFT adapter by
+        truncated SVD: ``rank``, ``energy`` and/or ``max_error``, on ``device``) or ``sparse``
+        (only changed entries, exact). Streams tensor by tensor; the folder appears atomically.
 
         Example:
             >>> extract_vector("org/grpo", "org/sft").save("./reasoning-vector")
+            >>> load_vector("./reasoning-vector").save("./rv-lora", encoding="lora", rank=64)
         """
-        from .writer import write_dense
-
-        return write_dense(
-            self,
-            Path(path),
-            dtype=dtype,
-            overwrite=overwrite,
-            exclude=list(exclude),
+        options = WriteOptions(
+            dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
             allow_nonfinite=allow_nonfinite,
             max_shard_size=parse_size(max_shard_size),
+            rank=rank,
+            energy=energy,
+            max_error=max_error,
+            svd=svd,
+            device=device,
+        )
+        return write_artifact(
+            self.source,
+            self.meta,
+            path,
+            encoding=encoding,
+            exclude=exclude,
+            overwrite=overwrite,
+            options=options,
         )
 
     def apply_to(
@@ -271,27 +300,42 @@ class ReasoningVector:
     ) -> ApplyReport:
         """Add ``scale · v`` to ``model``'s parameters in place, each on its own device.
 
-        Returns an :class:`~rvhub.apply.ApplyReport` (applied / skipped / missing names).
+        Returns an :class:`~rvhub.ApplyReport` (applied / skipped / missing names).
 
         Example:
             >>> report = load_vector("./reasoning-vector").apply_to(model, scale=1.0)
         """
-        from .apply import apply_to_model
-
         return apply_to_model(
-            self,
+            self.source,
+            self.model_info,
             model,
+            manifest=self.manifest,
             scale=scale,
-            exclude=list(exclude),
+            exclude=exclude,
             vocab=vocab,
             allow_nonfinite=allow_nonfinite,
         )
 
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+    def verify_against(
+        self,
+        a: str | os.PathLike[str] | Checkpoint,
+        b: str | os.PathLike[str] | Checkpoint,
+        *,
+        tolerance: float | None = None,
+    ) -> dict[str, Any]:
+        """Check that ``B + v`` reproduces ``A`` within the round-trip error recorded at
+        extraction (or ``tolerance``); returns the measured errors."""
+        ca = a if isinstance(a, Checkpoint) else open_checkpoint(a)
+        cb = b if isinstance(b, Checkpoint) else open_checkpoint(b)
+        return verify_against(
+            self.source, self.meta.get("stats") or {}, ca, cb, tolerance=tolerance
+        )
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> PushResult:
         """Publish this vector (it must be saved first) to ``repo_id``; see :func:`rvhub.push_vector`."""
         if self.path is None:
             raise InputError("save the vector first (v.save(folder)), then push the folder")
-        from .hub import push_vector
+        from .hub.push import push_vector
 
         return push_vector(self.path, repo_id, **kwargs)
 
@@ -308,31 +352,197 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * units[m.group(2) or "B"])
 
 
-def compile_excludes(patterns: Iterable[str]) -> list[re.Pattern[str]]:
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise InputError(f"--exclude {p!r} is not a valid regular expression: {e}") from None
-    return out
+def extract_vector(
+    a: str | os.PathLike[str] | Checkpoint,
+    b: str | os.PathLike[str] | Checkpoint,
+    *,
+    revision_a: str | None = None,
+    revision_b: str | None = None,
+    exclude: Iterable[str] = (),
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+) -> ReasoningVector:
+    """The reasoning vector ``v = A − B`` between two checkpoints, computed lazily.
 
+    ``a`` and ``b`` are local folders, ``.safetensors`` files or Hub ids (``org/name`` or
+    ``org/name@revision``). Nothing is read beyond the headers until the vector is saved or
+    applied; the math is float32.
 
-def is_excluded(name: str, patterns: Sequence[re.Pattern[str]]) -> bool:
-    return any(p.search(name) for p in patterns)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def norm_summary(sumsq: dict[str, float]) -> dict[str, Any]:
-    """Global and per-block norms from each tensor's ‖Δ‖² (blocks in numeric order)."""
-    layers: dict[str, float] = {}
-    for name, sq in sumsq.items():
-        layers[layer_of(name)] = layers.get(layer_of(name), 0.0) + sq
-    ordered = sorted(layers.items(), key=lambda kv: (0, int(kv[0])) if kv[0].isdigit() else (1, 0))
-    return {
-        "norm": math.sqrt(sum(sumsq.values())),
-        "layer_norms": {k: math.sqrt(v) for k, v in ordered},
+    Example:
+        >>> v = extract_vector("org/qwen-grpo", "org/qwen-sft")
+        >>> v.save("./reasoning-vector")
+    """
+    hub: dict[str, Any] = {
+        "token": token,
+        "cache_dir": cache_dir,
+        "local_files_only": local_files_only,
     }
+    ca = a if isinstance(a, Checkpoint) else open_checkpoint(a, revision=revision_a, **hub)
+    cb = b if isinstance(b, Checkpoint) else open_checkpoint(b, revision=revision_b, **hub)
+    check_pair(ca, cb)
+    exclude = list(exclude)
+    candidates, excluded = split_excluded((e.name for e in ca.in_file_order()), exclude)
+    names, skipped = [], []
+    for name in candidates:
+        if ca.entries[name].dtype in FLOAT_DTYPES and cb.entries[name].dtype in FLOAT_DTYPES:
+            names.append(name)
+        else:
+            skipped.append(name)  # integer buffers (position ids, ...) carry no delta
+    if not names:
+        raise CompatibilityError("every tensor was excluded: the vector would be empty")
+    meta: dict[str, Any] = {
+        "sources": {"a": _describe(ca), "b": _describe(cb)},
+        "model": model_identity(ca.config),
+        "excluded": excluded,
+        "skipped_non_float": skipped,
+        "exclude_patterns": exclude,
+    }
+    return ReasoningVector(DifferenceSource(ca, cb, names), meta)
+
+
+def _describe(ckpt: Checkpoint) -> dict[str, Any]:
+    info = dict(ckpt.source)
+    info.setdefault("kind", "local")
+    info["dtype"] = sorted({e.dtype for e in ckpt.entries.values()})
+    info["nbytes"] = ckpt.nbytes
+    return info
+
+
+def download_vector(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """Download a vector repo into huggingface_hub's cache; returns the snapshot folder.
+
+    Fetches ``rvhub.json`` first, then exactly the files it lists (refusing any name outside
+    the repo), like ``huggingface_hub.snapshot_download`` with the manifest as the pattern
+    list. Hashes are checked by :func:`load_vector`, not here.
+
+    Example:
+        >>> folder = download_vector("user/qwen-reasoning-vector", revision="v1.0")
+    """
+    folder, _ = resolve_artifact(
+        repo_id,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+    )
+    return folder
+
+
+def load_vector(
+    source: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    verify: bool = True,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+) -> ReasoningVector:
+    """Open a reasoning vector from a folder or a Hub repo (``user/name[@revision]``).
+
+    Every file is checked against the sha256 in ``rvhub.json`` before use (``verify=False``
+    skips the hashes, never the path checks). Works for every encoding. ``token``,
+    ``cache_dir`` and ``local_files_only`` mean what they mean to huggingface_hub.
+
+    Example:
+        >>> v = load_vector("user/qwen2.5-1.5b-reasoning-vector")
+        >>> v.apply_to(model, scale=1.0)
+    """
+    folder, origin = resolve_artifact(
+        source,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+    )
+    manifest = load_manifest(folder)
+    for entry in folder.iterdir():
+        if entry.suffix in PICKLE_SUFFIXES:
+            raise IntegrityError(
+                f"{folder} contains a pickle file ({entry.name}); rvhub never loads pickles, "
+                "and refuses artifacts that ship them"
+            )
+    if verify:
+        verify_artifact(folder, manifest)
+    else:
+        check_files_present(folder, manifest)
+    meta = {k: manifest.get(k) for k in ("sources", "model", "excluded", "stats", "encoding")}
+    meta["manifest"] = manifest
+    meta["origin"] = origin
+    return ReasoningVector(open_source(folder, manifest), meta, path=folder)
+
+
+def compress_vector(
+    vec: ReasoningVector, out: str | os.PathLike[str], *, encoding: str, **options: Any
+) -> Path:
+    """Write ``vec`` to ``out`` in ``encoding`` (``dense``, ``lora`` or ``sparse``): the same
+    as ``vec.save(out, encoding=encoding, **options)``.
+
+    Example:
+        >>> compress_vector(load_vector("./vec"), "./vec-lora", encoding="lora", rank=64)
+    """
+    return vec.save(out, encoding=encoding, **options)
+
+
+def apply_to_checkpoint(
+    vec: ReasoningVector,
+    target: str | os.PathLike[str] | Checkpoint,
+    out: str | os.PathLike[str],
+    *,
+    scale: float = 1.0,
+    exclude: Iterable[str] = (),
+    vocab: str = "strict",
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    revision: str | None = None,
+    device: str = "cpu",
+) -> ApplyReport:
+    """Write a new model folder ``out`` = ``target + scale · vec``, streamed and atomic.
+
+    Weights keep the target's dtype and shard layout; config, tokenizer and generation files
+    are copied, so ``AutoModelForCausalLM.from_pretrained(out)`` loads it. ``revision`` is the
+    target's Hub revision.
+
+    Example:
+        >>> apply_to_checkpoint(load_vector("user/vec"), "Qwen/Qwen2.5-1.5B-Instruct", "out/")
+    """
+    check_scale(scale)
+    resolve_device(device)
+    check_output(Path(out), overwrite=overwrite)  # before any download
+    ckpt = target if isinstance(target, Checkpoint) else open_checkpoint(target, revision=revision)
+    provenance = {
+        "vector": vec.meta.get("origin") or (str(vec.path) if vec.path else None),
+        "vector_sources": vec.meta.get("sources"),
+    }
+    return apply_to_checkpoint_files(
+        vec.source,
+        vec.model_info,
+        ckpt,
+        out,
+        manifest=vec.manifest,
+        provenance=provenance,
+        scale=scale,
+        exclude=exclude,
+        vocab=vocab,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+        device=device,
+    )
+
+
+__all__ = [
+    "ReasoningVector",
+    "apply_to_checkpoint",
+    "compress_vector",
+    "download_vector",
+    "extract_vector",
+    "load_vector",
+    "parse_size",
+]

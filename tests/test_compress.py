@@ -9,8 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from rvhub import apply_to_checkpoint, extract_vector, load_vector
-from rvhub.compress import compress_vector
+from rvhub import apply_to_checkpoint, compress_vector, extract_vector, load_vector
 from tests.cli_helpers import assert_clean_failure, run
 from tests.models import build_model, save, state_dict_of
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
-from rvhub.conversion import live_deltas, plan_live_mapping
+from rvhub.ops.conversion import live_deltas, plan_live_mapping
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rvhub import CompatibilityError, extract_vector, load_vector
-from rvhub import writer as writer_mod
+from rvhub.encodings import dense as writer_mod
 from rvhub.manifest import FORMAT, FORMAT_VERSION
 from tests.models import build_model, save, state_dict_of
 
@@ -67,7 +67,7 @@ def test_manifest_records_sources_shapes_hashes_and_norms(family, tmp_path):
         assert info["norm"] == pytest.approx(expected, rel=1e-5)
     assert "model.layers.0.self_attn.q_proj.bias" in m["tensors"]  # Qwen2's biases kept
     assert set(m["stats"]["layer_norms"]) == {"0", "1", "other"}
-    from rvhub.safetensors_io import sha256_file
+    from rvhub.io.safetensors import sha256_file
 
     assert m["files"]["vector.safetensors"]["sha256"] == sha256_file(out / "vector.safetensors")
 
@@ -117,7 +117,7 @@ def test_streaming_slabs_give_the_same_bytes(family, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("writeback", ["every 4 KB", "unavailable"])
 def test_early_writeback_leaves_the_bytes_alone(family, tmp_path, monkeypatch, writeback):
-    from rvhub import safetensors_io
+    from rvhub.io import safetensors as safetensors_io
 
     fam = family("qwen2")
     plain = extract_vector(fam["a"], fam["b"]).save(tmp_path / "plain")
@@ -165,7 +165,7 @@ def test_slab_pool_recycles_buffers_and_never_blocks():
 def test_a_fresh_extract_loads_without_rehashing_but_tampering_is_still_caught(
     family, tmp_path, monkeypatch
 ):
-    import rvhub.load as load_mod
+    import rvhub.manifest as load_mod
     from rvhub import IntegrityError
 
     fam = family("qwen2")

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rvhub import InputError, IntegrityError, extract_vector, load_vector
+from rvhub.io.safetensors import read_header, sha256_file
 from rvhub.manifest import validate_manifest
-from rvhub.safetensors_io import read_header, sha256_file
 from tests.cli_helpers import assert_clean_failure, run
 
 

@@ -15,7 +15,7 @@ from huggingface_hub import HfApi, ModelCard, list_repo_files
 from huggingface_hub.errors import RepositoryNotFoundError
 
 from rvhub import extract_vector, load_vector
-from rvhub.hub import push_vector
+from rvhub.hub.push import push_vector
 from rvhub.manifest import load_manifest
 from tests.cli_helpers import assert_clean_failure, run
 from tests.models import state_dict_of

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rvhub.kernels import APPLY_BLOCK, Moments, Scratch, axpy_into, diff_into
+from rvhub.io.kernels import APPLY_BLOCK, Moments, Scratch, axpy_into, diff_into
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

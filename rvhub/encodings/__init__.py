@@ -1,4 +1,94 @@
-"""Encodings of a vector's tensors: ``lora`` (SVD factors as a PEFT adapter) and ``sparse``.
+"""L2, encodings: one registry; each encoding module owns its writer and its reader.
 
-Each module holds pure functions over tensors and folders; ``docs/lora.md`` describes the layout.
+``dense`` (:mod:`.dense`): every delta as a plain tensor. ``lora`` (:mod:`.lora`): Linear and
+Embedding deltas as a stock PEFT adapter by truncated SVD, the rest dense beside it.
+``sparse`` (:mod:`.sparse`): only the changed entries, bit-exact.
+
+:func:`write_artifact` is the one way a vector becomes an artifact folder: it splits off
+excluded tensors, lets the encoding write into a temp folder, builds the manifest with the
+same provenance for every encoding (content fingerprints of local sources included), and
+remembers the files it hashed while writing, so the first load does not hash them again.
 """
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, IntegrityError
+from ..io.atomic import atomic_dir, check_output
+from ..manifest import build_manifest, remember_written, stamp_files, write_manifest
+from ..sources import VectorSource, split_excluded
+from .base import Encoding, WriteOptions
+from .dense import DenseEncoding
+from .lora import LoraEncoding
+from .sparse import SparseEncoding
+
+ENCODINGS: dict[str, Encoding] = {
+    e.name: e for e in (DenseEncoding(), LoraEncoding(), SparseEncoding())
+}
+
+
+def get_encoding(name: str) -> Encoding:
+    try:
+        return ENCODINGS[name]
+    except KeyError:
+        raise InputError(
+            f"--encoding must be one of {', '.join(ENCODINGS)}, not {name!r}"
+        ) from None
+
+
+def write_artifact(
+    source: VectorSource,
+    meta: Mapping[str, Any],
+    out: str | os.PathLike[str],
+    *,
+    encoding: str = "dense",
+    exclude: Iterable[str] = (),
+    overwrite: bool = False,
+    options: WriteOptions | None = None,
+) -> Path:
+    """Write ``source`` (with provenance ``meta``) as a new artifact folder ``out``, atomically."""
+    out_path = Path(out)
+    check_output(out_path, overwrite=overwrite)
+    codec = get_encoding(encoding)
+    options = options or WriteOptions()
+    codec.check(options)
+    exclude = list(exclude)
+    names, excluded = split_excluded(source.shapes, exclude)
+    if not names:
+        raise InputError("every tensor was excluded: the vector would be empty")
+    with atomic_dir(out_path, overwrite=overwrite) as tmp:
+        source.track_fingerprints()
+        encoded = codec.write(source, names, tmp, options, meta)
+        manifest = build_manifest(
+            meta,
+            encoding,
+            excluded=excluded,
+            exclude_patterns=exclude,
+            fingerprints=source.fingerprints(names),
+            files=encoded.files,
+            tensors=encoded.tensors,
+            stats=encoded.stats,
+            dtypes=encoded.dtypes,
+            compression=encoded.compression,
+        )
+        write_manifest(tmp, manifest)
+        stamps = stamp_files(tmp, encoded.files)
+    remember_written(out_path, encoded.files, stamps)
+    return out_path.absolute()
+
+
+def open_source(folder: Path, manifest: dict[str, Any]) -> VectorSource:
+    """The source of a verified artifact folder, in whatever encoding it was written."""
+    codec = ENCODINGS.get(manifest["encoding"])
+    if codec is None:
+        raise IntegrityError(
+            f"{folder}: encoding {manifest['encoding']!r} is not readable by this rvhub version"
+        )
+    return codec.open(folder, manifest)
+
+
+__all__ = ["ENCODINGS", "Encoding", "WriteOptions", "get_encoding", "open_source", "write_artifact"]

@@ -27,9 +27,9 @@ import json
 import math
 import os
 import re
-import tempfile
+import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +39,26 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLED_ADAPTER_WEIGHTS_NAME = "adapter_model.bin"
+from ..architecture import is_embedding, lora_eligible
+from ..constants import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    PICKLED_ADAPTER_WEIGHTS_NAME,
+    SVD_METHODS,
+)
+from ..errors import InputError, IntegrityError
+from ..io.atomic import atomic_write
+from ..io.device import resolve_device
+from ..io.progress import bar
+from ..io.safetensors import DTYPE_NAMES, FileHandles, dtype_name, read_range
+from ..manifest import file_info, inside_folder, norm_summary
+from ..sources import VectorSource
+from .base import Encoded, WriteOptions, declared, stored_entries
+from .dense import write_dense_files
+
 PEFT_KEY_PREFIX = "base_model.model."
 
-METHODS = ("randomized", "exact")
+METHODS = SVD_METHODS
 DEFAULT_OVERSAMPLE = 16
 DEFAULT_NITER = 4
 # Randomized SVD only pays off while its sketch is narrow; beyond this fraction of min(out, in)
@@ -350,11 +364,8 @@ def write_peft_adapter(
 
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
-    _write_atomically(target / ADAPTER_WEIGHTS_NAME, lambda p: _save_safetensors(tensors, p))
-    _write_atomically(
-        target / ADAPTER_CONFIG_NAME,
-        lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
-    )
+    atomic_write(target / ADAPTER_WEIGHTS_NAME, lambda p: _save_safetensors(tensors, p))
+    atomic_write(target / ADAPTER_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
 
 
@@ -390,9 +401,7 @@ def read_peft_adapter(folder: str | os.PathLike[str]) -> dict[str, tuple[Tensor,
                 f" convert the adapter to {ADAPTER_WEIGHTS_NAME}"
             )
         raise ValueError(f"no {ADAPTER_WEIGHTS_NAME} in {root}")
-    from ..manifest import inside_folder  # a Hub cache snapshot links into its blobs/
-
-    for path in (config_path, weights_path):
+    for path in (config_path, weights_path):  # a Hub cache snapshot links into its blobs/
         if not inside_folder(root.resolve(), path.resolve()):
             raise ValueError(f"{path.name} in {root} points outside the folder")
 
@@ -594,13 +603,211 @@ def _save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+# -- the encoding: the adapter, plus dense deltas PEFT cannot hold -------------------------------
+
+
+class LoraSource(VectorSource):
+    """LoRA factors from the PEFT adapter (``delta = B @ A``) plus the dense remainder."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        shapes, dtypes = declared(manifest)
+        super().__init__(shapes, dtypes)
+        try:
+            self.factors = read_peft_adapter(folder)
+        except ValueError as e:
+            raise IntegrityError(f"{folder}: the PEFT adapter is unreadable: {e}") from None
+        self.entries = stored_entries(folder, manifest)
+        self._handles = FileHandles()
+        for name, info in manifest["tensors"].items():
+            stored = info.get("stored")
+            if stored == "lora" and info.get("rank", 1) > 0:
+                if name not in self.factors:
+                    raise IntegrityError(
+                        f"{folder}: {name} is declared LoRA but the adapter lacks it"
+                    )
+                a, b = self.factors[name]
+                if (b.shape[0], a.shape[1]) != shapes[name]:
+                    raise IntegrityError(
+                        f"{folder}: the adapter's factors for {name} do not match its shape"
+                    )
+            elif stored == "dense":
+                entry = self.entries.get(name)
+                if entry is None or entry.shape != shapes[name]:
+                    raise IntegrityError(f"{folder}: dense tensor {name} is missing or misshapen")
+        unknown = set(self.factors) - set(shapes)
+        if unknown:
+            raise IntegrityError(
+                f"{folder}: the adapter holds undeclared modules, e.g. {sorted(unknown)[0]}"
+            )
+
+    def delta_on(self, name: str, device: torch.device | str) -> Tensor:
+        """``B @ A`` computed on ``device`` (one module at a time), or the dense delta."""
+        if name in self.factors:
+            a, b = self.factors[name]
+            return b.to(device) @ a.to(device)
+        if name in self.entries:
+            t = read_range(self.entries[name], 0, self.entries[name].numel, self._handles)
+            return t.reshape(self.shapes[name]).to(device)
+        return torch.zeros(self.shapes[name], device=device)  # rank 0
+
+    def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> Tensor:
+        t = self.delta_on(name, "cpu")
+        return t if dtype is None else t.to(dtype)
+
+    def chunk(self, name: str, start: int, stop: int) -> Tensor:
+        if name in self.factors:
+            a, b = self.factors[name]
+            cols = a.shape[1]
+            r0, r1 = start // cols, -(-stop // cols)
+            rows = (b[r0:r1] @ a).reshape(-1)
+            return rows[start - r0 * cols : stop - r0 * cols]
+        if name in self.entries:
+            return read_range(self.entries[name], start, stop, self._handles).float()
+        return torch.zeros(stop - start)
+
+
+def check_lora_options(options: WriteOptions) -> None:
+    """The CLI's spelling of :func:`check_rank_options`, plus the SVD method."""
+    if options.svd not in SVD_METHODS:
+        raise InputError(f"--svd must be one of {', '.join(SVD_METHODS)}, not {options.svd!r}")
+    if options.rank is None and options.energy is None and options.max_error is None:
+        raise InputError("--encoding lora needs --rank, --energy or --max-error (e.g. --rank 64)")
     try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        check_rank_options(rank=options.rank, energy=options.energy, max_error=options.max_error)
+    except ValueError as e:
+        msg = str(e).replace("rank must", "--rank must").replace("energy must", "--energy must")
+        raise InputError(msg.replace("max_error must", "--max-error must")) from None
+
+
+class LoraEncoding:
+    name = "lora"
+
+    def check(self, options: WriteOptions) -> None:
+        check_lora_options(options)
+
+    def write(
+        self,
+        source: VectorSource,
+        names: list[str],
+        folder: Path,
+        options: WriteOptions,
+        meta: Mapping[str, Any],
+    ) -> Encoded:
+        dev = resolve_device(options.device)
+        lora_names = [n for n in names if lora_eligible(n, source.shapes[n])]
+        dense_names = [n for n in names if n not in set(lora_names)]
+        if not lora_names:
+            raise InputError(
+                "no tensor of this vector is a Linear/Embedding weight PEFT can hold as LoRA"
+            )
+        storage = options.dtype
+        norms: dict[str, float] = {}
+        modules: dict[str, dict[str, Any]] = {}
+        factors = {}
+        err_sq = 0.0
+        lora_bytes_dense = 0
+        svd_seconds = 0.0
+        progress = bar(len(lora_names), "factorising", unit="tensor")
+        try:
+            for name in lora_names:
+                delta = source.get(name)
+                if not bool(torch.isfinite(delta).all()):
+                    raise InputError(
+                        f"the delta of {name} holds NaN/Inf values; LoRA cannot encode them"
+                    )
+                started = time.perf_counter()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                factor = factorize(
+                    delta,
+                    rank=options.rank,
+                    energy=options.energy,
+                    max_error=options.max_error,
+                    method=options.svd,
+                    device=dev,
+                )
+                svd_seconds += time.perf_counter() - started
+                norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+                norms[name] = norm
+                err_sq += (factor.rel_error * norm) ** 2
+                lora_bytes_dense += delta.numel() * (storage or source.dtypes[name]).itemsize
+                modules[name] = {
+                    "rank": factor.rank,
+                    "rel_error": factor.rel_error,
+                    "energy_kept": factor.energy_kept,
+                }
+                if factor.rank > 0:
+                    factors[name] = factor
+                del delta
+                progress.update(1)
+        finally:
+            progress.close()
+        if not factors:
+            raise InputError("every LoRA-eligible delta is zero: nothing to encode as LoRA")
+        a_src = (meta.get("sources") or {}).get("a") or {}
+        try:
+            adapter_files = write_peft_adapter(
+                folder,
+                factors,
+                embedding_names={n for n in factors if is_embedding(n)},
+                base_model_name_or_path=a_src.get("repo_id")
+                if a_src.get("kind") == "hub"
+                else None,
+                dtype=storage or source.dtypes[lora_names[0]],
+            )
+        except ValueError as e:
+            raise InputError(f"cannot write the PEFT adapter: {e}") from None
+        files = file_info(folder, adapter_files)
+        tensors: dict[str, Any] = {}
+        dense_bytes = 0
+        if dense_names:
+            w = write_dense_files(source, dense_names, folder, options, desc="writing dense part")
+            files.update(w.files)
+            for n, info in w.tensor_table().items():
+                tensors[n] = {**info, "stored": "dense"}
+                norms[n] = info["norm"]
+                dense_bytes += math.prod(w.shapes[n]) * w.dtypes[n].itemsize
+        for n in lora_names:
+            tensors[n] = {
+                "shape": list(source.shapes[n]),
+                "dtype": DTYPE_NAMES[storage or source.dtypes[n]],
+                "norm": norms[n],
+                "stored": "lora",
+                **modules[n],
+            }
+        tensors = {n: tensors[n] for n in names}
+        total_sq = sum(v * v for v in norms.values())
+        peft_sq = sum(norms[n] ** 2 for n in factors)
+        peft_share = peft_sq / total_sq if total_sq > 0 else 1.0
+        artifact_bytes = sum(f["size"] for f in files.values())
+        ranks = sorted(m["rank"] for m in modules.values())
+        compression = {
+            "encoding": "lora",
+            "svd": options.svd,
+            "device": str(dev),
+            "svd_seconds": round(svd_seconds, 3),
+            "rank_rule": {
+                "rank": options.rank,
+                "energy": options.energy,
+                "max_error": options.max_error,
+            },
+            "ranks": {"min": ranks[0], "median": ranks[len(ranks) // 2], "max": ranks[-1]},
+            "lora_tensors": len(factors),
+            "dense_tensors": len(dense_names),
+            "overall_rel_error": math.sqrt(err_sq / total_sq) if total_sq > 0 else 0.0,
+            "bytes": artifact_bytes,
+            "dense_bytes": lora_bytes_dense + dense_bytes,
+            "ratio": artifact_bytes / max(1, lora_bytes_dense + dense_bytes),
+            "peft_norm_share": peft_share,
+            "rvhub_norm_share": 1.0 - peft_share,
+        }
+        return Encoded(
+            files=files,
+            tensors=tensors,
+            stats=norm_summary({n: v * v for n, v in norms.items()}),
+            dtypes=[dtype_name(storage or source.dtypes[n]) for n in names],
+            compression=compression,
+        )
+
+    def open(self, folder: Path, manifest: dict[str, Any]) -> LoraSource:
+        return LoraSource(folder, manifest)

@@ -24,9 +24,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..constants import SLAB_ELEMS, SPARSE_WORTH_IT, VECTOR_FILE
+from ..errors import InputError, IntegrityError
+from ..io.kernels import Scratch
+from ..io.progress import bar
+from ..io.safetensors import (
+    DTYPE_NAMES,
+    FileHandles,
+    SafetensorsWriter,
+    dtype_name,
+    read_range,
+    tensor_bytes,
+)
+from ..io.stream import SlabPool
+from ..manifest import norm_summary
+from ..sources import VectorSource
+from .base import Encoded, WriteOptions, declared, stored_entries
+from .dense import must_be_finite, stored_delta
 
 INDEX_PART = "__sparse_idx"
 VALUE_PART = "__sparse_val"
@@ -149,3 +169,147 @@ def _positions(indices: Tensor) -> Tensor:
     if indices.dtype in _POSITION_DTYPES:
         return indices.to(torch.int64)
     raise ValueError(f"sparse indices have unknown dtype {indices.dtype}")
+
+
+# -- the encoding --------------------------------------------------------------------------------
+
+
+class SparseSource(VectorSource):
+    """Tensors stored as (index, value) parts where that was smaller, dense elsewhere."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        shapes, dtypes = declared(manifest)
+        super().__init__(shapes, dtypes)
+        self.entries = stored_entries(folder, manifest)
+        self._handles = FileHandles()
+        self.stored = {n: info.get("stored", "dense") for n, info in manifest["tensors"].items()}
+        for name, how in self.stored.items():
+            needed = sparse_tensor_names(name) if how == "sparse" else (name,)
+            if any(n not in self.entries for n in needed):
+                raise IntegrityError(f"{folder}: {name} is declared {how} but its data is missing")
+
+    def _whole(self, name: str) -> Tensor:
+        entry = self.entries[name]
+        return read_range(entry, 0, entry.numel, self._handles)
+
+    def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> Tensor:
+        if self.stored[name] == "sparse":
+            idx, val = sparse_tensor_names(name)
+            parts = {INDEX_PART: self._whole(idx), VALUE_PART: self._whole(val)}
+            try:
+                t = decode_sparse(parts, self.shapes[name], self.dtypes[name])
+            except ValueError as e:
+                raise IntegrityError(f"sparse tensor {name} is corrupt: {e}") from None
+        else:
+            t = self._whole(name).reshape(self.shapes[name])
+        return t if dtype is None else t.to(dtype)
+
+    def chunk(self, name: str, start: int, stop: int) -> Tensor:
+        if self.stored[name] == "dense":
+            return read_range(self.entries[name], start, stop, self._handles).float()
+        return self.get(name).reshape(-1)[start:stop]
+
+
+class SparseEncoding:
+    name = "sparse"
+
+    def check(self, options: WriteOptions) -> None:
+        pass
+
+    def write(
+        self,
+        source: VectorSource,
+        names: list[str],
+        folder: Path,
+        options: WriteOptions,
+        meta: Mapping[str, Any],
+    ) -> Encoded:
+        """Encode every tensor once, spooling the parts; then write header + spool as one file.
+
+        The safetensors header (every part's dtype and length) must come first, and is only
+        known once everything is encoded; so the parts go to a spool file beside the output
+        and are copied after the header (hashed on the way). That costs one write and read of
+        the sparse bytes, much less than encoding twice, and keeps one tensor in memory.
+        """
+        specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        tensors: dict[str, Any] = {}
+        dense_total = sparse_total = 0
+        pool, scratch = SlabPool(SLAB_ELEMS), Scratch()
+        spool_path = folder / "parts.spool"
+        with open(spool_path, "wb") as spool:
+            progress = bar(len(names), "encoding sparse parts", unit="tensor")
+            try:
+                for name in names:
+                    t, moments = stored_delta(
+                        source, name, options.dtype or source.dtypes[name], pool, scratch
+                    )
+                    must_be_finite(name, moments, options)
+                    parts = encode_sparse(t)
+                    dense_total += t.nbytes
+                    info: dict[str, Any] = {
+                        "shape": list(t.shape),
+                        "dtype": DTYPE_NAMES[t.dtype],
+                        "norm": math.sqrt(moments.sumsq),
+                    }
+                    if moments.nonfinite:
+                        info["nonfinite"] = moments.nonfinite
+                    if parts is None:
+                        specs.append((name, t.dtype, tuple(t.shape)))
+                        spool.write(tensor_bytes(t))
+                        info["stored"] = "dense"
+                        sparse_total += t.nbytes
+                    else:
+                        idx, val = sparse_tensor_names(name)
+                        for part_name, part in ((idx, parts[INDEX_PART]), (val, parts[VALUE_PART])):
+                            specs.append((part_name, part.dtype, tuple(part.shape)))
+                            spool.write(tensor_bytes(part))
+                            sparse_total += part.nbytes
+                        info["stored"] = "sparse"
+                        info["nonzero"] = int(parts[VALUE_PART].numel())
+                    tensors[name] = info
+                    del t, parts
+                    progress.update(1)
+            finally:
+                progress.close()
+        ratio = sparse_total / max(1, dense_total)
+        if ratio > SPARSE_WORTH_IT:
+            raise InputError(
+                f"sparse encoding would keep {ratio:.0%} of the dense size for this vector (most "
+                "entries changed): not worth it; keep it dense or use --encoding lora"
+            )
+        writer = SafetensorsWriter(
+            folder / VECTOR_FILE, specs, {"format": "pt", "rvhub_encoding": "sparse"}
+        )
+        try:
+            with open(spool_path, "rb") as spool:
+                buf = bytearray(16 << 20)
+                view = memoryview(buf)
+                while n := spool.readinto(buf):
+                    writer.write(view[:n])
+            sha, size = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        spool_path.unlink()
+        stored_numel = sum(i.get("nonzero", math.prod(i["shape"])) for i in tensors.values())
+        compression = {
+            "encoding": "sparse",
+            "sparse_tensors": sum(1 for i in tensors.values() if i["stored"] == "sparse"),
+            "dense_tensors": sum(1 for i in tensors.values() if i["stored"] == "dense"),
+            "nonzero_fraction": stored_numel
+            / max(1, sum(math.prod(i["shape"]) for i in tensors.values())),
+            "bytes": size,
+            "dense_bytes": dense_total,
+            "ratio": ratio,
+            "lossless": True,
+        }
+        return Encoded(
+            files={VECTOR_FILE: {"sha256": sha, "size": size}},
+            tensors=tensors,
+            stats=norm_summary({n: i["norm"] ** 2 for n, i in tensors.items()}),
+            dtypes=[dtype_name(options.dtype or source.dtypes[n]) for n in names],
+            compression=compression,
+        )
+
+    def open(self, folder: Path, manifest: dict[str, Any]) -> SparseSource:
+        return SparseSource(folder, manifest)

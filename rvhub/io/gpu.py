@@ -31,15 +31,15 @@ from pathlib import Path
 
 import torch
 
+from ..constants import ENV_GPU_PIN_CACHE_GB, GPU_PIN_CACHE_GB
 from .progress import logger
-from .safetensors_io import TensorEntry, read_tensor
+from .safetensors import FileStamp, TensorEntry, file_stamp, read_tensor
 
 CUDA_HOST_REGISTER_PORTABLE = 1
 CUDA_HOST_REGISTER_READ_ONLY = 8
 
 # (target tensor on a CUDA device, vector entry, rows to apply or None)
 GpuWork = tuple[torch.Tensor, TensorEntry, int | None]
-FileKey = tuple[int, int, int, int, int]
 
 
 @dataclass
@@ -49,20 +49,15 @@ class _Pinned:
     nbytes: int
 
 
-_pinned: OrderedDict[FileKey, _Pinned] = OrderedDict()
+_pinned: OrderedDict[FileStamp, _Pinned] = OrderedDict()
 _lock = threading.Lock()
 
 
 def _budget() -> int:
     try:
-        return int(float(os.environ.get("RVHUB_GPU_PIN_CACHE_GB", "16")) * 1e9)
+        return int(float(os.environ.get(ENV_GPU_PIN_CACHE_GB, GPU_PIN_CACHE_GB)) * 1e9)
     except ValueError:
-        return int(16e9)
-
-
-def _key(path: Path) -> FileKey:
-    st = path.stat()
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return int(GPU_PIN_CACHE_GB * 1e9)
 
 
 def _unpin(entry: _Pinned) -> None:
@@ -82,7 +77,7 @@ def release_pinned() -> None:
 
 def _pin(path: Path) -> torch.Tensor | None:
     """The file's bytes as a registered (pinned) uint8 CPU tensor, or None if CUDA refuses."""
-    key = _key(path)
+    key = file_stamp(path)
     with _lock:
         hit = _pinned.get(key)
         if hit is not None:

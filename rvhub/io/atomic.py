@@ -1,4 +1,5 @@
-"""Atomic output folders: build in a hidden temp folder beside the target, then rename.
+"""Atomic outputs: folders built in a hidden temp folder beside the target, then renamed, and
+single files written through a temp file, then renamed.
 
 A run that fails, is interrupted or is killed leaves the output path as it was. Temp folders
 carry the writer's PID, so a later run removes those whose writer is gone; a lock file
@@ -12,11 +13,12 @@ import errno
 import fcntl
 import os
 import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import InputError, RvhubError
+from ..errors import InputError, RvhubError
 
 TMP_MARK = ".rvhub-tmp-"
 
@@ -111,3 +113,24 @@ def atomic_dir(final: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
         os.close(lock_fd)
         with contextlib.suppress(OSError):
             os.unlink(lock_path)
+
+
+def atomic_write(path: Path, data: bytes | str | Callable[[Path], object]) -> None:
+    """Write one file through a temp file in the same folder, then rename it over ``path``.
+
+    ``data`` is the content, or a function that writes the file at the path it is given.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    temporary = Path(tmp)
+    try:
+        if callable(data):
+            data(temporary)
+        elif isinstance(data, str):
+            temporary.write_text(data, encoding="utf-8")
+        else:
+            temporary.write_bytes(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Elements per inner block of extract. Each block costs ~9 torch calls (~4 µs each), so small
-# blocks pay in dispatch what they win in cache: per 1.54 G bf16 elements on one core (AMD
-# EPYC, 1 MB L2 per core, 32 MB L3) 16 K took 2.77 s, 64 K 1.70 s, 256 K 1.29 s, 512 K 1.25 s.
-# 256 K (3 MB of float32 scratch, in L3) leaves the writer thread its share of the cache.
+# Elements per inner block of extract: small blocks pay in torch dispatch what they win in
+# cache; 256 K (3 MB of float32 scratch) stays in L3 (docs/design.md has the measurements).
 BLOCK = 256 * 1024
 
 
@@ -36,8 +34,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def single_thread() -> contextlib.AbstractContextManager[None]:
     """One torch thread for the streaming kernels: the other core belongs to the writer
-    thread. With two, OpenMP's barrier waits for a thread the writer has displaced: extract
-    ran 1.7× slower and on-disk apply 1.2-1.4× slower (3.1-3.5 s vs 3.8-4.9 s for 1.5B)."""
+    thread, and with two OpenMP's barrier waits for a thread the writer displaced."""
     return torch_threads(1)
 
 

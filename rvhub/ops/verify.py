@@ -3,43 +3,49 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from .checkpoint import open_checkpoint
-from .errors import CompatibilityError, IntegrityError
-from .extract import FileHandles, read_range
-from .progress import bar
-from .safetensors_io import iter_chunks
-from .vector import ReasoningVector
-from .writer import CHUNK_ELEMS
+from ..checkpoint import Checkpoint
+from ..constants import CHUNK_ELEMS
+from ..errors import CompatibilityError, IntegrityError
+from ..io.progress import bar
+from ..io.safetensors import FileHandles, iter_chunks, read_range
+from ..sources import VectorSource
 
 
 def verify_against(
-    vec: ReasoningVector, a: str, b: str, *, tolerance: float | None = None
+    source: VectorSource,
+    stats: Mapping[str, Any],
+    ca: Checkpoint,
+    cb: Checkpoint,
+    *,
+    tolerance: float | None = None,
 ) -> dict[str, Any]:
     """Stream ``B + v − A`` over every vector tensor; raise if it exceeds ``tolerance``.
 
-    The default tolerance is the round-trip error the manifest recorded at extraction (plus a
-    float32 epsilon): a vector reproduces its sources exactly as well as when it was made.
+    The default tolerance is the round-trip error the manifest recorded at extraction
+    (``stats``, plus a float32 epsilon): a vector reproduces its sources exactly as well as
+    when it was made.
     """
-    ca, cb = open_checkpoint(a), open_checkpoint(b)
     handles = FileHandles()
+    names = list(source.shapes)
     err = ref = 0.0
     max_abs = 0.0
-    progress = bar(sum(e.nbytes for n, e in ca.entries.items() if n in vec), "verifying")
+    progress = bar(sum(e.nbytes for n, e in ca.entries.items() if n in source.shapes), "verifying")
     try:
-        for name in vec.names:
+        for name in names:
             if name not in ca.entries or name not in cb.entries:
                 raise CompatibilityError(f"{name} is in the vector but not in both A and B")
             ea, eb = ca.entries[name], cb.entries[name]
-            if ea.shape != vec.shapes[name] or eb.shape != vec.shapes[name]:
+            if ea.shape != source.shapes[name] or eb.shape != source.shapes[name]:
                 raise CompatibilityError(f"{name} has another shape in A or B than in the vector")
             for s, e in iter_chunks(ea.numel, CHUNK_ELEMS):
                 av = read_range(ea, s, e, handles).float()
                 bv = read_range(eb, s, e, handles).float()
-                r = bv + vec.source.chunk(name, s, e) - av
+                r = bv + source.chunk(name, s, e) - av
                 d = av - bv
                 err += float(torch.dot(r, r))
                 ref += float(torch.dot(d, d))
@@ -50,11 +56,11 @@ def verify_against(
         progress.close()
         handles.close()
     rel = math.sqrt(err) / math.sqrt(ref) if ref > 0 else math.sqrt(err)
-    recorded = ((vec.meta.get("stats") or {}).get("roundtrip_error") or {}).get("rel", 0.0)
+    recorded = (stats.get("roundtrip_error") or {}).get("rel", 0.0)
     limit = tolerance if tolerance is not None else recorded * 1.001 + 1e-6
     if not math.isfinite(rel) or rel > limit:
         raise IntegrityError(
             f"B + v does not reproduce A: relative error {rel:.3e} exceeds {limit:.3e}; "
             "these are not the vector's sources, or the vector is damaged"
         )
-    return {"rel": rel, "abs": math.sqrt(err), "max_abs": max_abs, "tensors": len(vec.names)}
+    return {"rel": rel, "abs": math.sqrt(err), "max_abs": max_abs, "tensors": len(names)}

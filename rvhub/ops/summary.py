@@ -1,10 +1,10 @@
-"""Human and JSON summaries of a vector (what ``rvhub inspect`` prints)."""
+"""Human and JSON summaries of a vector artifact (what ``rvhub inspect`` prints)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
-
-from .vector import ReasoningVector
 
 BAR_WIDTH = 30
 
@@ -18,13 +18,15 @@ def _source_line(info: dict[str, Any]) -> str:
     return text
 
 
-def summary(vec: ReasoningVector) -> dict[str, Any]:
-    """The facts ``inspect`` shows, as a JSON-ready dict."""
-    manifest: dict[str, Any] = vec.meta.get("manifest") or {}
+def summary(
+    manifest: Mapping[str, Any], *, path: str | None = None, origin: Any = None
+) -> dict[str, Any]:
+    """The facts ``inspect`` shows about a (verified) manifest, as a JSON-ready dict."""
     files = manifest.get("files", {})
+    tensors = manifest.get("tensors") or {}
     return {
-        "path": str(vec.path) if vec.path else None,
-        "origin": vec.meta.get("origin"),
+        "path": path,
+        "origin": origin,
         "encoding": manifest.get("encoding", "dense"),
         "format_version": manifest.get("format_version"),
         "rvhub_version": manifest.get("rvhub_version"),
@@ -32,8 +34,8 @@ def summary(vec: ReasoningVector) -> dict[str, Any]:
         "sources": manifest.get("sources", {}),
         "model": manifest.get("model", {}),
         "dtype": manifest.get("dtype"),
-        "tensors": len(vec),
-        "parameters": vec.numel,
+        "tensors": len(tensors),
+        "parameters": sum(math.prod(t["shape"]) for t in tensors.values()),
         "bytes": sum(int(f.get("size", 0)) for f in files.values()),
         "files": {k: v.get("sha256") for k, v in files.items()},
         "excluded": manifest.get("excluded", []),
@@ -42,9 +44,9 @@ def summary(vec: ReasoningVector) -> dict[str, Any]:
     }
 
 
-def describe(vec: ReasoningVector) -> str:
-    """A readable report: sources, encoding, size, norms per layer, round-trip error."""
-    s = summary(vec)
+def describe(s: Mapping[str, Any], tensors: Mapping[str, Any]) -> str:
+    """A readable report of :func:`summary`'s facts: sources, encoding, size, norms per layer,
+    round-trip error; ``tensors`` is the manifest's tensor table."""
     model = s["model"] or {}
     stats = s["stats"] or {}
     lines = [
@@ -70,8 +72,7 @@ def describe(vec: ReasoningVector) -> str:
         lines.append(f"round trip ‖B + v − A‖ = {rt['abs']:.3e} ({rt['rel']:.3e} of ‖A − B‖)")
     comp = s.get("compression")
     if comp:
-        manifest = vec.meta.get("manifest") or {}
-        lines.extend(_compression_lines(comp, manifest.get("tensors", {})))
+        lines.extend(_compression_lines(comp, tensors))
     layer_norms: dict[str, float] = stats.get("layer_norms") or {}
     if layer_norms:
         top = max(layer_norms.values()) or 1.0
@@ -82,7 +83,7 @@ def describe(vec: ReasoningVector) -> str:
     return "\n".join(lines)
 
 
-def _compression_lines(comp: dict[str, Any], tensors: dict[str, Any]) -> list[str]:
+def _compression_lines(comp: dict[str, Any], tensors: Mapping[str, Any]) -> list[str]:
     size = f"{comp['bytes']:,} bytes = {comp['ratio']:.1%} of dense ({comp['dense_bytes']:,})"
     if comp.get("encoding") == "sparse":
         return [

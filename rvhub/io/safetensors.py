@@ -4,8 +4,9 @@
 process's resident memory; rvhub streams multi-GB checkpoints, so it reads byte ranges with
 ``os.preadv`` into reusable buffers instead. The header is parsed here with strict checks (a
 header that lies about sizes or offsets, duplicate names or a huge declared shape is refused
-before any data is touched), and the writer produces byte-identical files to
-``safetensors.torch.save_file`` for the same tensors and metadata.
+before any data is touched). The writer lays files out as the format specifies (8-byte length,
+JSON header padded to 8 bytes, data in the caller's order), so ``safetensors.safe_open`` reads
+them; unlike ``save_file`` it keeps the caller's tensor order instead of sorting by dtype.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import IO, Any
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 # safetensors dtype strings <-> torch dtypes (the subset rvhub reads and writes).
 DTYPES: dict[str, torch.dtype] = {
@@ -43,14 +44,16 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling the manifest's ``dtype`` list uses)."""
+    return str(dtype).removeprefix("torch.")
+
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 
 
 DTYPE_SIZES: dict[str, int] = {k: v.itemsize for k, v in DTYPES.items()}
-
-
-def dtype_size(dtype: str) -> int:
-    return DTYPE_SIZES[dtype]
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -157,7 +160,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         numel = 1
         for d in shape:
             numel *= d
-        expected = numel * dtype_size(dtype)
+        expected = numel * DTYPE_SIZES[dtype]
         if not (0 <= begin <= end <= data_len) or end - begin != expected:
             raise InputError(
                 f"{path}: header lies about tensor {name!r} (shape {list(shape)} {dtype} needs "
@@ -206,6 +209,46 @@ def read_tensor(entry: TensorEntry, fd: int | None = None) -> torch.Tensor:
     return buf.view(entry.torch_dtype).reshape(entry.shape)
 
 
+class FileHandles:
+    """Open file descriptors by path, shared by all reads of one source."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def read_range(
+    entry: TensorEntry,
+    start: int,
+    stop: int,
+    handles: FileHandles,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Flat elements ``[start, stop)`` of a stored tensor, in its own dtype (into ``out``, a
+    flat tensor of that dtype and length, when given)."""
+    dtype = entry.torch_dtype
+    if out is None:
+        out = torch.empty(stop - start, dtype=dtype)
+    if stop > start:
+        read_bytes_into(
+            entry, out.view(torch.uint8), start * dtype.itemsize, handles.fd(entry.path)
+        )
+    return out
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
     t = t.contiguous()
@@ -233,7 +276,7 @@ def build_header(
         numel = 1
         for d in shape:
             numel *= int(d)
-        n = numel * dtype_size(dname)
+        n = numel * DTYPE_SIZES[dname]
         header[name] = {
             "dtype": dname,
             "shape": [int(d) for d in shape],
@@ -321,6 +364,16 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._file.close()
+
+
+FileStamp = tuple[int, int, int, int, int]
+
+
+def file_stamp(path: Path) -> FileStamp:
+    """A file's identity: (device, inode, size, mtime, ctime). Any write to the file, or a
+    ``touch`` to hide one, changes its ctime, which user code cannot set."""
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def sha256_file(path: Path, bufsize: int = 16 << 20) -> str:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
+from ..constants import ENV_DISABLE_PROGRESS
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 logger = logging.getLogger("rvhub")
 
 
 def progress_disabled() -> bool:
-    flag = os.environ.get("RVHUB_DISABLE_PROGRESS_BARS") or os.environ.get(
-        "HF_HUB_DISABLE_PROGRESS_BARS"
-    )
+    flag = os.environ.get(ENV_DISABLE_PROGRESS) or os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
     return flag is not None and flag.strip().lower() not in ("", "0", "false", "no")
 
 
@@ -29,6 +30,8 @@ def human_bytes(n: float) -> str:
 
 def bar(total: int | None, desc: str, *, unit: str = "B", **kwargs: Any) -> tqdm:
     """A progress bar on stderr (bytes by default); silent when disabled or not a terminal."""
+    from tqdm.auto import tqdm
+
     # None lets tqdm hide the bar when stderr is not a terminal (logs, CI, pipes).
     disable = True if progress_disabled() else None
     return tqdm(

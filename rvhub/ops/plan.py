@@ -1,4 +1,5 @@
-"""The one place that decides whether two checkpoints, or a vector and a model, fit together.
+"""The one place that decides whether two checkpoints, or a vector and a model, fit together,
+and what an apply will do (:class:`ApplyPlan`) and did (:class:`ApplyReport`).
 
 Every check returns or raises with the reasons spelled out, so a user sees the first few
 differences rather than a shape error deep inside a matmul.
@@ -6,39 +7,27 @@ differences rather than a shape error deep inside a matmul.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import Checkpoint, tied_embeddings
-from .errors import CompatibilityError, InputError
+import torch
+
+from ..architecture import TIED_EMBEDDING_NAMES, TIED_HEAD_NAMES, has_vocab_axis, tied_embeddings
+from ..checkpoint import Checkpoint
+from ..constants import VOCAB_MODES
+from ..errors import CompatibilityError, InputError
+from ..sources import VectorSource
 
 MAX_LISTED = 5
-VOCAB_MODES = ("strict", "overlap")
-# Tensors whose first dimension is the vocabulary.
-VOCAB_TENSOR = re.compile(r"(embed_tokens|wte|word_embeddings|lm_head|embed_out|output)\.weight$")
-EMBED_NAMES = ("model.embed_tokens.weight", "embed_tokens.weight", "transformer.wte.weight")
-LM_HEAD_NAMES = ("lm_head.weight",)
 
 
 def _listing(items: Sequence[str]) -> str:
     shown = ", ".join(items[:MAX_LISTED])
     more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
     return shown + more
-
-
-def model_identity(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config fields a vector records to check fit later."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    return {
-        "model_type": config.get("model_type"),
-        "architectures": list(config.get("architectures") or []),
-        "tie_word_embeddings": tied_embeddings(dict(config)),
-        "vocab_size": config.get("vocab_size", (text or {}).get("vocab_size")),
-        "hidden_size": config.get("hidden_size", (text or {}).get("hidden_size")),
-        "num_hidden_layers": config.get("num_hidden_layers", (text or {}).get("num_hidden_layers")),
-    }
 
 
 def check_pair(a: Checkpoint, b: Checkpoint) -> None:
@@ -119,7 +108,7 @@ def plan_apply(
         if tshape == tuple(vshape):
             plan.targets[name] = (name, None)
             continue
-        if VOCAB_TENSOR.search(name) and len(vshape) == len(tshape) and vshape[1:] == tshape[1:]:
+        if has_vocab_axis(name) and len(vshape) == len(tshape) and vshape[1:] == tshape[1:]:
             if vocab == "overlap":
                 rows = min(vshape[0], tshape[0])
                 plan.targets[name] = (name, rows)
@@ -156,9 +145,9 @@ def _plan_tied(
     target_tied: bool,
 ) -> None:
     """Apply an embedding delta exactly once per storage, whatever ties the two sides use."""
-    embed = next((n for n in EMBED_NAMES if n in vector_shapes), None)
-    head = next((n for n in LM_HEAD_NAMES if n in vector_shapes), None)
-    head_in_target = next((n for n in LM_HEAD_NAMES if n in target_shapes), None)
+    embed = next((n for n in TIED_EMBEDDING_NAMES if n in vector_shapes), None)
+    head = next((n for n in TIED_HEAD_NAMES if n in vector_shapes), None)
+    head_in_target = next((n for n in TIED_HEAD_NAMES if n in target_shapes), None)
     if target_tied and head and head in plan.targets and embed and embed in plan.targets:
         # The target's lm_head is its embedding: two deltas for one storage.
         raise CompatibilityError(
@@ -187,3 +176,80 @@ def _plan_tied(
             )
         if head_in_target in plan.missing:
             plan.missing.remove(head_in_target)
+
+
+@dataclass
+class ApplyReport:
+    """What an apply did: target tensor names changed, and vector/target names left alone."""
+
+    applied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # vector tensors excluded by --exclude
+    missing: list[str] = field(default_factory=list)  # vector tensors the target lacks
+    untouched: list[str] = field(default_factory=list)  # target tensors the vector lacks
+    notes: list[str] = field(default_factory=list)
+    scale: float = 1.0
+    output: str | None = None
+
+    @classmethod
+    def from_plan(cls, plan: ApplyPlan, scale: float) -> ApplyReport:
+        return cls(
+            applied=list(plan.targets),
+            skipped=list(plan.excluded),
+            missing=list(plan.missing),
+            untouched=list(plan.untouched),
+            notes=list(plan.notes),
+            scale=scale,
+        )
+
+    def summary(self) -> str:
+        parts = [f"applied {len(self.applied)} tensors at scale {self.scale:g}"]
+        if self.skipped:
+            parts.append(f"excluded {len(self.skipped)}")
+        if self.missing:
+            parts.append(f"{len(self.missing)} vector tensors absent from the target")
+        if self.untouched:
+            parts.append(f"{len(self.untouched)} target tensors left as they were")
+        return ", ".join(parts)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "applied": self.applied,
+            "skipped": self.skipped,
+            "missing": self.missing,
+            "untouched": self.untouched,
+            "notes": self.notes,
+        }
+
+
+def check_scale(scale: float | str) -> float:
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise InputError(f"scale must be a number, not {scale!r}") from None
+    if not math.isfinite(value):
+        raise InputError(f"scale must be a finite number, not {scale!r}")
+    return value
+
+
+def check_finite(
+    source: VectorSource,
+    manifest: Mapping[str, Any] | None,
+    names: Iterable[str],
+    allow_nonfinite: bool,
+) -> None:
+    """Refuse deltas holding NaN/Inf unless allowed; a verified manifest that records none
+    answers without reading the deltas."""
+    if allow_nonfinite:
+        return
+    if isinstance(manifest, Mapping):
+        tensors = manifest.get("tensors") or {}
+        if not any((info or {}).get("nonfinite") for info in tensors.values()):
+            return  # hashes verified against a manifest that records none
+    for name in names:
+        d = source.get(name, None)
+        if d.is_floating_point() and not bool(torch.isfinite(d).all()):
+            raise InputError(
+                f"the vector's delta for {name} holds NaN/Inf values; pass --allow-nonfinite "
+                "(allow_nonfinite=True) to apply it anyway"
+            )

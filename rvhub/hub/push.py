@@ -1,159 +1,28 @@
-"""Everything that talks to the Hugging Face Hub (huggingface_hub is imported only here)."""
+"""Publishing a vector: the model card, and every file of the artifact in one commit."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
-from . import __version__
-from .errors import HubError, InputError, RvhubError
-from .manifest import MANIFEST_NAME, artifact_file, load_manifest, validate_manifest
-
-if TYPE_CHECKING:
-    from .card import Card, Scores
+from .._version import __version__
+from ..card.metadata import hub_sources, local_source_license, split_front_matter
+from ..card.plot import norms_plot
+from ..card.render import Card, render_card
+from ..card.scores import Scores
+from ..constants import CARD_NAME, MANIFEST_NAME
+from ..errors import HubError, InputError, RvhubError
+from ..manifest import artifact_file, load_manifest, verify_artifact
+from .download import _hub_error, _network_errors, _transport_errors
+from .resolve import parse_hub_id
 
 logger = logging.getLogger("rvhub")
 
-# What a model checkpoint download fetches: weights as safetensors, config and tokenizer.
-CHECKPOINT_PATTERNS = [
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "*.model",
-    "chat_template.jinja",
-    "added_tokens.json",
-    "preprocessor_config.json",
-]
-
-
-def _hub_error(exc: BaseException, repo_id: str, revision: str | None) -> HubError | InputError:
-    """Turn huggingface_hub / network exceptions into one clear line."""
-    from huggingface_hub import errors as hf_errors
-
-    rev = f" at revision {revision}" if revision else ""
-    if isinstance(exc, hf_errors.RevisionNotFoundError):
-        return InputError(f"{repo_id} has no revision {revision!r}; check the branch, tag or sha")
-    if isinstance(exc, hf_errors.GatedRepoError):
-        return HubError(
-            f"{repo_id} is gated: accept its terms on the Hub, then log in (hf auth login)"
-        )
-    if isinstance(exc, hf_errors.RepositoryNotFoundError):
-        return InputError(
-            f"{repo_id}: no such repo on the Hub (or it is private: log in with hf auth login "
-            "or set HF_TOKEN); for a local folder, check the path"
-        )
-    if isinstance(exc, hf_errors.LocalEntryNotFoundError):
-        return HubError(
-            f"cannot reach the Hub for {repo_id}{rev} and it is not in the local cache "
-            "(offline or network down); connect, or unset HF_HUB_OFFLINE"
-        )
-    if isinstance(exc, hf_errors.EntryNotFoundError):
-        return InputError(f"{repo_id}{rev} lacks a file rvhub needs ({exc})".split("\n")[0])
-    if isinstance(exc, hf_errors.HfHubHTTPError):
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 403):
-            return HubError(
-                f"the Hub refused access to {repo_id} (HTTP {status}): check your token "
-                "(HF_TOKEN or hf auth login) and its permissions"
-            )
-        return HubError(f"the Hub failed a request for {repo_id}{rev}: {str(exc).splitlines()[0]}")
-    return HubError(
-        f"cannot reach the Hub for {repo_id}{rev}: {str(exc).splitlines()[0] or type(exc).__name__}"
-    )
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """httpx's errors under both names huggingface_hub has used (``httpx``, then ``httpx2``)."""
-    out: list[type[BaseException]] = []
-    for module in ("httpx2", "httpx"):
-        try:
-            out.append(__import__(module).HTTPError)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(out)
-
-
-def _network_errors() -> tuple[type[BaseException], ...]:
-    from huggingface_hub import errors as hf_errors
-
-    return (
-        hf_errors.HfHubHTTPError,
-        hf_errors.LocalEntryNotFoundError,
-        *_transport_errors(),
-        OSError,
-    )
-
-
-def download_checkpoint(
-    repo_id: str, *, revision: str | None = None
-) -> tuple[Path, dict[str, Any]]:
-    """Download a model's safetensors weights and side files; returns (folder, provenance)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
-        )
-    except _network_errors() as e:
-        raise _hub_error(e, repo_id, revision) from None
-    if not any(folder.glob("*.safetensors")):
-        raise InputError(
-            f"{repo_id} has no safetensors weights (only pickle .bin files?); rvhub refuses "
-            "pickles: convert the model with save_pretrained(safe_serialization=True) and push it"
-        )
-    info = {
-        "kind": "hub",
-        "repo_id": repo_id,
-        "revision": folder.name,  # snapshot folders are named by commit sha
-        "requested_revision": revision or "main",
-    }
-    return folder, info
-
-
-def download_vector(repo_id: str, *, revision: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """Download a vector repo: its manifest first, then exactly the files it lists."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    try:
-        manifest_path = Path(hf_hub_download(repo_id, MANIFEST_NAME, revision=revision))
-    except _network_errors() as e:
-        raise _hub_error(e, repo_id, revision) from None
-    folder = manifest_path.parent
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError:
-        raise InputError(f"{repo_id}: {MANIFEST_NAME} is not valid JSON") from None
-    validate_manifest(manifest)
-    names = list(manifest["files"])
-    for name in names:
-        artifact_file(folder, name)  # refuse ../ and absolute names before fetching anything
-    sha = folder.name
-    try:
-        snapshot_download(repo_id, revision=sha, allow_patterns=[*names, "README.md", "*.png"])
-    except _network_errors() as e:
-        raise _hub_error(e, repo_id, revision) from None
-    return folder, {
-        "kind": "hub",
-        "repo_id": repo_id,
-        "revision": sha,
-        "requested_revision": revision or "main",
-    }
-
-
-# -- push -----------------------------------------------------------------------------------
 
 TOKEN_HELP = "log in with `hf auth login` or set HF_TOKEN to a token with write access"
 # Files an earlier push may have left that the artifact being pushed no longer has (another
@@ -165,8 +34,6 @@ ARTIFACT_PATTERNS = (
     "adapter_config.json",
     "adapter_model.safetensors",
 )
-_COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
-CARD_FILE = "README.md"
 
 
 @dataclass(frozen=True)
@@ -235,8 +102,6 @@ def source_licenses(
     recorded revision, a local source's README front matter. Best effort, never raises."""
     from huggingface_hub import HfApi, constants
 
-    from .card import local_source_license
-
     out: dict[str, str | None] = {}
     api = HfApi(endpoint=endpoint, token=token)
     for role in ("a", "b"):
@@ -286,8 +151,6 @@ def build_card(
     Without a ``license``, the sources' licenses are looked up on the Hub (``lookup_licenses``).
     """
     from huggingface_hub import constants
-
-    from .card import hub_sources, render_card
 
     licenses = (
         source_licenses(manifest, token=token, endpoint=endpoint)
@@ -370,17 +233,12 @@ def push_vector(
     from huggingface_hub import errors as hf_errors
     from huggingface_hub.utils import filter_repo_objects
 
-    from .card import Card, norms_plot, split_front_matter
-    from .checkpoint import looks_like_hub_id
-    from .load import verify_artifact
-
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise InputError(f"{path}: no such folder (push takes a vector folder made by rvhub)")
-    if not looks_like_hub_id(repo_id):
-        raise InputError(f"{repo_id!r} is not a Hub repo id; write it as user/name or org/name")
+    repo_id, _ = parse_hub_id(repo_id, what="push's repo id")
     branch = revision or constants.DEFAULT_REVISION
-    if _COMMIT_SHA.match(branch):
+    if len(branch) == 40 and constants.REGEX_COMMIT_OID.fullmatch(branch):
         raise InputError(f"--revision {branch} is a commit sha; push to a branch name")
     manifest = load_manifest(path)
     write_token = resolve_token(token)
@@ -397,11 +255,11 @@ def push_vector(
         card_text = card_path.read_text(encoding="utf-8")
         check_card(card_text)
     else:  # a template or metadata error shows now, not after hashing gigabytes
-        if (path / CARD_FILE).is_file():
+        if (path / CARD_NAME).is_file():
             logger.warning(
                 "%s is not uploaded: rvhub renders the card (pass --card %s to upload it instead)",
-                path / CARD_FILE,
-                path / CARD_FILE,
+                path / CARD_NAME,
+                path / CARD_NAME,
             )
         build_card(
             path, manifest, **card_args, endpoint=url_base, plot=False, lookup_licenses=False

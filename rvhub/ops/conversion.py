@@ -15,7 +15,7 @@ Ops that are not linear (dequantization, casts with an offset, log, ...) are ref
 
 Example:
     ```python
-    >>> from rvhub.conversion import live_deltas, plan_live_mapping
+    >>> from rvhub.ops.conversion import live_deltas, plan_live_mapping
     >>> mapping = plan_live_mapping(model, vector.keys())
     >>> mapping.unmapped                       # checkpoint names with no live parameter
     []

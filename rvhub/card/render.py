@@ -1,0 +1,365 @@
+"""Rendering a vector's model card: the template context, the jinja2 sandbox, the card.
+
+The Markdown body is rendered with jinja2 from ``templates/vector_card.md.j2`` (or the
+user's own template) in a sandbox; ``docs/card.md`` documents every template variable.
+
+Example:
+    >>> card = render_card("./reasoning-vector", repo_id="user/vec", scores=scores)
+    >>> card.save("README.md")
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .._version import __version__
+from ..constants import CARD_NAME, MANIFEST_NAME, PLOT_NAME
+from ..errors import InputError
+from ..io.atomic import atomic_write
+from ..io.progress import human_bytes
+from ..io.safetensors import sha256_file
+from ..manifest import load_manifest
+from .metadata import (
+    card_metadata,
+    carried_license,
+    dump_front_matter,
+    hub_sources,
+    local_source_license,
+    split_front_matter,
+)
+from .plot import norms_plot
+from .scores import Scores
+
+DEFAULT_TEMPLATE = "vector_card.md.j2"
+
+
+@dataclass
+class Card:
+    """A rendered card: ``README.md`` text, its metadata, and the files to upload with it."""
+
+    text: str
+    metadata: dict[str, Any]
+    plot_png: bytes | None = None
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        """``{path in repo: bytes}``: the card and, when drawn, the norm plot."""
+        out = {CARD_NAME: self.text.encode("utf-8")}
+        if self.plot_png is not None:
+            out[PLOT_NAME] = self.plot_png
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> list[Path]:
+        """Write the card to ``path`` and the plot next to it; returns the paths written."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, self.text.encode("utf-8"))
+        written = [path]
+        if self.plot_png is not None:
+            plot = path.parent / PLOT_NAME
+            atomic_write(plot, self.plot_png)
+            written.append(plot)
+        return written
+
+
+def _num(value: Any, digits: int = 4, sign: bool = False) -> str:
+    if value is None:
+        return "–"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int) and not sign:
+        return f"{value:,}".replace("-", "−")
+    x = float(value)
+    if not math.isfinite(x):
+        return str(x)
+    text = f"{x:+.{digits}g}" if sign else f"{x:.{digits}g}"
+    if "e" in text and 1e-3 <= abs(x) < 1e7:
+        text = f"{x:+,.2f}" if sign else f"{x:,.2f}"
+    return text.replace("-", "−") if sign or x < 0 else text
+
+
+def _score(value: Any) -> str:
+    """A score with 4 significant digits that keeps one decimal (``67.0``, ``0.6209``)."""
+    text = _num(value)
+    if isinstance(value, float) and text.lstrip("−-").replace(",", "").isdigit():
+        text += ".0"
+    return text
+
+
+def _md_cell(value: Any) -> str:
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+             "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
+
+
+def _source_view(
+    role: str, info: Mapping[str, Any], license: str | None, endpoint: str
+) -> dict[str, Any]:
+    kind = info.get("kind")
+    view: dict[str, Any] = {"role": role.upper(), "kind": kind, "license": license}
+    if kind == "hub":
+        view.update(
+            repo_id=info.get("repo_id"),
+            revision=info.get("revision"),
+            label=info.get("repo_id"),
+            url=f"{endpoint}/{info.get('repo_id')}",
+        )
+        if info.get("revision"):
+            view["revision_url"] = f"{endpoint}/{info.get('repo_id')}/tree/{info.get('revision')}"
+    else:
+        view.update(
+            path=info.get("path"),
+            label=Path(str(info.get("path", "?"))).name or str(info.get("path")),
+            content_fingerprint=info.get("content_fingerprint"),
+        )
+    return view
+
+
+def card_context(
+    folder: Path,
+    manifest: Mapping[str, Any],
+    *,
+    repo_id: str,
+    scores: Scores | None = None,
+    license: str | None = None,
+    source_licenses: Mapping[str, str | None] | None = None,
+    target: str | None = None,
+    plot: bool = True,
+    endpoint: str = "https://huggingface.co",
+) -> dict[str, Any]:
+    """Every variable a card template sees (documented in ``docs/card.md``)."""
+    name = repo_id.rsplit("/", 1)[-1]
+    licenses = dict(source_licenses or {})
+    for role in ("a", "b"):
+        info = (manifest.get("sources") or {}).get(role) or {}
+        if role not in licenses and info.get("kind") == "local" and info.get("path"):
+            licenses[role] = local_source_license(info["path"])
+    license = license or carried_license(licenses)
+    metadata = card_metadata(manifest, name=name, scores=scores, license=license)
+    stats = manifest.get("stats") or {}
+    model = manifest.get("model") or {}
+    tensors = manifest.get("tensors") or {}
+    files = [
+        {
+            "name": n,
+            "size": f.get("size"),
+            "sha256": f.get("sha256"),
+            "size_h": human_bytes(f.get("size", 0)),
+        }
+        for n, f in (manifest.get("files") or {}).items()
+    ]
+    stored = sum(int(f["size"] or 0) for f in files)
+    dense = sum(
+        math.prod(t.get("shape") or []) * _ITEMSIZE.get(str(t.get("dtype", "")).upper(), 4)
+        for t in tensors.values()
+    )
+    manifest_path = folder / MANIFEST_NAME
+    manifest_sha = sha256_file(manifest_path) if manifest_path.is_file() else None
+    sources = [
+        _source_view(role, info, licenses.get(role), endpoint)
+        for role, info in sorted((manifest.get("sources") or {}).items())
+        if isinstance(info, dict)
+    ]
+    rows = []
+    for bench in scores.benchmarks if scores else []:
+        rows.append(
+            {
+                "task": bench.task,
+                "metric": bench.metric_name,
+                "metric_type": bench.metric_type,
+                "dataset": bench.dataset_name,
+                "dataset_id": bench.dataset_id,
+                "dataset_config": bench.dataset_config,
+                "dataset_split": bench.dataset_split,
+                "baseline": bench.values.get("baseline"),
+                "plus_vector": bench.values.get("plus_vector"),
+                "minus_vector": bench.values.get("minus_vector"),
+                "stderr": dict(bench.stderr),
+                "delta_plus": bench.delta("plus_vector"),
+                "delta_minus": bench.delta("minus_vector"),
+            }
+        )
+    layer_norms = stats.get("layer_norms") or {}
+    encoding = str(manifest.get("encoding", "dense"))
+    return {
+        "repo_id": repo_id,
+        "name": name,
+        "metadata": metadata,
+        "metadata_yaml": yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True),
+        "license": license,
+        "base_models": hub_sources(manifest),
+        "encoding": encoding,
+        "peft_adapter": encoding == "lora",
+        "dtype": list(manifest.get("dtype") or []),
+        "model": dict(model),
+        "model_type": model.get("model_type"),
+        "architecture": ", ".join(model.get("architectures") or []) or None,
+        "sources": sources,
+        "stats": dict(stats),
+        "norm": stats.get("norm"),
+        "roundtrip_error": stats.get("roundtrip_error"),
+        "layer_norms": [{"layer": k, "norm": v} for k, v in layer_norms.items()],
+        "tensors": len(tensors),
+        "parameters": sum(math.prod(t.get("shape") or []) for t in tensors.values()),
+        "excluded": list(manifest.get("excluded") or []),
+        "files": files,
+        "stored_bytes": stored,
+        "stored_size": human_bytes(stored),
+        "dense_bytes": dense,
+        "dense_size": human_bytes(dense),
+        "compression_ratio": (dense / stored) if stored else None,
+        "compression": dict(manifest.get("compression") or {}),
+        "manifest_name": MANIFEST_NAME,
+        "manifest_sha256": manifest_sha,
+        "scores": rows,
+        "scores_target": (scores.target if scores else None) or target,
+        "scale": (scores.scale if scores and scores.scale is not None else 1.0),
+        "target": target or (scores.target if scores else None),
+        "plot": PLOT_NAME if plot else None,
+        "rvhub_version": manifest.get("rvhub_version") or __version__,
+        "created_at": manifest.get("created_at"),
+        "endpoint": endpoint,
+    }
+
+
+def _environment(loader: Any) -> Any:
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    env = SandboxedEnvironment(
+        loader=loader,
+        undefined=StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = _num
+    env.filters["human_bytes"] = human_bytes
+    env.filters["md"] = _md_cell
+    env.filters["score"] = _score
+    return env
+
+
+def _default_template_source(name: str) -> tuple[str, str, Any] | None:
+    from importlib import resources
+
+    try:
+        root = resources.files("rvhub.templates")
+    except ModuleNotFoundError:  # a source checkout that was not installed
+        root = Path(__file__).resolve().parents[2] / "templates"
+    resource = root.joinpath(name)
+    if not resource.is_file():
+        return None
+    return resource.read_text(encoding="utf-8"), f"rvhub.templates/{name}", lambda: True
+
+
+def _template_line(exc: BaseException, filename: str) -> int | None:
+    line = getattr(exc, "lineno", None)
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename == filename:
+            line = lineno
+    return line
+
+
+def render_template(
+    context: Mapping[str, Any], template: str | os.PathLike[str] | None = None
+) -> str:
+    """Render ``template`` (a path; default: the packaged card template) in a jinja2 sandbox.
+
+    Any failure (syntax, an undefined variable, a refused attribute) is one :class:`InputError`
+    naming the template and line.
+    """
+    import jinja2
+    from jinja2.exceptions import SecurityError
+
+    if template is None:
+        env = _environment(jinja2.FunctionLoader(_default_template_source))
+        name, label = DEFAULT_TEMPLATE, f"rvhub.templates/{DEFAULT_TEMPLATE}"
+    else:
+        path = Path(template).expanduser()
+        if not path.is_file():
+            raise InputError(f"card template {path}: no such file")
+        env = _environment(jinja2.FileSystemLoader(str(path.parent.resolve())))
+        name = path.name
+        label = str(path.parent.resolve() / path.name)
+    filename = label
+    try:
+        tmpl = env.get_template(name)
+        filename = tmpl.filename or label
+        return tmpl.render(**context)
+    except jinja2.TemplateSyntaxError as e:
+        raise InputError(
+            f"card template {e.filename or label} line {e.lineno}: {e.message}"
+        ) from None
+    except (jinja2.TemplateError, SecurityError, TypeError, ValueError, AttributeError, KeyError,
+            ArithmeticError) as e:  # fmt: skip
+        line = _template_line(e, filename)
+        where = f" line {line}" if line else ""
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, SecurityError):
+            msg = f"refused by the sandbox: {msg}"
+        raise InputError(f"card template {filename}{where}: {msg}") from None
+
+
+def render_card(
+    vector: str | os.PathLike[str],
+    *,
+    repo_id: str | None = None,
+    scores: Scores | None = None,
+    template: str | os.PathLike[str] | None = None,
+    license: str | None = None,
+    source_licenses: Mapping[str, str | None] | None = None,
+    target: str | None = None,
+    plot: bool | bytes = True,
+    endpoint: str | None = None,
+    manifest: Mapping[str, Any] | None = None,
+) -> Card:
+    """Render the model card of the artifact folder ``vector``.
+
+    ``repo_id`` is where it will live (used in the usage snippets and as the model-index name;
+    default ``YOUR-USER/<folder name>``). ``plot``: draw the per-layer norm plot (``True``),
+    leave it out (``False``), or use these PNG bytes (from :func:`norms_plot`). A template whose output starts with ``---`` owns its
+    front matter; otherwise rvhub's metadata is put in front of the rendered body. The result's
+    front matter is checked to be a YAML mapping.
+
+    Example:
+        >>> card = render_card("./vec", repo_id="user/vec", scores=load_scores(["s.yaml"]))
+        >>> card.save("./vec-card/README.md")
+    """
+    folder = Path(vector)
+    data = dict(manifest) if manifest is not None else load_manifest(folder)
+    repo_id = repo_id or f"YOUR-USER/{folder.resolve().name}"
+    layer_norms = (data.get("stats") or {}).get("layer_norms") or {}
+    png = plot if isinstance(plot, bytes) else norms_plot(layer_norms) if plot else None
+    context = card_context(
+        folder,
+        data,
+        repo_id=repo_id,
+        scores=scores,
+        license=license,
+        source_licenses=source_licenses,
+        target=target,
+        plot=png is not None,
+        endpoint=(endpoint or "https://huggingface.co").rstrip("/"),
+    )
+    body = render_template(context, template)
+    if body.lstrip().startswith("---"):
+        text = body.lstrip()
+        meta, _ = split_front_matter(text)
+        if meta is None:
+            raise InputError("the card template's front matter is not closed by a '---' line")
+    else:
+        meta = context["metadata"]
+        text = dump_front_matter(meta) + "\n" + body.lstrip("\n")
+    return Card(text=text, metadata=meta, plot_png=png)

@@ -1,0 +1,98 @@
+"""What every encoding shares: the options a writer takes, what it returns, and the reading
+helpers for the tensor files an artifact lists.
+
+An encoding is a small class with a ``name`` and three methods (:class:`Encoding`): ``check``
+refuses bad options before any work, ``write`` streams the chosen tensors of a source into
+an artifact folder, ``open`` reads such a folder back as a source. The registry in
+:mod:`rvhub.encodings` assembles the manifest around ``write`` the same way for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..constants import ADAPTER_WEIGHTS_NAME, DEFAULT_MAX_SHARD
+from ..errors import IntegrityError
+from ..io.safetensors import DTYPES, TensorEntry, read_header
+from ..manifest import artifact_file
+from ..sources import VectorSource
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How to write a vector: storage dtype, limits, and the LoRA factorisation options."""
+
+    dtype: torch.dtype | None = None  # None: each delta's own (the sources') dtype
+    allow_nonfinite: bool = False
+    max_shard_size: int = DEFAULT_MAX_SHARD
+    rank: int | None = None
+    energy: float | None = None
+    max_error: float | None = None
+    svd: str = "randomized"
+    device: str = "cpu"
+
+
+@dataclass
+class Encoded:
+    """What an encoding wrote into the folder, for the manifest."""
+
+    files: dict[str, dict[str, Any]]  # name -> {sha256, size}
+    tensors: dict[str, dict[str, Any]]  # the manifest's tensor table
+    stats: dict[str, Any]
+    dtypes: list[str]
+    compression: dict[str, Any] | None = None
+
+
+class Encoding(Protocol):
+    name: str
+
+    def check(self, options: WriteOptions) -> None:
+        """Raise :class:`~rvhub.errors.InputError` for options this encoding cannot honour."""
+
+    def write(
+        self,
+        source: VectorSource,
+        names: list[str],
+        folder: Path,
+        options: WriteOptions,
+        meta: Mapping[str, Any],
+    ) -> Encoded:
+        """Write the deltas ``names`` of ``source`` into ``folder`` (a fresh temp folder)."""
+        ...
+
+    def open(self, folder: Path, manifest: dict[str, Any]) -> VectorSource:
+        """The source of an artifact of this encoding (hashes were checked by the caller)."""
+        ...
+
+
+def declared(
+    manifest: Mapping[str, Any],
+) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+    """Shapes and dtypes of the tensors the manifest declares."""
+    shapes, dtypes = {}, {}
+    for name, info in manifest["tensors"].items():
+        dt = info.get("dtype")
+        if dt not in DTYPES:
+            raise IntegrityError(f"rvhub.json: tensor {name!r} has unknown dtype {dt!r}")
+        shapes[name] = tuple(info["shape"])
+        dtypes[name] = DTYPES[dt]
+    return shapes, dtypes
+
+
+def stored_entries(folder: Path, manifest: Mapping[str, Any]) -> dict[str, TensorEntry]:
+    """Every tensor in the artifact's listed ``*.safetensors`` files (the adapter's aside)."""
+    entries: dict[str, TensorEntry] = {}
+    for name in manifest["files"]:
+        if not name.endswith(".safetensors") or name == ADAPTER_WEIGHTS_NAME:
+            continue
+        found, _ = read_header(artifact_file(folder, name))
+        for tname, entry in found.items():
+            if tname in entries:
+                raise IntegrityError(f"tensor {tname!r} appears in two files of {folder}")
+            entries[tname] = entry
+    return entries

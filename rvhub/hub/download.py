@@ -1,0 +1,154 @@
+"""Downloads from the Hub: a model checkpoint's safetensors weights and side files, or a
+vector artifact (its manifest first, then exactly the files the manifest lists), through
+huggingface_hub's cache, and one line for each way the Hub or the network can fail.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..constants import MANIFEST_NAME
+from ..errors import HubError, InputError
+from ..manifest import artifact_file, validate_manifest
+
+# What a model checkpoint download fetches: weights as safetensors, config and tokenizer.
+CHECKPOINT_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+    "preprocessor_config.json",
+]
+
+
+def _hub_error(exc: BaseException, repo_id: str, revision: str | None) -> HubError | InputError:
+    """Turn huggingface_hub / network exceptions into one clear line."""
+    from huggingface_hub import errors as hf_errors
+
+    rev = f" at revision {revision}" if revision else ""
+    if isinstance(exc, hf_errors.RevisionNotFoundError):
+        return InputError(f"{repo_id} has no revision {revision!r}; check the branch, tag or sha")
+    if isinstance(exc, hf_errors.GatedRepoError):
+        return HubError(
+            f"{repo_id} is gated: accept its terms on the Hub, then log in (hf auth login)"
+        )
+    if isinstance(exc, hf_errors.RepositoryNotFoundError):
+        return InputError(
+            f"{repo_id}: no such repo on the Hub (or it is private: log in with hf auth login "
+            "or set HF_TOKEN); for a local folder, check the path"
+        )
+    if isinstance(exc, hf_errors.LocalEntryNotFoundError):
+        return HubError(
+            f"cannot reach the Hub for {repo_id}{rev} and it is not in the local cache "
+            "(offline or network down); connect, or unset HF_HUB_OFFLINE"
+        )
+    if isinstance(exc, hf_errors.EntryNotFoundError):
+        return InputError(f"{repo_id}{rev} lacks a file rvhub needs ({exc})".split("\n")[0])
+    if isinstance(exc, hf_errors.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            return HubError(
+                f"the Hub refused access to {repo_id} (HTTP {status}): check your token "
+                "(HF_TOKEN or hf auth login) and its permissions"
+            )
+        return HubError(f"the Hub failed a request for {repo_id}{rev}: {str(exc).splitlines()[0]}")
+    return HubError(
+        f"cannot reach the Hub for {repo_id}{rev}: {str(exc).splitlines()[0] or type(exc).__name__}"
+    )
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """httpx's errors under both names huggingface_hub has used (``httpx``, then ``httpx2``)."""
+    out: list[type[BaseException]] = []
+    for module in ("httpx2", "httpx"):
+        try:
+            out.append(__import__(module).HTTPError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(out)
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub import errors as hf_errors
+
+    return (
+        hf_errors.HfHubHTTPError,
+        hf_errors.LocalEntryNotFoundError,
+        *_transport_errors(),
+        OSError,
+    )
+
+
+def download_checkpoint(
+    repo_id: str, *, revision: str | None = None, **hub: Any
+) -> tuple[Path, dict[str, Any]]:
+    """Download a model's safetensors weights and side files; returns (folder, provenance).
+
+    ``hub`` passes huggingface_hub's ``token``, ``cache_dir`` and ``local_files_only`` on.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, **hub)
+        )
+    except _network_errors() as e:
+        raise _hub_error(e, repo_id, revision) from None
+    if not any(folder.glob("*.safetensors")):
+        raise InputError(
+            f"{repo_id} has no safetensors weights (only pickle .bin files?); rvhub refuses "
+            "pickles: convert the model with save_pretrained(safe_serialization=True) and push it"
+        )
+    info = {
+        "kind": "hub",
+        "repo_id": repo_id,
+        "revision": folder.name,  # snapshot folders are named by commit sha
+        "requested_revision": revision or "main",
+    }
+    return folder, info
+
+
+def download_vector_snapshot(
+    repo_id: str, *, revision: str | None = None, **hub: Any
+) -> tuple[Path, dict[str, Any]]:
+    """Download a vector repo: its manifest first, then exactly the files it lists; returns
+    (snapshot folder, provenance). ``hub``: huggingface_hub's ``token``, ``cache_dir``,
+    ``local_files_only``."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        manifest_path = Path(hf_hub_download(repo_id, MANIFEST_NAME, revision=revision, **hub))
+    except _network_errors() as e:
+        raise _hub_error(e, repo_id, revision) from None
+    folder = manifest_path.parent
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        raise InputError(f"{repo_id}: {MANIFEST_NAME} is not valid JSON") from None
+    validate_manifest(manifest)
+    names = list(manifest["files"])
+    for name in names:
+        artifact_file(folder, name)  # refuse ../ and absolute names before fetching anything
+    sha = folder.name
+    try:
+        snapshot_download(
+            repo_id, revision=sha, allow_patterns=[*names, "README.md", "*.png"], **hub
+        )
+    except _network_errors() as e:
+        raise _hub_error(e, repo_id, revision) from None
+    return folder, {
+        "kind": "hub",
+        "repo_id": repo_id,
+        "revision": sha,
+        "requested_revision": revision or "main",
+    }

@@ -1,0 +1,190 @@
+"""Adding ``α·v`` to a live ``nn.Module`` in place, each delta on its parameter's own device.
+
+The math is float32 (or the parameter's wider dtype) with one rounding to the parameter's
+dtype. Dense deltas of CUDA parameters go straight from the pinned file to the GPU
+(:mod:`rvhub.io.gpu`); fused MoE parameters receive deltas mapped through transformers' own
+conversion ops (:mod:`rvhub.ops.conversion`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ..errors import CompatibilityError
+from ..io.kernels import add_scaled_
+from ..io.progress import logger
+from ..sources import VectorSource, split_excluded
+from .plan import ApplyReport, check_finite, check_scale, plan_apply
+
+
+def apply_to_model(
+    source: VectorSource,
+    model_info: Mapping[str, Any],
+    model: torch.nn.Module,
+    *,
+    manifest: Mapping[str, Any] | None = None,
+    scale: float = 1.0,
+    exclude: Iterable[str] = (),
+    vocab: str = "strict",
+    allow_nonfinite: bool = False,
+) -> ApplyReport:
+    """Add ``scale · v`` to ``model`` in place; see :meth:`rvhub.ReasoningVector.apply_to`.
+
+    ``model_info`` is the vector's recorded model identity; ``manifest`` its verified manifest,
+    when it has one (it records whether any delta is non-finite).
+    """
+    scale = check_scale(scale)
+    wanted, excluded = split_excluded(source.shapes, exclude)
+    params = dict(model.named_parameters())  # tied weights appear once
+    config = getattr(model, "config", None)
+    config_dict = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
+    if _needs_conversion(model, wanted, params):
+        return _apply_converted(
+            source, model_info, manifest, model, params, config_dict, wanted, excluded, scale,
+            allow_nonfinite,
+        )  # fmt: skip
+    plan = plan_apply(
+        source.shapes,
+        model_info,
+        {n: tuple(p.shape) for n, p in params.items()},
+        config_dict,
+        vocab=vocab,
+        excluded=excluded,
+        target_tied=_live_tied(model),
+    )
+    check_finite(source, manifest, sorted({v for v, _ in plan.targets.values()}), allow_nonfinite)
+    report = ApplyReport.from_plan(plan, scale)
+    work = [(params[t], vname, rows) for t, (vname, rows) in plan.targets.items()]
+    _refuse_offloaded(plan.targets, params)
+    _add_live(source, work, scale)
+    _warn_overflow(model, report)
+    return report
+
+
+def _refuse_offloaded(names: Iterable[str], params: dict[str, torch.nn.Parameter]) -> None:
+    """A parameter on the meta device (accelerate's disk offload) would ignore an add_."""
+    offloaded = [n for n in names if n in params and params[n].device.type == "meta"]
+    if offloaded:
+        raise CompatibilityError(
+            f"{offloaded[0]} (and {len(offloaded) - 1} more) are offloaded (meta device): an "
+            "in-place add would be lost; apply to the checkpoint on disk with `rvhub apply` "
+            "instead, or load the model without disk offload"
+        )
+
+
+def _needs_conversion(model: torch.nn.Module, names: list[str], params: dict[str, Any]) -> bool:
+    """True when the vector's checkpoint names are not the model's live parameter names."""
+    # A tied lm_head is not in named_parameters(); compat.plan_apply handles it.
+    unknown = [n for n in names if n not in params and n != "lm_head.weight"]
+    if not unknown:
+        return False
+    from .conversion import has_conversions  # imports transformers: only when needed
+
+    return has_conversions(model)
+
+
+def _apply_converted(
+    source: VectorSource,
+    model_info: Mapping[str, Any],
+    manifest: Mapping[str, Any] | None,
+    model: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
+    config_dict: dict[str, Any],
+    wanted: list[str],
+    excluded: list[str],
+    scale: float,
+    allow_nonfinite: bool,
+) -> ApplyReport:
+    """Map checkpoint-format deltas through transformers' own conversion ops (fused MoE)."""
+    from .conversion import plan_live_mapping
+
+    live = plan_live_mapping(model, wanted)
+    vt = model_info.get("model_type")
+    tt = config_dict.get("model_type")
+    if vt and tt and vt != tt:
+        raise CompatibilityError(f"the vector was made for model_type {vt}, the target is {tt}")
+    check_finite(source, manifest, wanted, allow_nonfinite)
+    report = ApplyReport(scale=scale, skipped=excluded, missing=list(live.unmapped))
+    _refuse_offloaded((t for g in live.groups for t in g.targets), params)
+    seen: set[int] = set()
+    with torch.no_grad():
+        for pname, delta in live.deltas(lambda n: source.get(n, None)):
+            p = params[pname]
+            if p.data_ptr() in seen:
+                report.notes.append(
+                    f"{pname}: shares storage with a tensor already changed; skipped"
+                )
+                continue
+            seen.add(p.data_ptr())
+            if tuple(p.shape) != tuple(delta.shape):
+                raise CompatibilityError(
+                    f"the vector does not fit the target: {pname} is {list(p.shape)}, "
+                    f"the mapped delta {list(delta.shape)}"
+                )
+            add_scaled_(p.data, delta.to(p.device, non_blocking=False), scale)
+            report.applied.append(pname)
+    report.untouched = [n for n in params if n not in set(report.applied)]
+    _warn_overflow(model, report)
+    return report
+
+
+def _live_tied(model: torch.nn.Module) -> bool:
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return False
+    try:
+        emb, head = get_in(), get_out()
+    except (AttributeError, NotImplementedError):
+        return False
+    return emb is not None and head is not None and head.weight is emb.weight
+
+
+def _add_live(
+    source: VectorSource, work: list[tuple[torch.nn.Parameter, str, int | None]], scale: float
+) -> None:
+    seen: set[int] = set()
+    gpu_work = []
+    with torch.no_grad():
+        for param, vname, rows in work:
+            key = param.data_ptr()
+            if key in seen:
+                continue  # a tied weight reached twice: one storage, one delta
+            seen.add(key)
+            entry = source.stored_entry(vname) if param.device.type == "cuda" else None
+            if entry is not None:  # dense bytes on disk: one DMA from the pinned file
+                gpu_work.append((param.data, entry, rows))
+                continue
+            delta = source.delta_on(vname, param.device)  # LoRA: B @ A on that device
+            target = param.data
+            if rows is not None:
+                target = target[:rows]
+                delta = delta[:rows]
+            add_scaled_(target, delta.to(param.device), scale)
+        if gpu_work:
+            from ..io.gpu import apply_dense_cuda
+
+            apply_dense_cuda(gpu_work, scale)
+
+
+def _warn_overflow(model: torch.nn.Module, report: ApplyReport) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.dtype == torch.float16}
+    if not params:
+        return
+    bad = [
+        n
+        for n in report.applied
+        if n in params
+        and params[n].dtype == torch.float16
+        and not bool(torch.isfinite(params[n]).all())
+    ]
+    if bad:
+        msg = (
+            f"float16 overflow: {bad[0]} (and {len(bad) - 1} more) now hold Inf/NaN after "
+            f"adding {report.scale:g}·v; use a smaller scale or a bfloat16/float32 model"
+        )
+        report.notes.append(msg)
+        logger.warning(msg)
