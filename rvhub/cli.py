@@ -181,33 +181,15 @@ def _encoding_options(func: Any) -> Any:
     return func
 
 
-def _write_encoded(
-    vec: Any,
-    output: Path,
-    *,
-    encoding: str,
-    rank: int | None,
-    energy: float | None,
-    max_error: float | None,
-    svd: str,
-    device: str,
-    **kwargs: Any,
-) -> Path:
+def _write_encoded(vec: Any, output: Path, options: dict[str, Any]) -> Path:
+    """Save ``vec`` with the encoding options of ``extract``/``compress`` (see
+    ``_encoding_options``), refusing LoRA options without ``--encoding lora``."""
     from .vector import compress_vector
 
-    if encoding != "lora" and any(x is not None for x in (rank, energy, max_error)):
+    lora_only = [options[k] for k in ("rank", "energy", "max_error")]
+    if options["encoding"] != "lora" and any(x is not None for x in lora_only):
         raise click.UsageError("--rank/--energy/--max-error need --encoding lora")
-    return compress_vector(
-        vec,
-        output,
-        encoding=encoding,
-        rank=rank,
-        energy=energy,
-        max_error=max_error,
-        svd=svd,
-        device=device,
-        **kwargs,
-    )
+    return compress_vector(vec, output, **options)
 
 
 def _report_written(path: Path) -> None:
@@ -270,12 +252,7 @@ def extract(
     overwrite: bool,
     allow_nonfinite: bool,
     max_shard_size: str,
-    encoding: str,
-    rank: int | None,
-    energy: float | None,
-    max_error: float | None,
-    svd: str,
-    device: str,
+    **encoding_options: Any,
 ) -> None:
     """Compute the reasoning vector v = A − B and save it to OUTPUT.
 
@@ -289,20 +266,14 @@ def extract(
     check_output(output, overwrite=overwrite)
     torch_dtype = parse_dtype(dtype) if dtype else None
     vec = extract_vector(a, b, revision_a=revision_a, revision_b=revision_b, exclude=exclude)
-    path = _write_encoded(
-        vec,
-        output,
-        encoding=encoding,
-        rank=rank,
-        energy=energy,
-        max_error=max_error,
-        svd=svd,
-        device=device,
+    options = dict(
+        encoding_options,
         dtype=torch_dtype,
         overwrite=overwrite,
         allow_nonfinite=allow_nonfinite,
         max_shard_size=parse_size(max_shard_size),
     )
+    path = _write_encoded(vec, output, options)
     _report_written(path)
 
 
@@ -464,19 +435,25 @@ def _card_options(func: Any) -> Any:
     return func
 
 
-def _load_card_scores(scores: tuple[Path, ...], lm_eval: tuple[str, ...]) -> Any:
+def _card_arguments(options: dict[str, Any]) -> dict[str, Any]:
+    """The ``_card_options`` as the keyword arguments of ``build_card`` / ``push_vector``."""
     from .card.scores import load_scores
     from .errors import InputError
 
     pairs = []
-    for item in lm_eval:
+    for item in options["lm_eval"]:
         condition, sep, file = item.partition("=")
         if not sep or not file:
             raise InputError(
                 f"--lm-eval {item!r}: write CONDITION=FILE, e.g. --lm-eval baseline=results.json"
             )
         pairs.append((condition, Path(file)))
-    return load_scores(scores, lm_eval=pairs)
+    return {
+        "scores": load_scores(options["scores"], lm_eval=pairs),
+        "template": options["template"],
+        "license": options["license_"],
+        "target": options["target"],
+    }
 
 
 @cli.command()
@@ -498,11 +475,7 @@ def card(
     output: Path,
     repo_id: str | None,
     revision: str | None,
-    scores: tuple[Path, ...],
-    lm_eval: tuple[str, ...],
-    template: Path | None,
-    license_: str | None,
-    target: str | None,
+    **card_options: Any,
 ) -> None:
     """Render VECTOR's model card (README.md with Hub metadata and scores) to preview it.
 
@@ -514,7 +487,7 @@ def card(
     from .hub.resolve import resolve_artifact
     from .manifest import load_manifest
 
-    parsed = _load_card_scores(scores, lm_eval)
+    card_args = _card_arguments(card_options)
     folder, origin = resolve_artifact(vector, revision=revision)
     manifest = load_manifest(folder)
     if repo_id is None and origin.get("kind") == "hub":
@@ -523,10 +496,7 @@ def card(
         folder,
         manifest,
         repo_id=repo_id or f"YOUR-USER/{folder.resolve().name}",
-        scores=parsed,
-        template=template,
-        license=license_,
-        target=target,
+        **card_args,
     )
     written = rendered.save(output)
     click.echo("wrote " + ", ".join(str(p) for p in written))
@@ -560,11 +530,7 @@ def push(
     commit_message: str | None,
     create_pr: bool,
     card_file: Path | None,
-    scores: tuple[Path, ...],
-    lm_eval: tuple[str, ...],
-    template: Path | None,
-    license_: str | None,
-    target: str | None,
+    **card_options: Any,
 ) -> None:
     """Publish the vector folder VECTOR to the Hub repo REPO_ID (user/name) in one commit.
 
@@ -574,7 +540,7 @@ def push(
     """
     from .hub.push import push_vector
 
-    parsed = _load_card_scores(scores, lm_eval)
+    card_args = _card_arguments(card_options)
     result = push_vector(
         vector,
         repo_id,
@@ -582,11 +548,8 @@ def push(
         revision=revision,
         commit_message=commit_message,
         create_pr=create_pr,
-        scores=parsed,
-        template=template,
         card=card_file,
-        license=license_,
-        target=target,
+        **card_args,
     )
     if not result.changed:
         click.echo(f"no changes; {result.url} already at {result.commit_sha}")
@@ -614,15 +577,10 @@ def compress(
     output: Path,
     revision: str | None,
     dtype: str | None,
-    encoding: str,
-    rank: int | None,
-    energy: float | None,
-    max_error: float | None,
-    svd: str,
-    device: str,
     exclude: tuple[str, ...],
     overwrite: bool,
     allow_nonfinite: bool,
+    **encoding_options: Any,
 ) -> None:
     """Re-encode an existing vector: LoRA (a stock PEFT adapter) or lossless sparse.
 
@@ -636,20 +594,14 @@ def compress(
 
     check_output(output, overwrite=overwrite)
     vec = load_vector(vector, revision=revision)
-    path = _write_encoded(
-        vec,
-        output,
-        encoding=encoding,
-        rank=rank,
-        energy=energy,
-        max_error=max_error,
-        svd=svd,
-        device=device,
+    options = dict(
+        encoding_options,
         dtype=dtype,
         exclude=list(exclude),
         overwrite=overwrite,
         allow_nonfinite=allow_nonfinite,
     )
+    path = _write_encoded(vec, output, options)
     _report_written(path)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +34,18 @@ from .manifest import SourceFingerprint
 Take = Callable[[int, torch.dtype], torch.Tensor]
 
 _CHUNK_SLAB = 1 << 20  # elements of A and B read at a time by DifferenceSource.chunk
+
+
+@dataclass(frozen=True)
+class Slab:
+    """Elements ``[start, stop)`` of the delta ``name``, to be rounded into ``out`` (a flat
+    buffer of the storage dtype) with their statistics added to ``moments``."""
+
+    name: str
+    start: int
+    stop: int
+    out: torch.Tensor
+    moments: Moments
 
 
 def compile_excludes(patterns: Iterable[str]) -> list[re.Pattern[str]]:
@@ -92,21 +105,12 @@ class VectorSource:
         """Whether :meth:`store_slab` measures ‖B + v − A‖ (only a difference can)."""
         return False
 
-    def store_slab(
-        self,
-        name: str,
-        start: int,
-        stop: int,
-        out: torch.Tensor,
-        moments: Moments,
-        scratch: Scratch,
-        pool: SlabPool,
-        *,
-        roundtrip: bool = True,
-    ) -> None:
-        """Elements ``[start, stop)`` of the delta rounded into ``out`` (its dtype); adds ‖d‖²
-        (and, where :attr:`measures_roundtrip` and ``roundtrip``, ‖B + v − A‖²) to ``moments``."""
-        store_into(self.chunk(name, start, stop), out, moments, scratch)
+    def store_slab(self, slab: Slab, scratch: Scratch, pool: SlabPool, roundtrip: bool) -> None:
+        """The slab's elements of its delta rounded into ``slab.out`` (its dtype); adds ‖d‖²
+        (and, where :attr:`measures_roundtrip` and ``roundtrip``, ‖B + v − A‖²) to
+        ``slab.moments``. ``scratch`` and ``pool`` are the caller's reusable buffers."""
+        d = self.chunk(slab.name, slab.start, slab.stop)
+        store_into(d, slab.out, slab.moments, scratch)
 
     def track_fingerprints(self) -> None:
         """Start fingerprinting local sources as their bytes are read (see :meth:`fingerprints`)."""
@@ -164,20 +168,9 @@ class DifferenceSource(VectorSource):
     def measures_roundtrip(self) -> bool:
         return True
 
-    def store_slab(
-        self,
-        name: str,
-        start: int,
-        stop: int,
-        out: torch.Tensor,
-        moments: Moments,
-        scratch: Scratch,
-        pool: SlabPool,
-        *,
-        roundtrip: bool = True,
-    ) -> None:
-        a, b = self.parts(name, start, stop, pool.take)
-        diff_into(a, b, out, moments, scratch, roundtrip=roundtrip)
+    def store_slab(self, slab: Slab, scratch: Scratch, pool: SlabPool, roundtrip: bool) -> None:
+        a, b = self.parts(slab.name, slab.start, slab.stop, pool.take)
+        diff_into(a, b, slab.out, slab.moments, scratch, roundtrip=roundtrip)
         pool.give(a, b)
 
     def track_fingerprints(self) -> None:

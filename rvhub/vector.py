@@ -305,16 +305,13 @@ class ReasoningVector:
         Example:
             >>> report = load_vector("./reasoning-vector").apply_to(model, scale=1.0)
         """
-        return apply_to_model(
-            self.source,
-            self.model_info,
-            model,
-            manifest=self.manifest,
-            scale=scale,
-            exclude=exclude,
-            vocab=vocab,
-            allow_nonfinite=allow_nonfinite,
-        )
+        how: dict[str, Any] = {
+            "scale": scale,
+            "exclude": exclude,
+            "vocab": vocab,
+            "allow_nonfinite": allow_nonfinite,
+        }
+        return apply_to_model(self.source, self.model_info, model, manifest=self.manifest, **how)
 
     def verify_against(
         self,
@@ -426,14 +423,12 @@ def download_vector(
     Example:
         >>> folder = download_vector("user/qwen-reasoning-vector", revision="v1.0")
     """
-    folder, _ = resolve_artifact(
-        repo_id,
-        revision=revision,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-    )
-    return folder
+    hub: dict[str, Any] = {
+        "token": token,
+        "cache_dir": cache_dir,
+        "local_files_only": local_files_only,
+    }
+    return resolve_artifact(repo_id, revision=revision, **hub)[0]
 
 
 def load_vector(
@@ -455,13 +450,12 @@ def load_vector(
         >>> v = load_vector("user/qwen2.5-1.5b-reasoning-vector")
         >>> v.apply_to(model, scale=1.0)
     """
-    folder, origin = resolve_artifact(
-        source,
-        revision=revision,
-        token=token,
-        cache_dir=cache_dir,
-        local_files_only=local_files_only,
-    )
+    hub: dict[str, Any] = {
+        "token": token,
+        "cache_dir": cache_dir,
+        "local_files_only": local_files_only,
+    }
+    folder, origin = resolve_artifact(source, revision=revision, **hub)
     manifest = load_manifest(folder)
     for entry in folder.iterdir():
         if entry.suffix in PICKLE_SUFFIXES:
@@ -521,6 +515,12 @@ def apply_to_checkpoint(
         "vector": vec.meta.get("origin") or (str(vec.path) if vec.path else None),
         "vector_sources": vec.meta.get("sources"),
     }
+    how: dict[str, Any] = {
+        "scale": scale,
+        "exclude": exclude,
+        "vocab": vocab,
+        "allow_nonfinite": allow_nonfinite,
+    }
     return apply_to_checkpoint_files(
         vec.source,
         vec.model_info,
@@ -528,12 +528,9 @@ def apply_to_checkpoint(
         out,
         manifest=vec.manifest,
         provenance=provenance,
-        scale=scale,
-        exclude=exclude,
-        vocab=vocab,
         overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
         device=device,
+        **how,
     )
 
 

@@ -21,7 +21,7 @@ from ..errors import InputError, IntegrityError
 from ..io.atomic import atomic_dir, check_output
 from ..manifest import build_manifest, remember_written, stamp_files, write_manifest
 from ..sources import VectorSource, split_excluded
-from .base import Encoding, WriteOptions
+from .base import Encoding, WriteJob, WriteOptions
 from .dense import DenseEncoding
 from .lora import LoraEncoding
 from .sparse import SparseEncoding
@@ -32,12 +32,9 @@ ENCODINGS: dict[str, Encoding] = {
 
 
 def get_encoding(name: str) -> Encoding:
-    try:
-        return ENCODINGS[name]
-    except KeyError:
-        raise InputError(
-            f"--encoding must be one of {', '.join(ENCODINGS)}, not {name!r}"
-        ) from None
+    if name not in ENCODINGS:
+        raise InputError(f"--encoding must be one of {', '.join(ENCODINGS)}, not {name!r}")
+    return ENCODINGS[name]
 
 
 def write_artifact(
@@ -62,7 +59,7 @@ def write_artifact(
         raise InputError("every tensor was excluded: the vector would be empty")
     with atomic_dir(out_path, overwrite=overwrite) as tmp:
         source.track_fingerprints()
-        encoded = codec.write(source, names, tmp, options, meta)
+        encoded = codec.write(WriteJob(source, names, tmp, options, meta))
         manifest = build_manifest(
             meta,
             encoding,

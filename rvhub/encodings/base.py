@@ -3,7 +3,7 @@ helpers for the tensor files an artifact lists.
 
 An encoding is a small class with a ``name`` and three methods (:class:`Encoding`): ``check``
 refuses bad options before any work, ``write`` streams the chosen tensors of a source into
-an artifact folder, ``open`` reads such a folder back as a source. The registry in
+an artifact folder (a :class:`WriteJob`), ``open`` reads such a folder back as a source. The registry in
 :mod:`rvhub.encodings` assembles the manifest around ``write`` the same way for all of them.
 """
 
@@ -37,6 +37,18 @@ class WriteOptions:
     device: str = "cpu"
 
 
+@dataclass(frozen=True)
+class WriteJob:
+    """One write: the deltas ``names`` of ``source`` into ``folder`` (a fresh temp folder),
+    with the vector's provenance ``meta``."""
+
+    source: VectorSource
+    names: list[str]
+    folder: Path
+    options: WriteOptions
+    meta: Mapping[str, Any]
+
+
 @dataclass
 class Encoded:
     """What an encoding wrote into the folder, for the manifest."""
@@ -54,15 +66,8 @@ class Encoding(Protocol):
     def check(self, options: WriteOptions) -> None:
         """Raise :class:`~rvhub.errors.InputError` for options this encoding cannot honour."""
 
-    def write(
-        self,
-        source: VectorSource,
-        names: list[str],
-        folder: Path,
-        options: WriteOptions,
-        meta: Mapping[str, Any],
-    ) -> Encoded:
-        """Write the deltas ``names`` of ``source`` into ``folder`` (a fresh temp folder)."""
+    def write(self, job: WriteJob) -> Encoded:
+        """Write ``job``'s deltas into its folder; return what the manifest needs."""
         ...
 
     def open(self, folder: Path, manifest: dict[str, Any]) -> VectorSource:

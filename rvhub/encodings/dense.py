@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,8 @@ from ..io.safetensors import (
 )
 from ..io.stream import SlabPool, plan_shards, shard_file_names, write_streams
 from ..manifest import StatsBook, file_info, tensor_json
-from ..sources import Take, VectorSource
-from .base import Encoded, WriteOptions, declared, stored_entries
+from ..sources import Slab, Take, VectorSource
+from .base import Encoded, WriteJob, WriteOptions, declared, stored_entries
 
 
 class DenseSource(VectorSource):
@@ -104,7 +104,7 @@ def write_dense_files(
     def _slab(name: str, start: int, stop: int) -> torch.Tensor:
         moments = book.tensors[name]
         stored = pool.take(stop - start, dtypes[name])
-        source.store_slab(name, start, stop, stored, moments, scratch, pool)
+        source.store_slab(Slab(name, start, stop, stored, moments), scratch, pool, True)
         must_be_finite(name, moments, options)
         return stored
 
@@ -146,9 +146,7 @@ def stored_delta(
     out = torch.empty(numel, dtype=dtype)
     moments = Moments()
     for start, stop in iter_chunks(numel, SLAB_ELEMS):
-        source.store_slab(
-            name, start, stop, out[start:stop], moments, scratch, pool, roundtrip=False
-        )
+        source.store_slab(Slab(name, start, stop, out[start:stop], moments), scratch, pool, False)
     return out.reshape(shape), moments
 
 
@@ -158,19 +156,12 @@ class DenseEncoding:
     def check(self, options: WriteOptions) -> None:
         pass
 
-    def write(
-        self,
-        source: VectorSource,
-        names: list[str],
-        folder: Path,
-        options: WriteOptions,
-        meta: Mapping[str, Any],
-    ) -> Encoded:
-        w = write_dense_files(source, names, folder, options)
+    def write(self, job: WriteJob) -> Encoded:
+        w = write_dense_files(job.source, job.names, job.folder, job.options)
         return Encoded(
             files=w.files,
             tensors=w.tensor_table(),
-            stats=w.book.summary(source.measures_roundtrip),
+            stats=w.book.summary(job.source.measures_roundtrip),
             dtypes=[dtype_name(d) for d in w.dtypes.values()],
         )
 

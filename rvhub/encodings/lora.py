@@ -53,7 +53,7 @@ from ..io.progress import bar
 from ..io.safetensors import DTYPE_NAMES, FileHandles, dtype_name, read_range
 from ..manifest import file_info, inside_folder, norm_summary
 from ..sources import VectorSource
-from .base import Encoded, WriteOptions, declared, stored_entries
+from .base import Encoded, WriteJob, WriteOptions, declared, stored_entries
 from .dense import write_dense_files
 
 PEFT_KEY_PREFIX = "base_model.model."
@@ -685,14 +685,8 @@ class LoraEncoding:
     def check(self, options: WriteOptions) -> None:
         check_lora_options(options)
 
-    def write(
-        self,
-        source: VectorSource,
-        names: list[str],
-        folder: Path,
-        options: WriteOptions,
-        meta: Mapping[str, Any],
-    ) -> Encoded:
+    def write(self, job: WriteJob) -> Encoded:
+        source, names, folder, options = job.source, job.names, job.folder, job.options
         dev = resolve_device(options.device)
         lora_names = [n for n in names if lora_eligible(n, source.shapes[n])]
         dense_names = [n for n in names if n not in set(lora_names)]
@@ -744,7 +738,7 @@ class LoraEncoding:
             progress.close()
         if not factors:
             raise InputError("every LoRA-eligible delta is zero: nothing to encode as LoRA")
-        a_src = (meta.get("sources") or {}).get("a") or {}
+        a_src = (job.meta.get("sources") or {}).get("a") or {}
         try:
             adapter_files = write_peft_adapter(
                 folder,

@@ -45,7 +45,7 @@ from ..io.safetensors import (
 from ..io.stream import SlabPool
 from ..manifest import norm_summary
 from ..sources import VectorSource
-from .base import Encoded, WriteOptions, declared, stored_entries
+from .base import Encoded, WriteJob, WriteOptions, declared, stored_entries
 from .dense import must_be_finite, stored_delta
 
 INDEX_PART = "__sparse_idx"
@@ -216,14 +216,7 @@ class SparseEncoding:
     def check(self, options: WriteOptions) -> None:
         pass
 
-    def write(
-        self,
-        source: VectorSource,
-        names: list[str],
-        folder: Path,
-        options: WriteOptions,
-        meta: Mapping[str, Any],
-    ) -> Encoded:
+    def write(self, job: WriteJob) -> Encoded:
         """Encode every tensor once, spooling the parts; then write header + spool as one file.
 
         The safetensors header (every part's dtype and length) must come first, and is only
@@ -231,6 +224,7 @@ class SparseEncoding:
         and are copied after the header (hashed on the way). That costs one write and read of
         the sparse bytes, much less than encoding twice, and keeps one tensor in memory.
         """
+        source, names, folder, options = job.source, job.names, job.folder, job.options
         specs: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
         tensors: dict[str, Any] = {}
         dense_total = sparse_total = 0
