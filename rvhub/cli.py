@@ -621,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _exit_now(code: int) -> NoReturn:
     # atexit handlers still run (logging's flush, torch's and huggingface_hub's clean-ups,
-    # rvhub.gpu's unpinning): 5 ms here; only the interpreter's own teardown is skipped.
+    # rvhub.io.gpu's unpinning); only the interpreter's own teardown is skipped.
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

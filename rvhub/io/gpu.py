@@ -1,19 +1,13 @@
 """Applying a dense vector to GPU-resident parameters at host-to-device copy speed.
 
-``safetensors.load_file(device="cuda")`` reads each tensor into pageable memory and copies it
-synchronously: ~12× slower than one pinned copy of the same bytes (H200, 3.09 GB). Here each
-vector file is ``mmap``ed read-only and pre-faulted (``MAP_POPULATE``: straight from the page
-cache, no read() copy) and pinned for DMA with ``cudaHostRegister`` (read-only flag: no page
-is dirtied or copied). Each tensor then reaches its parameter's GPU in one asynchronous DMA
-and is added in place on the same stream, one tensor at a time, so the vector is never whole
-on the GPU.
-
-Pinning costs about as much as the copy itself (H200, 3.09 GB: register 61 ms, DMA 57 ms,
-unregister 20 ms; benchmarks/gpu_probe.py), and pinning in chunks from several threads
-pipelined with the copies did not overlap the two (the driver serialises them). So a
-registration is kept for the next apply of the same file — the usual case is a sweep over
-α on one model — keyed by the file's identity (device, inode, size, mtime, ctime), up to
-``RVHUB_GPU_PIN_CACHE_GB`` (default 16) of pinned page cache; :func:`release_pinned` drops it.
+Each vector file is ``mmap``ed read-only and pre-faulted (``MAP_POPULATE``: straight from the
+page cache, no read() copy) and pinned for DMA with ``cudaHostRegister`` (read-only flag: no
+page is dirtied or copied). Each tensor then reaches its parameter's GPU in one asynchronous
+DMA and is added in place on the same stream, one tensor at a time, so the vector is never
+whole on the GPU. Pinning costs about as much as the copy itself, so a registration is kept
+for the next apply of the same file (an α sweep on one model is the usual case), keyed by the
+file's identity stamp, up to ``RVHUB_GPU_PIN_CACHE_GB`` (default 16) of pinned page cache;
+:func:`release_pinned` drops it. docs/design.md has the H200 measurements behind this.
 """
 
 from __future__ import annotations

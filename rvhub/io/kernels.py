@@ -126,10 +126,10 @@ def axpy_into(
     than ``t`` (vocab overlap): the tail of ``t`` is copied unchanged."""
     n = v.numel()
     if alpha in (1.0, -1.0) and v.dtype == t.dtype == out.dtype:
-        # Adding or removing a vector (the usual α) is one torch.add per slab, 2.5-4× faster
+        # Adding or removing a vector (the usual α) is one torch.add per slab, much faster
         # than the blocked loop. Only for ±1: torch's bf16/fp16 CPU add computes in float32
         # but may round alpha·v to the tensors' dtype first, which is exact only for ±1
-        # (α = 1.5 gave 5 wrong elements in 300 K; tests/test_kernels.py).
+        # (tests/test_kernels.py; docs/design.md).
         torch.add(t[:n], v, alpha=alpha, out=out[:n])
         if t.numel() > n:
             out[n:].copy_(t[n:])
