@@ -94,8 +94,8 @@ def _float_arg(value: str, what: str) -> float:
 
     try:
         return check_scale(value)
-    except RvhubError:
-        raise click.UsageError(f"{what} must be a finite number, not {value!r}") from None
+    except RvhubError as e:
+        raise click.UsageError(str(e).replace("scale", what, 1)) from None
 
 
 @click.group(cls=RvhubGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -120,3 +120,13 @@ def test_a_revision_with_a_local_vector_is_refused(family, tmp_path):
 def test_invalid_hub_ids_are_refused_before_any_request(repo_id):
     with pytest.raises(InputError, match="not a valid Hub id"):
         load_vector(repo_id)
+
+
+@pytest.mark.parametrize("scale", [1e39, "1_5", float("nan")])
+def test_apply_to_refuses_a_scale_it_cannot_compute(family, scale):
+    fam = family("qwen2")
+    model = build_model("qwen2", seed=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(InputError, match="scale"):
+        extract_vector(fam["a"], fam["b"]).apply_to(model, scale=scale)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

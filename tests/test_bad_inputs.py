@@ -277,3 +277,47 @@ def test_apply_from_an_unknown_revision(hub, vec, monkeypatch, family, tmp_path)
     out = tmp_path / "out"
     r = run("apply", repo, family("qwen2")["target"], "-o", out, "--revision", "no-such-branch")
     assert_clean_failure(r, match="has no revision 'no-such-branch'", output=out)
+
+
+@pytest.mark.parametrize("scale", ["1_5", "0x10", "1.5.0"])
+def test_scale_written_loosely(vec, family, tmp_path, scale):
+    out = tmp_path / "out"
+    r = run("apply", vec, family("qwen2")["target"], "-o", out, "--scale", scale)
+    assert_clean_failure(r, match="--scale must be a finite number", output=out)
+
+
+def test_scale_beyond_float32(vec, family, tmp_path):
+    out = tmp_path / "out"
+    r = run("apply", vec, family("qwen2")["target"], "-o", out, "--scale", "1e39")
+    assert_clean_failure(r, match="beyond float32's range", output=out)
+
+
+@pytest.mark.parametrize("command", ["inspect", "apply", "extract"])
+def test_invalid_hub_id(family, tmp_path, command):
+    out = tmp_path / "out"
+    args = {
+        "inspect": ["inspect", "org/na--me"],
+        "apply": ["apply", "org/na--me", family("qwen2")["target"], "-o", out],
+        "extract": ["extract", "org/name.", family("qwen2")["b"], "-o", out],
+    }[command]
+    assert_clean_failure(run(*args), match="is not a valid Hub id", output=out)
+
+
+def test_sharded_index_whose_weight_map_is_a_list(family, tmp_path):
+    broken = _copy(family("qwen2")["a"], tmp_path / "broken")
+    (broken / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
+    out = tmp_path / "out"
+    r = run("extract", broken, family("qwen2")["b"], "-o", out)
+    assert_clean_failure(r, match="not a valid sharded-checkpoint index", output=out)
+
+
+def test_revision_with_a_local_vector(vec, family, tmp_path):
+    out = tmp_path / "out"
+    r = run("apply", vec, family("qwen2")["target"], "-o", out, "--revision", "main")
+    assert_clean_failure(r, match="is a local path", output=out)
+
+
+def test_revision_given_twice(family, tmp_path):
+    out = tmp_path / "out"
+    r = run("apply", "user/vector@v1", family("qwen2")["target"], "-o", out, "--revision", "v2")
+    assert_clean_failure(r, match="give one of them", output=out)

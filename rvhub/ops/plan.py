@@ -222,13 +222,28 @@ class ApplyReport:
         }
 
 
+# A decimal number as users write one: no underscores (float("1_5") is 15), no hex, no inf/nan.
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def check_scale(scale: float | str) -> float:
-    try:
+    """α as a finite float that float32 math can hold; strings are parsed strictly."""
+    if isinstance(scale, str):
+        if not _NUMBER.fullmatch(scale.strip()):
+            raise InputError(f"scale must be a finite number, not {scale!r}")
         value = float(scale)
-    except (TypeError, ValueError):
-        raise InputError(f"scale must be a number, not {scale!r}") from None
+    elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        value = float(scale)
+    else:
+        raise InputError(f"scale must be a number, not {scale!r}")
     if not math.isfinite(value):
         raise InputError(f"scale must be a finite number, not {scale!r}")
+    if abs(value) > _FLOAT32_MAX:
+        raise InputError(
+            f"scale {scale!r} is beyond float32's range (±{_FLOAT32_MAX:.3g}), in which the "
+            "addition is computed"
+        )
     return value
 
 
