@@ -109,6 +109,7 @@ def cli(verbose: bool) -> None:
     rvhub inspect ./vec                           # sources, norms, round-trip error
     rvhub apply ./vec TARGET -o ./out --scale 1   # TARGET + 1·v, loads with transformers
     rvhub verify ./vec --against A B              # hashes, and B + v ≈ A
+    rvhub check ./vec TARGET                      # does TARGET descend from the vector's base?
     rvhub card ./vec --scores s.yaml -o README.md # preview the model card
     rvhub push ./vec user/name                    # publish vector + card in one commit
 
@@ -321,6 +322,11 @@ def inspect(vector: str, revision: str | None, as_json: bool) -> None:
 @exclude_option
 @overwrite_option
 @nonfinite_option
+@click.option(
+    "--allow-unrelated",
+    is_flag=True,
+    help="Apply even when TARGET does not descend from the vector's base (see `rvhub check`).",
+)
 def apply(
     vector: str,
     target: str,
@@ -333,6 +339,7 @@ def apply(
     exclude: tuple[str, ...],
     overwrite: bool,
     allow_nonfinite: bool,
+    allow_unrelated: bool,
 ) -> None:
     """Write TARGET + scale·VECTOR as a new model folder OUTPUT.
 
@@ -354,6 +361,7 @@ def apply(
         vocab=vocab,
         overwrite=overwrite,
         allow_nonfinite=allow_nonfinite,
+        allow_unrelated=allow_unrelated,
         revision=target_revision,
         device=device,
     )
@@ -389,6 +397,54 @@ def verify(
         click.echo(
             f"ok: B + v reproduces A: relative error {result['rel']:.3e} "
             f"(max abs {result['max_abs']:.3e}) over {result['tensors']} tensors"
+        )
+
+
+@cli.command()
+@click.argument("vector")
+@click.argument("target")
+@click.option("--revision", default=None, help="Hub revision of the vector.")
+@click.option("--target-revision", default=None, help="Hub revision of the target model.")
+@click.option(
+    "--vocab",
+    type=click.Choice(["strict", "overlap"]),
+    default="strict",
+    show_default=True,
+    help="As for apply: whether a vocab-size difference is refused.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def check(
+    vector: str,
+    target: str,
+    revision: str | None,
+    target_revision: str | None,
+    vocab: str,
+    as_json: bool,
+) -> None:
+    """Check that VECTOR fits TARGET, without writing anything: shapes, model type, vocab,
+    and lineage (does TARGET descend from the vector's base?).
+
+    Reads the manifest, the lineage fingerprint, TARGET's headers and a few values per tensor.
+    Exits 0 when an apply would go ahead, 3 when it would refuse.
+    """
+    from .errors import CompatibilityError
+    from .vector import check_target
+
+    result = check_target(
+        vector, target, revision=revision, target_revision=target_revision, vocab=vocab
+    )
+    lineage = result.lineage
+    if as_json:
+        click.echo(json.dumps({"lineage": lineage.as_json(), "applies": len(result.plan.targets)}))
+    else:
+        click.echo(f"fits: {len(result.plan.targets)} tensors would be applied")
+        click.echo(lineage.describe())
+        for name, dist in sorted(lineage.tensors.items(), key=lambda kv: -kv[1])[:10]:
+            click.echo(f"  {dist:8.4f}  {name}")
+    if lineage.verdict == "unrelated":
+        raise CompatibilityError(
+            f"the target is not of the vector's lineage (relative distance {lineage.overall:.2f}"
+            "); `rvhub apply` would refuse it without --allow-unrelated"
         )
 
 

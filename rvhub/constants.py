@@ -15,6 +15,7 @@ VECTOR_INDEX = "vector.safetensors.index.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_ADAPTER_WEIGHTS_NAME = "adapter_model.bin"
+LINEAGE_FILE = "lineage.safetensors"
 CARD_NAME = "README.md"
 PLOT_NAME = "layer_norms.png"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -42,6 +43,14 @@ CHUNK_ELEMS = 8 * 1024 * 1024  # elements per chunk asked of a source that is no
 GPU_PIN_CACHE_GB = 16.0
 SPARSE_WORTH_IT = 0.9  # refuse a sparse artifact that would not save at least 10%
 VOCAB_MODES = ("strict", "overlap")
+# The lineage fingerprint: per tensor, RUNS contiguous runs of RUN_LENGTH values of each source
+# at name-seeded positions; a target whose matrices lie further than LINEAGE_REFUSE (relative,
+# overall) from the vector's B is refused, beyond LINEAGE_WARN it is warned about
+# (docs/reliability.md has the calibration).
+LINEAGE_RUNS = 4
+LINEAGE_RUN_LENGTH = 16
+LINEAGE_WARN = 0.25
+LINEAGE_REFUSE = 0.6
 SVD_METHODS = ("randomized", "exact")
 
 # -- the import layers (tests/test_layering.py holds the package to them) -----------------------
@@ -52,6 +61,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "io": 1,
     "architecture": 1,
+    "lineage": 1,
     "checkpoint": 1,
     "manifest": 1,
     "sources": 2,

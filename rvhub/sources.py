@@ -12,7 +12,8 @@ appliers never test a source's type:
 - :meth:`~VectorSource.delta_on`: a whole delta built on a device (LoRA's ``B @ A``);
 - :meth:`~VectorSource.stored_entry`: the bytes on disk, for a direct GPU copy;
 - :meth:`~VectorSource.track_fingerprints` / :meth:`~VectorSource.fingerprints`: content
-  fingerprints of local sources, taken as their bytes stream past.
+  fingerprints of local sources, taken as their bytes stream past;
+- :meth:`~VectorSource.lineage`: the sources' lineage fingerprint (:mod:`rvhub.lineage`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .errors import CompatibilityError, InputError
 from .io.kernels import Moments, Scratch, diff_into, store_into
 from .io.safetensors import FileHandles, TensorEntry, read_range, tensor_bytes
 from .io.stream import SlabPool
+from .lineage import Lineage, sample_pair
 from .manifest import SourceFingerprint
 
 Take = Callable[[int, torch.dtype], torch.Tensor]
@@ -74,6 +76,11 @@ class VectorSource:
     def __init__(self, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype]) -> None:
         self.shapes = shapes
         self.dtypes = dtypes
+        self.recorded_lineage: Lineage | None = None  # set when read from an artifact
+
+    def lineage(self) -> Lineage | None:
+        """Sampled values of the vector's sources A and B (None when unknown)."""
+        return self.recorded_lineage
 
     def chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Flat elements ``[start, stop)`` of the delta, as float32."""
@@ -181,6 +188,9 @@ class DifferenceSource(VectorSource):
             if "revision" not in ckpt.source
         }
 
+    def lineage(self) -> Lineage:
+        return sample_pair(self.a.entries, self.b.entries, list(self.shapes))
+
     def fingerprints(self, names: Iterable[str]) -> dict[str, str]:
         names = list(names)
         out = {}
@@ -236,6 +246,10 @@ class CombinationSource(VectorSource):
                 dtypes[name] = dt if prev is None else torch.promote_types(prev, dt)
         super().__init__(shapes, dtypes)
         self.terms = list(terms)
+
+    def lineage(self) -> Lineage | None:
+        """The first term's: terms of one artifact family share their B."""
+        return next((t.lineage() for _, t in self.terms if t.lineage() is not None), None)
 
     def chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
         out: torch.Tensor | None = None

@@ -321,3 +321,10 @@ def test_revision_given_twice(family, tmp_path):
     out = tmp_path / "out"
     r = run("apply", "user/vector@v1", family("qwen2")["target"], "-o", out, "--revision", "v2")
     assert_clean_failure(r, match="give one of them", output=out)
+
+
+def test_target_of_another_lineage(vec, tmp_path):
+    other = save(build_model("qwen2", seed=42, dtype=torch.bfloat16), tmp_path / "other")
+    out = tmp_path / "out"
+    r = run("apply", vec, other, "-o", out)
+    assert_clean_failure(r, match="not of the vector's lineage", output=out)

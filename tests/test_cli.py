@@ -44,7 +44,7 @@ def test_extract_inspect_apply_verify(family, tmp_path):
 
     r = run("verify", vec, "--against", fam["a"], fam["b"])
     assert r.exit_code == 0, r.output
-    assert "1 files match" in r.output and "B + v reproduces A" in r.output
+    assert "2 files match" in r.output and "B + v reproduces A" in r.output
 
 
 def test_apply_with_exclude_and_overwrite(family, tmp_path):

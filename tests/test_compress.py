@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from rvhub import apply_to_checkpoint, compress_vector, extract_vector, load_vector
 from tests.cli_helpers import assert_clean_failure, run
-from tests.models import build_model, save, state_dict_of
+from tests.models import build_model, finetune_like, save, state_dict_of
 
 ARCHS = ["qwen2", "llama", "gemma2"]
 
@@ -29,7 +29,8 @@ def _lowrank_family(tmp_path, arch, rank=3):
                 p.add_(0.01 * u @ v)
             else:
                 p.add_(0.01 * torch.randn(p.shape, generator=g))
-    target = build_model(arch, seed=5)
+    target = build_model(arch, seed=0)  # a third fine-tune of the same base
+    finetune_like(target, seed=5)
     return save(a, tmp_path / "a"), save(b, tmp_path / "b"), save(target, tmp_path / "target")
 
 

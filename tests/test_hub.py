@@ -25,7 +25,13 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw:DeprecationWarning"),
 ]
 
-ARTIFACT_FILES = ["README.md", "layer_norms.png", "rvhub.json", "vector.safetensors"]
+ARTIFACT_FILES = [
+    "README.md",
+    "layer_norms.png",
+    "lineage.safetensors",
+    "rvhub.json",
+    "vector.safetensors",
+]
 
 
 @pytest.fixture
@@ -85,7 +91,7 @@ def test_pushed_vector_pulls_back_and_applies_like_the_local_one(logged_in, vec,
     assert local_sd.keys() == hub_sd.keys()
     assert all(torch.equal(local_sd[k], hub_sd[k]) for k in local_sd)
     assert inspected.exit_code == 0 and "27 tensors" in inspected.output
-    assert verified.exit_code == 0 and "1 files match their sha256" in verified.output
+    assert verified.exit_code == 0 and "2 files match their sha256" in verified.output
     card = ModelCard.load(repo_id)
     assert card.data.library_name == "rvhub" and "reasoning-vector" in card.data.tags
     assert "![‖v‖ per layer](layer_norms.png)" in card.text

@@ -19,7 +19,9 @@ from typing import Any
 
 from ..errors import InputError, IntegrityError
 from ..io.atomic import atomic_dir, check_output
-from ..manifest import build_manifest, remember_written, stamp_files, write_manifest
+from ..io.progress import logger
+from ..lineage import ALGORITHM, read_lineage
+from ..manifest import build_manifest, file_info, remember_written, stamp_files, write_manifest
 from ..sources import VectorSource, split_excluded
 from .base import Encoding, WriteJob, WriteOptions
 from .dense import DenseEncoding
@@ -57,9 +59,19 @@ def write_artifact(
     names, excluded = split_excluded(source.shapes, exclude)
     if not names:
         raise InputError("every tensor was excluded: the vector would be empty")
+    lineage = source.lineage()
     with atomic_dir(out_path, overwrite=overwrite) as tmp:
         source.track_fingerprints()
         encoded = codec.write(WriteJob(source, names, tmp, options, meta))
+        extra: dict[str, Any] = {}
+        if lineage is not None:
+            lineage_file = lineage.write(tmp, names)
+            encoded.files.update(file_info(tmp, [lineage_file]))
+            extra["lineage"] = {"file": lineage_file, "algorithm": ALGORITHM}
+        if encoded.stats.get("norm") == 0.0:
+            note = "every delta is zero: the two sources hold the same weights"
+            logger.warning("%s; the vector changes nothing (%s)", note, out_path)
+            extra["notes"] = [note]
         manifest = build_manifest(
             meta,
             encoding,
@@ -72,6 +84,7 @@ def write_artifact(
             dtypes=encoded.dtypes,
             compression=encoded.compression,
         )
+        manifest.update(extra)
         write_manifest(tmp, manifest)
         stamps = stamp_files(tmp, encoded.files)
     remember_written(out_path, encoded.files, stamps)
@@ -85,7 +98,9 @@ def open_source(folder: Path, manifest: dict[str, Any]) -> VectorSource:
         raise IntegrityError(
             f"{folder}: encoding {manifest['encoding']!r} is not readable by this rvhub version"
         )
-    return codec.open(folder, manifest)
+    source = codec.open(folder, manifest)
+    source.recorded_lineage = read_lineage(folder, manifest)
+    return source
 
 
 __all__ = ["ENCODINGS", "Encoding", "WriteOptions", "get_encoding", "open_source", "write_artifact"]

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..constants import ADAPTER_WEIGHTS_NAME, DEFAULT_MAX_SHARD
+from ..constants import ADAPTER_WEIGHTS_NAME, DEFAULT_MAX_SHARD, LINEAGE_FILE
 from ..errors import IntegrityError
 from ..io.safetensors import DTYPES, TensorEntry, read_header
 from ..manifest import artifact_file
@@ -90,10 +90,10 @@ def declared(
 
 
 def stored_entries(folder: Path, manifest: Mapping[str, Any]) -> dict[str, TensorEntry]:
-    """Every tensor in the artifact's listed ``*.safetensors`` files (the adapter's aside)."""
+    """Every tensor in the artifact's listed ``*.safetensors`` files (adapter and lineage aside)."""
     entries: dict[str, TensorEntry] = {}
     for name in manifest["files"]:
-        if not name.endswith(".safetensors") or name == ADAPTER_WEIGHTS_NAME:
+        if not name.endswith(".safetensors") or name in (ADAPTER_WEIGHTS_NAME, LINEAGE_FILE):
             continue
         found, _ = read_header(artifact_file(folder, name))
         for tname, entry in found.items():

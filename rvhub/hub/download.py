@@ -119,7 +119,7 @@ def download_checkpoint(
 
 
 def download_vector_snapshot(
-    repo_id: str, *, revision: str | None = None, **hub: Any
+    repo_id: str, *, revision: str | None = None, only: list[str] | None = None, **hub: Any
 ) -> tuple[Path, dict[str, Any]]:
     """Download a vector repo: its manifest first, then exactly the files it lists; returns
     (snapshot folder, provenance). ``hub``: huggingface_hub's ``token``, ``cache_dir``,
@@ -140,6 +140,8 @@ def download_vector_snapshot(
     for name in names:
         artifact_file(folder, name)  # refuse ../ and absolute names before fetching anything
     sha = folder.name
+    if only is not None:
+        names = [n for n in names if n in only]
     try:
         snapshot_download(
             repo_id, revision=sha, allow_patterns=[*names, "README.md", "*.png"], **hub

@@ -33,6 +33,7 @@ ARTIFACT_PATTERNS = (
     "vector.safetensors.index.json",
     "adapter_config.json",
     "adapter_model.safetensors",
+    "lineage.safetensors",
 )
 
 

@@ -122,8 +122,11 @@ def resolve_artifact(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
+    only: list[str] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """A local folder for a vector ``source`` (downloading a Hub id) and where it came from."""
+    """A local folder for a vector ``source`` (downloading a Hub id) and where it came from.
+
+    ``only``: of the files the manifest lists, download just these (those present)."""
     text = str(source)
     path = _local_path(text, revision, "the vector")
     if path is not None:
@@ -135,5 +138,5 @@ def resolve_artifact(
         raise InputError(f"{text}: no such folder, and not a Hub id (user/name)")
     repo_id, rev = parse_hub_id(text, revision)
     return download_vector_snapshot(
-        repo_id, revision=rev, **_hub_kwargs(token, cache_dir, local_files_only)
+        repo_id, revision=rev, only=only, **_hub_kwargs(token, cache_dir, local_files_only)
     )

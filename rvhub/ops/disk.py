@@ -34,6 +34,7 @@ from ..io.safetensors import (
 )
 from ..io.stream import SlabPool, write_streams
 from ..sources import VectorSource, split_excluded
+from .lineage import checkpoint_lineage, enforce
 from .plan import ApplyReport, check_finite, check_scale, plan_apply
 
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -53,6 +54,7 @@ def apply_to_checkpoint_files(
     vocab: str = "strict",
     overwrite: bool = False,
     allow_nonfinite: bool = False,
+    allow_unrelated: bool = False,
     device: str = "cpu",
 ) -> ApplyReport:
     """Write a new model folder ``out`` = ``ckpt + scale · v``; see :func:`rvhub.apply_to_checkpoint`.
@@ -75,6 +77,11 @@ def apply_to_checkpoint_files(
     )
     check_finite(source, manifest, sorted({v for v, _ in plan.targets.values()}), allow_nonfinite)
     report = ApplyReport.from_plan(plan, scale)
+    lineage = checkpoint_lineage(source.lineage(), source.shapes, ckpt)
+    note = enforce(lineage, allow_unrelated=allow_unrelated)
+    report.lineage = lineage.as_json()
+    if note:
+        report.notes.append(note)
     handles = FileHandles()
     total = ckpt.nbytes
 

@@ -17,6 +17,7 @@ from ..errors import CompatibilityError
 from ..io.kernels import add_scaled_
 from ..io.progress import logger
 from ..sources import VectorSource, split_excluded
+from .lineage import enforce, model_lineage
 from .plan import ApplyReport, check_finite, check_scale, plan_apply
 
 
@@ -30,6 +31,7 @@ def apply_to_model(
     exclude: Iterable[str] = (),
     vocab: str = "strict",
     allow_nonfinite: bool = False,
+    allow_unrelated: bool = False,
 ) -> ApplyReport:
     """Add ``scale · v`` to ``model`` in place; see :meth:`rvhub.ReasoningVector.apply_to`.
 
@@ -39,13 +41,17 @@ def apply_to_model(
     scale = check_scale(scale)
     wanted, excluded = split_excluded(source.shapes, exclude)
     params = dict(model.named_parameters())  # tied weights appear once
+    tensors = {**dict(model.named_buffers()), **params}
     config = getattr(model, "config", None)
     config_dict = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
     if _needs_conversion(model, wanted, params):
-        return _apply_converted(
+        lineage = model_lineage(source.lineage(), source.shapes, tensors)
+        lineage_note = enforce(lineage, allow_unrelated=allow_unrelated)
+        report = _apply_converted(
             source, model_info, manifest, model, params, config_dict, wanted, excluded, scale,
             allow_nonfinite,
         )  # fmt: skip
+        return _with_lineage(report, lineage.as_json(), lineage_note)
     plan = plan_apply(
         source.shapes,
         model_info,
@@ -55,12 +61,21 @@ def apply_to_model(
         excluded=excluded,
         target_tied=_live_tied(model),
     )
+    lineage = model_lineage(source.lineage(), source.shapes, tensors)
+    lineage_note = enforce(lineage, allow_unrelated=allow_unrelated)
     check_finite(source, manifest, sorted({v for v, _ in plan.targets.values()}), allow_nonfinite)
     report = ApplyReport.from_plan(plan, scale)
     work = [(params[t], vname, rows) for t, (vname, rows) in plan.targets.items()]
     _refuse_offloaded(plan.targets, params)
     _add_live(source, work, scale)
     _warn_overflow(model, report)
+    return _with_lineage(report, lineage.as_json(), lineage_note)
+
+
+def _with_lineage(report: ApplyReport, lineage: dict[str, Any], note: str | None) -> ApplyReport:
+    report.lineage = lineage
+    if note:
+        report.notes.append(note)
     return report
 
 

@@ -189,6 +189,7 @@ class ApplyReport:
     notes: list[str] = field(default_factory=list)
     scale: float = 1.0
     output: str | None = None
+    lineage: dict[str, Any] | None = None  # the target's distance from the vector's base
 
     @classmethod
     def from_plan(cls, plan: ApplyPlan, scale: float) -> ApplyReport:
@@ -219,6 +220,7 @@ class ApplyReport:
             "missing": self.missing,
             "untouched": self.untouched,
             "notes": self.notes,
+            "lineage": self.lineage,
         }
 
 

@@ -41,6 +41,7 @@ def summary(
         "excluded": manifest.get("excluded", []),
         "stats": manifest.get("stats", {}),
         "compression": manifest.get("compression"),
+        "lineage": manifest.get("lineage"),
     }
 
 
@@ -70,6 +71,13 @@ def describe(s: Mapping[str, Any], tensors: Mapping[str, Any]) -> str:
     rt = stats.get("roundtrip_error")
     if rt:
         lines.append(f"round trip ‖B + v − A‖ = {rt['abs']:.3e} ({rt['rel']:.3e} of ‖A − B‖)")
+    lineage = s.get("lineage")
+    lines.append(
+        f"lineage    fingerprint of the sources ({lineage['algorithm']}): apply and check "
+        "refuse targets of another lineage"
+        if lineage
+        else "lineage    none recorded (made before rvhub kept one): targets' lineage cannot be checked"
+    )
     comp = s.get("compression")
     if comp:
         lines.extend(_compression_lines(comp, tensors))

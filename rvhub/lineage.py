@@ -1,0 +1,190 @@
+"""The lineage fingerprint: does a target descend from the vector's base?
+
+Same shapes pass every other check, yet a vector added to a model of another lineage (another
+base, another pretraining seed) gives silent garbage. So extraction records, for every
+tensor, a few values of each source at fixed, name-seeded positions (``LINEAGE_RUNS``
+contiguous runs of ``LINEAGE_RUN_LENGTH`` values: a handful of small reads per tensor), in
+``lineage.safetensors``. A later apply reads the same positions of the target and measures
+the relative distance ``‖T − B‖ / ‖B‖`` per tensor and overall. Fine-tunes of one base stay a
+few percent from it; independently initialised weights lie about √2 away (for two
+independent draws of one distribution, ``‖T − B‖² ≈ ‖T‖² + ‖B‖² ≈ 2‖B‖²``).
+
+Only matrices decide: norm weights start at 1 and biases at 0 in every family, so they match
+across unrelated models too.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .constants import LINEAGE_FILE, LINEAGE_REFUSE, LINEAGE_RUN_LENGTH, LINEAGE_RUNS, LINEAGE_WARN
+from .errors import IntegrityError
+from .io.safetensors import (
+    FileHandles,
+    TensorEntry,
+    read_header,
+    read_range,
+    read_tensor,
+)
+from .manifest import artifact_file
+
+ALGORITHM = f"{LINEAGE_RUNS} runs of {LINEAGE_RUN_LENGTH} values per tensor, seeded by crc32(name)"
+_ROLES = ("a", "b")
+
+
+def runs_of(name: str, numel: int) -> list[tuple[int, int]]:
+    """The flat ``[start, stop)`` runs sampled of tensor ``name`` (the same on every machine)."""
+    if numel <= LINEAGE_RUNS * LINEAGE_RUN_LENGTH:
+        return [(0, numel)]
+    rng = random.Random(zlib.crc32(name.encode()))
+    starts = sorted(rng.randrange(0, numel - LINEAGE_RUN_LENGTH + 1) for _ in range(LINEAGE_RUNS))
+    return [(s, s + LINEAGE_RUN_LENGTH) for s in starts]
+
+
+def sample_entry(entry: TensorEntry, handles: FileHandles) -> torch.Tensor:
+    """The sampled values of a stored tensor, as float32 (a few small reads)."""
+    parts = [read_range(entry, s, e, handles).float() for s, e in runs_of(entry.name, entry.numel)]
+    return torch.cat(parts)
+
+
+def sample_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The sampled values of a live tensor (any device), as float32 on the CPU."""
+    flat = t.detach().reshape(-1)
+    return torch.cat([flat[s:e].float().cpu() for s, e in runs_of(name, flat.numel())])
+
+
+def sample_entries(
+    entries: Mapping[str, TensorEntry], names: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    handles = FileHandles()
+    try:
+        return {n: sample_entry(entries[n], handles) for n in names}
+    finally:
+        handles.close()
+
+
+@dataclass
+class Lineage:
+    """Sampled values of the vector's sources A and B, by tensor name."""
+
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+
+    def write(self, folder: Path, names: Iterable[str]) -> str:
+        """Write ``lineage.safetensors`` for ``names`` into ``folder``; returns its file name."""
+        keep = [n for n in names if n in self.b]
+        tensors = {
+            f"{role}::{n}": values[n]
+            for role, values in (("a", self.a), ("b", self.b))
+            for n in keep
+        }
+        save_file(
+            tensors,
+            str(folder / LINEAGE_FILE),
+            metadata={"format": "pt", "rvhub_lineage": ALGORITHM},
+        )
+        return LINEAGE_FILE
+
+
+def read_lineage(folder: Path, manifest: Mapping[str, Any]) -> Lineage | None:
+    """The fingerprint an artifact recorded, or None for one made before it existed."""
+    if LINEAGE_FILE not in manifest["files"]:
+        return None
+    entries, _ = read_header(artifact_file(folder, LINEAGE_FILE))
+    out: dict[str, dict[str, torch.Tensor]] = {"a": {}, "b": {}}
+    shapes = {n: tuple(i["shape"]) for n, i in manifest["tensors"].items()}
+    for key, entry in entries.items():
+        role, _, name = key.partition("::")
+        if role not in _ROLES or name not in shapes:
+            raise IntegrityError(f"{folder}: {LINEAGE_FILE} holds an unexpected entry {key!r}")
+        expected = sum(e - s for s, e in runs_of(name, math.prod(shapes[name])))
+        if entry.numel != expected or entry.dtype != "F32":
+            raise IntegrityError(f"{folder}: {LINEAGE_FILE} entry {key!r} has the wrong size")
+        out[role][name] = read_tensor(entry)
+    return Lineage(out["a"], out["b"], shapes)
+
+
+def sample_pair(
+    a_entries: Mapping[str, TensorEntry], b_entries: Mapping[str, TensorEntry], names: list[str]
+) -> Lineage:
+    """The fingerprint of two checkpoints over ``names``."""
+    return Lineage(
+        sample_entries(a_entries, names),
+        sample_entries(b_entries, names),
+        {n: b_entries[n].shape for n in names},
+    )
+
+
+@dataclass
+class LineageReport:
+    """How far a target lies from the vector's B at the fingerprinted positions."""
+
+    overall: float | None  # relative distance over the compared matrices; None: not checked
+    tensors: dict[str, float] = field(default_factory=dict)  # per compared tensor
+    compared: int = 0
+    verdict: str = "unknown"  # related | uncertain | unrelated | unknown
+    reason: str = ""
+
+    def far(self, limit: int = 3) -> list[tuple[str, float]]:
+        return sorted(self.tensors.items(), key=lambda kv: -kv[1])[:limit]
+
+    def describe(self) -> str:
+        if self.overall is None:
+            return f"lineage not checked: {self.reason}"
+        worst = ", ".join(f"{n} {d:.3f}" for n, d in self.far())
+        return (
+            f"lineage: the target lies {self.overall:.3f} (relative) from the vector's B over "
+            f"{self.compared} matrices ({self.verdict}); farthest: {worst}"
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "overall": self.overall,
+            "verdict": self.verdict,
+            "compared": self.compared,
+            "farthest": dict(self.far(5)),
+            **({"reason": self.reason} if self.reason else {}),
+        }
+
+
+def compare(reference: Lineage | None, target: Mapping[str, torch.Tensor]) -> LineageReport:
+    """Distances between the vector's B and the target's samples (same names, same shapes)."""
+    if reference is None:
+        return LineageReport(
+            None, reason="the vector has no lineage fingerprint (made before rvhub recorded one)"
+        )
+    num = den = 0.0
+    report = LineageReport(None)
+    for name, t in target.items():
+        b = reference.b.get(name)
+        if b is None or b.numel() != t.numel() or len(reference.shapes.get(name, ())) < 2:
+            continue
+        nb = float(torch.linalg.vector_norm(b.double()))
+        if nb == 0.0:
+            continue
+        nd = float(torch.linalg.vector_norm(t.double() - b.double()))
+        report.tensors[name] = nd / nb
+        num += nd * nd
+        den += nb * nb
+    report.compared = len(report.tensors)
+    if not report.compared:
+        report.reason = "no fingerprinted matrix of the vector is in the target with its shape"
+        return report
+    report.overall = math.sqrt(num / den)
+    if report.overall > LINEAGE_REFUSE:
+        report.verdict = "unrelated"
+    elif report.overall > LINEAGE_WARN:
+        report.verdict = "uncertain"
+    else:
+        report.verdict = "related"
+    return report

@@ -1,0 +1,103 @@
+"""The lineage guard: a vector refuses a target that does not descend from its base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from rvhub import CompatibilityError, apply_to_checkpoint, extract_vector, load_vector
+from rvhub.constants import LINEAGE_FILE, LINEAGE_WARN
+from rvhub.manifest import load_manifest
+from tests.cli_helpers import run
+from tests.models import build_model, finetune_like, save
+
+
+@pytest.fixture
+def unrelated(tmp_path):
+    """Same architecture and shapes as the family, another random init."""
+    return save(build_model("qwen2", seed=42, dtype=torch.bfloat16), tmp_path / "unrelated")
+
+
+@pytest.fixture
+def vec(family, tmp_path):
+    fam = family("qwen2")
+    return extract_vector(fam["a"], fam["b"]).save(tmp_path / "vec")
+
+
+def test_extract_records_a_small_hashed_fingerprint(vec):
+    m = load_manifest(vec)
+    assert LINEAGE_FILE in m["files"] and m["lineage"]["file"] == LINEAGE_FILE
+    size = (vec / LINEAGE_FILE).stat().st_size
+    assert size == m["files"][LINEAGE_FILE]["size"] < 20_000
+    # a few hundred KB at most for a 70B model: 2 sources x 64 float32 values per tensor
+    assert 723 * 2 * 64 * 4 < 400_000
+
+
+def test_a_related_target_passes_and_the_report_carries_the_figures(vec, family, tmp_path):
+    report = apply_to_checkpoint(load_vector(vec), family("qwen2")["target"], tmp_path / "out")
+    assert report.lineage["verdict"] == "related"
+    assert report.lineage["overall"] < LINEAGE_WARN / 2
+    assert report.lineage["compared"] >= 10
+    record = json.loads((tmp_path / "out" / "rvhub_applied.json").read_text())
+    assert record["lineage"]["verdict"] == "related"
+
+
+def test_an_unrelated_target_is_refused_on_disk_and_live(vec, unrelated, tmp_path):
+    v = load_vector(vec)
+    with pytest.raises(CompatibilityError, match=r"not of the vector's lineage.*lie 1\.[2-6]"):
+        apply_to_checkpoint(v, unrelated, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    model = AutoModelForCausalLM.from_pretrained(unrelated)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(CompatibilityError, match="--allow-unrelated"):
+        v.apply_to(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    report = v.apply_to(model, allow_unrelated=True)
+    assert report.lineage["verdict"] == "unrelated" and any("lineage" in n for n in report.notes)
+    apply_to_checkpoint(v, unrelated, tmp_path / "out", allow_unrelated=True)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_long_finetune_of_the_base_is_still_related(family, tmp_path):
+    fam = family("qwen2", torch.float32)
+    target = AutoModelForCausalLM.from_pretrained(fam["b"])
+    for step in range(10):  # ten fine-tune-sized moves in a row
+        finetune_like(target, seed=500 + step)
+    report = extract_vector(fam["a"], fam["b"]).apply_to(target)
+    assert report.lineage["verdict"] == "related", report.lineage
+
+
+def test_check_reads_the_figures_without_writing(vec, family, unrelated):
+    ok = run("check", vec, family("qwen2")["target"])
+    assert ok.exit_code == 0, ok.output
+    assert "(related)" in ok.output and "fits:" in ok.output
+    bad = run("check", vec, unrelated)
+    assert bad.exit_code == 3 and "not of the vector's lineage" in bad.output
+    as_json = run("check", vec, family("qwen2")["target"], "--json")
+    assert json.loads(as_json.output)["lineage"]["verdict"] == "related"
+
+
+def test_a_vector_without_a_fingerprint_says_the_check_was_not_done(vec, family, tmp_path):
+    m = load_manifest(vec)
+    del m["files"][LINEAGE_FILE], m["lineage"]
+    (vec / LINEAGE_FILE).unlink()
+    (vec / "rvhub.json").write_text(json.dumps(m))
+    report = apply_to_checkpoint(load_vector(vec), family("qwen2")["target"], tmp_path / "out")
+    assert report.lineage["overall"] is None
+    assert any("lineage not checked" in n for n in report.notes)
+    assert "none recorded" in run("inspect", vec).output
+
+
+@pytest.mark.parametrize("encoding", ["lora", "dense"])
+def test_re_encoding_keeps_the_fingerprint(vec, tmp_path, encoding, unrelated):
+    opts = {"rank": 4} if encoding == "lora" else {"dtype": "float32"}
+    out = load_vector(vec).save(tmp_path / encoding, encoding=encoding, **opts)
+    kept, recorded = load_file(out / LINEAGE_FILE), load_file(vec / LINEAGE_FILE)
+    assert kept.keys() == recorded.keys()
+    assert all(torch.equal(kept[k], recorded[k]) for k in kept)
+    with pytest.raises(CompatibilityError, match="lineage"):
+        apply_to_checkpoint(load_vector(out), unrelated, tmp_path / "applied")
