@@ -92,6 +92,28 @@ def measure(contenders: list[tuple[str, Callable[[], list[str]], Path]], repeat:
     return [median_run(r) for r in runs]
 
 
+def lineage_seconds(vec: Path, target: Path, repeat: int) -> float:
+    """Median seconds of the lineage check an apply runs: read the fingerprint, sample the
+    target at the same positions, compare (in this process, torch already imported)."""
+    import statistics
+    import time
+
+    from rvhub import open_checkpoint
+    from rvhub.lineage import read_lineage
+    from rvhub.manifest import load_manifest
+    from rvhub.ops.lineage import checkpoint_lineage
+
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        manifest = load_manifest(vec)
+        shapes = {n: tuple(i["shape"]) for n, i in manifest["tensors"].items()}
+        report = checkpoint_lineage(read_lineage(vec, manifest), shapes, open_checkpoint(target))
+        times.append(time.perf_counter() - start)
+        assert report.verdict == "related", report.describe()
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
@@ -159,6 +181,16 @@ def main() -> None:
             )
             rows.append(("naive: load, add, save_pretrained", naive2))
         print("\n".join(table(rows, floor2)))
+        print(f"\nlineage check ({env_note})", flush=True)
+        check = median_run(
+            [run_measured(rvhub_cmd("check", str(vec), str(b))) for _ in range(args.repeat)]
+        )
+        in_apply = lineage_seconds(vec, b, args.repeat)
+        print(
+            f"rvhub check (CLI, start-up included): {check.seconds:.2f} s (target < 1 s); the "
+            f"check inside apply: {in_apply * 1000:.1f} ms = {in_apply / app.seconds:.2%} of "
+            "rvhub apply (target ≤ 2%)"
+        )
         print(
             f"\nratios: extract {ext.seconds / floor.seconds:.2f}× floor at {ext.peak_rss_mb:.0f} MB; "
             f"apply {app.seconds / floor2.seconds:.2f}× floor at {app.peak_rss_mb:.0f} MB "

@@ -11,7 +11,9 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +31,14 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every temp output is removed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 class RvhubGroup(click.Group):
     """A click group whose every failure is one line on stderr and an exit code."""
 
@@ -41,6 +51,9 @@ class RvhubGroup(click.Group):
         **extra: Any,
     ) -> Any:
         code = 0
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             result = super().main(
                 args=args, prog_name=prog_name or "rvhub", standalone_mode=False, **extra
@@ -63,6 +76,9 @@ class RvhubGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted; the output path was left as it was.", err=True)
             code = 130
+        except Terminated:
+            click.echo("Terminated; the output path was left as it was.", err=True)
+            code = 143
         except MemoryError:
             click.echo("Error: out of memory", err=True)
             code = 1
@@ -72,6 +88,9 @@ class RvhubGroup(click.Group):
             where = f": {e.filename}" if e.filename else ""
             click.echo(f"Error: {e.strerror or _one_line(str(e))}{where}", err=True)
             code = 1
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         if standalone_mode:
             sys.exit(code)
         return code

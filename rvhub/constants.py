@@ -49,8 +49,8 @@ VOCAB_MODES = ("strict", "overlap")
 # (docs/reliability.md has the calibration).
 LINEAGE_RUNS = 4
 LINEAGE_RUN_LENGTH = 16
-LINEAGE_WARN = 0.25
-LINEAGE_REFUSE = 0.6
+LINEAGE_WARN = 0.5
+LINEAGE_REFUSE = 0.9
 SVD_METHODS = ("randomized", "exact")
 
 # -- the import layers (tests/test_layering.py holds the package to them) -----------------------

@@ -31,7 +31,7 @@ from .encodings import WriteOptions, open_source, write_artifact
 from .encodings.base import declared
 from .errors import CompatibilityError, InputError, IntegrityError
 from .hub.resolve import open_checkpoint, resolve_artifact
-from .io.atomic import check_output
+from .io.atomic import check_disjoint, check_output
 from .io.device import resolve_device
 from .io.safetensors import FLOAT_DTYPES, parse_dtype
 from .lineage import LineageReport, read_lineage
@@ -240,6 +240,16 @@ class ReasoningVector:
         manifest = self._saved_manifest()
         return describe(self.summary(), manifest.get("tensors") or {})
 
+    def input_paths(self) -> list[str]:
+        """The local folders and files this vector reads: its artifact, its local sources."""
+        out = [str(self.path)] if self.path else []
+        for info in (self.meta.get("sources") or {}).values():
+            if isinstance(info, dict) and info.get("kind") == "local" and info.get("path"):
+                out.append(str(info["path"]))
+        for _, term in self.terms:
+            out.extend(term.input_paths())
+        return out
+
     def _saved_manifest(self) -> dict[str, Any]:
         if self.manifest is None:
             raise InputError("this vector is not saved: v.save(folder) first, then load it")
@@ -272,6 +282,7 @@ class ReasoningVector:
             >>> extract_vector("org/grpo", "org/sft").save("./reasoning-vector")
             >>> load_vector("./reasoning-vector").save("./rv-lora", encoding="lora", rank=64)
         """
+        check_disjoint(Path(path), self.input_paths())
         options = WriteOptions(
             dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
             allow_nonfinite=allow_nonfinite,
@@ -522,6 +533,7 @@ def apply_to_checkpoint(
     resolve_device(device)
     check_output(Path(out), overwrite=overwrite)  # before any download
     ckpt = target if isinstance(target, Checkpoint) else open_checkpoint(target, revision=revision)
+    check_disjoint(Path(out), [ckpt.path, *vec.input_paths()])
     provenance = {
         "vector": vec.meta.get("origin") or (str(vec.path) if vec.path else None),
         "vector_sources": vec.meta.get("sources"),

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rvhub import CompatibilityError, apply_to_checkpoint, extract_vector, load_vector
+from tests.cli_helpers import run
 from tests.models import build_model, finetune_like, save, state_dict_of
 
 ARCHS = ["qwen2", "llama", "gemma2"]
@@ -227,3 +228,15 @@ def test_live_apply_refuses_offloaded_parameters_before_touching_any(family, tmp
     with pytest.raises(CompatibilityError, match="offloaded"):
         v.apply_to(model)
     assert torch.equal(model.model.embed_tokens.weight, before)
+
+
+@pytest.mark.parametrize("scale", ["-0", "1e-400"])
+def test_a_zero_scale_says_the_output_is_the_target(family, tmp_path, scale):
+    fam = family("qwen2")
+    vec = extract_vector(fam["a"], fam["b"]).save(tmp_path / "vec")
+    r = run("apply", vec, fam["target"], "-o", tmp_path / "out", "--scale", scale)
+    assert r.exit_code == 0, r.output
+    assert "is 0: the result equals the target" in r.stderr
+    assert state_dict_of(tmp_path / "out").keys() == state_dict_of(fam["target"]).keys()
+    for name, t in state_dict_of(tmp_path / "out").items():
+        assert torch.equal(t, state_dict_of(fam["target"])[name]), name

@@ -328,3 +328,76 @@ def test_target_of_another_lineage(vec, tmp_path):
     out = tmp_path / "out"
     r = run("apply", vec, other, "-o", out)
     assert_clean_failure(r, match="not of the vector's lineage", output=out)
+
+
+@pytest.mark.parametrize("where", ["the target", "inside the target", "the vector"])
+def test_apply_output_that_is_or_lies_inside_an_input(vec, family, tmp_path, where):
+    target = _copy(family("qwen2")["target"], tmp_path / "target")
+    out = {"the target": target, "inside the target": target / "sub", "the vector": vec}[where]
+    before, vec_before = tree_snapshot(target), tree_snapshot(vec)
+    r = run("apply", vec, target, "-o", out, "--overwrite")
+    assert_clean_failure(r, match="lies inside an input")
+    assert tree_snapshot(target) == before and tree_snapshot(vec) == vec_before
+
+
+def test_extract_output_that_is_a_source(family, tmp_path):
+    a = _copy(family("qwen2")["a"], tmp_path / "a")
+    before = tree_snapshot(a)
+    r = run("extract", a, family("qwen2")["b"], "-o", a, "--overwrite")
+    assert_clean_failure(r, match="lies inside an input")
+    assert tree_snapshot(a) == before
+
+
+def test_compress_output_inside_the_vector(vec, tmp_path):
+    before = tree_snapshot(vec)
+    r = run("compress", vec, "-o", vec / "lora", "--encoding", "lora", "--rank", "2")
+    assert_clean_failure(r, match="lies inside an input")
+    assert tree_snapshot(vec) == before
+
+
+@pytest.mark.parametrize("command", ["inspect", "apply"])
+def test_unreachable_hub_fails_fast(hub, family, tmp_path, command):
+    import time
+
+    out = tmp_path / "out"
+    args = {
+        "inspect": ["inspect", "alice/some-vector"],
+        "apply": ["apply", "alice/some-vector", family("qwen2")["target"], "-o", out],
+    }[command]
+    started = time.perf_counter()
+    with hub.use_endpoint(tmp_path / "hf-home", endpoint=hub.dead_endpoint):
+        r = run(*args)
+    assert_clean_failure(r, match="cannot reach the Hub", output=out)
+    assert "HF_HUB_OFFLINE" not in r.stderr  # it is not set: do not tell the user to unset it
+    assert time.perf_counter() - started < 10
+
+
+def test_inspect_an_unknown_revision_fails_fast(hub, vec, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    repo = hub.new_repo_id("vec")
+    assert run("push", vec, repo).exit_code == 0
+    started = time.perf_counter()
+    r = run("inspect", repo, "--revision", "no-such-branch")
+    assert_clean_failure(r, match="has no revision 'no-such-branch'")
+    assert time.perf_counter() - started < 10
+
+
+def test_check_a_target_of_another_lineage(vec, tmp_path):
+    other = save(build_model("qwen2", seed=42, dtype=torch.bfloat16), tmp_path / "other")
+    assert_clean_failure(run("check", vec, other), match="not of the vector's lineage")
+
+
+def test_float16_overflow_on_disk(family, tmp_path):
+    fam = family("qwen2", torch.float16)
+    vec = extract_vector(fam["a"], fam["b"]).save(tmp_path / "vec16")
+    out = tmp_path / "out"
+    r = run("apply", vec, fam["target"], "-o", out, "--scale", "1e30")
+    assert_clean_failure(r, match="float16 overflow", output=out)
+
+
+def test_target_revision_with_a_local_target(vec, family, tmp_path):
+    out = tmp_path / "out"
+    r = run("apply", vec, family("qwen2")["target"], "-o", out, "--target-revision", "main")
+    assert_clean_failure(r, match="is a local path", output=out)

@@ -10,6 +10,7 @@ import torch
 from rvhub import CompatibilityError, extract_vector, load_vector
 from rvhub.encodings import dense as writer_mod
 from rvhub.manifest import FORMAT, FORMAT_VERSION
+from tests.cli_helpers import run
 from tests.models import build_model, save, state_dict_of
 
 ARCHS = ["qwen2", "llama", "gemma2"]
@@ -226,3 +227,13 @@ def test_extract_is_lazy_until_saved(family):
     v = extract_vector(family("qwen2")["a"], family("qwen2")["b"])
     assert len(v) == 27 and v.shapes["model.embed_tokens.weight"] == (128, 32)
     assert "ReasoningVector(27 tensors" in repr(v)
+
+
+def test_a_pair_of_identical_checkpoints_warns_and_records_it(family, tmp_path, caplog):
+    fam = family("qwen2")
+    r = run("extract", fam["a"], fam["a"], "-o", tmp_path / "zero")
+    assert r.exit_code == 0, r.output
+    assert "every delta is zero" in caplog.text
+    manifest = json.loads((tmp_path / "zero" / "rvhub.json").read_text())
+    assert manifest["stats"]["norm"] == 0.0
+    assert manifest["notes"] == ["every delta is zero: the two sources hold the same weights"]

@@ -64,6 +64,38 @@ def _kill_when_temp_appears(proc: subprocess.Popen, parent: Path, name: str) -> 
     pytest.fail("no temp folder appeared")
 
 
+def _wait_for_temp(proc: subprocess.Popen, parent: Path, name: str) -> None:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if any(p.name.startswith(f".{name}.rvhub-tmp-") for p in parent.iterdir()):
+            return
+        if proc.poll() is not None:
+            pytest.fail("finished before the temp folder appeared")
+        time.sleep(0.005)
+    pytest.fail("no temp folder appeared")
+
+
+@pytest.mark.parametrize("command", ["extract", "apply"])
+def test_sigterm_removes_the_temp_output_and_the_lock(big_pair, tmp_path, command):
+    out = tmp_path / "out"
+    if command == "extract":
+        args = ["extract", big_pair["a"], big_pair["b"], "-o", out, "--dtype", "float32"]
+    else:
+        vec = extract_vector(big_pair["a"], big_pair["b"]).save(tmp_path / "vec", dtype="float32")
+        args = ["apply", vec, big_pair["b"], "-o", out]
+    proc = _rvhub(*args)
+    _wait_for_temp(proc, tmp_path, "out")
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert b"Terminated; the output path was left as it was." in err
+    assert b"Traceback" not in err
+    assert not out.exists()
+    left = [p.name for p in tmp_path.iterdir() if ".rvhub-" in p.name]
+    assert left == [], left
+
+
 @pytest.mark.parametrize("command", ["extract", "apply"])
 def test_sigkill_leaves_no_output_and_the_rerun_cleans_up(big_pair, tmp_path, command):
     out = tmp_path / "out"

@@ -48,9 +48,16 @@ def _hub_error(exc: BaseException, repo_id: str, revision: str | None) -> HubErr
             "or set HF_TOKEN); for a local folder, check the path"
         )
     if isinstance(exc, hf_errors.LocalEntryNotFoundError):
+        from huggingface_hub import constants
+
+        fix = (
+            "unset HF_HUB_OFFLINE"
+            if constants.HF_HUB_OFFLINE
+            else "check the network and HF_ENDPOINT"
+        )
         return HubError(
             f"cannot reach the Hub for {repo_id}{rev} and it is not in the local cache "
-            "(offline or network down); connect, or unset HF_HUB_OFFLINE"
+            f"(offline or network down); {fix}"
         )
     if isinstance(exc, hf_errors.EntryNotFoundError):
         return InputError(f"{repo_id}{rev} lacks a file rvhub needs ({exc})".split("\n")[0])
@@ -124,13 +131,23 @@ def download_vector_snapshot(
     """Download a vector repo: its manifest first, then exactly the files it lists; returns
     (snapshot folder, provenance). ``hub``: huggingface_hub's ``token``, ``cache_dir``,
     ``local_files_only``."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import snapshot_download
 
     try:
-        manifest_path = Path(hf_hub_download(repo_id, MANIFEST_NAME, revision=revision, **hub))
+        # snapshot_download asks for the repo's info once and fails at once when the Hub is
+        # unreachable; hf_hub_download retried its HEAD request for ~25 s first.
+        snapshot = snapshot_download(
+            repo_id, revision=revision, allow_patterns=[MANIFEST_NAME], **hub
+        )
+        manifest_path = Path(snapshot) / MANIFEST_NAME
     except _network_errors() as e:
         raise _hub_error(e, repo_id, revision) from None
     folder = manifest_path.parent
+    if not manifest_path.is_file():
+        raise InputError(
+            f"{repo_id} lacks a file rvhub needs ({MANIFEST_NAME}): it is not an rvhub vector "
+            "(for a model, use it as the target of apply, or as A or B of extract)"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except ValueError:

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import InputError, RvhubError
@@ -60,6 +60,21 @@ def check_output(path: Path, *, overwrite: bool) -> None:
         raise InputError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a folder")
+
+
+def check_disjoint(out: Path, inputs: Iterable[str | os.PathLike[str] | None]) -> None:
+    """Refuse an output that is, contains or lies inside one of ``inputs`` (with --overwrite
+    it would destroy what it reads)."""
+    o = Path(out).expanduser().resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        i = Path(inp).expanduser().resolve()
+        if o == i or i in o.parents or o in i.parents:
+            raise InputError(
+                f"the output {out} is, contains or lies inside an input ({inp}); write to "
+                "another folder"
+            )
 
 
 @contextlib.contextmanager

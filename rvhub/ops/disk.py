@@ -35,7 +35,7 @@ from ..io.safetensors import (
 from ..io.stream import SlabPool, write_streams
 from ..sources import VectorSource, split_excluded
 from .lineage import checkpoint_lineage, enforce
-from .plan import ApplyReport, check_finite, check_scale, plan_apply
+from .plan import ApplyReport, check_finite, check_scale, plan_apply, zero_scale_note
 
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 SKIP_SIDE = {SAFE_INDEX, CARD_NAME, APPLIED_RECORD}
@@ -61,7 +61,7 @@ def apply_to_checkpoint_files(
 
     ``provenance`` (the vector's origin and sources) is recorded in ``rvhub_applied.json``.
     """
-    scale = check_scale(scale)
+    given, scale = scale, check_scale(scale)
     dev = resolve_device(device)
     out_path = Path(out)
     check_output(out_path, overwrite=overwrite)
@@ -77,6 +77,9 @@ def apply_to_checkpoint_files(
     )
     check_finite(source, manifest, sorted({v for v, _ in plan.targets.values()}), allow_nonfinite)
     report = ApplyReport.from_plan(plan, scale)
+    zero = zero_scale_note(scale, given)
+    if zero:
+        report.notes.append(zero)
     lineage = checkpoint_lineage(source.lineage(), source.shapes, ckpt)
     note = enforce(lineage, allow_unrelated=allow_unrelated)
     report.lineage = lineage.as_json()
@@ -106,10 +109,14 @@ def apply_to_checkpoint_files(
             result = pool.take(raw.numel(), raw.dtype)
             axpy_into(raw, d, scale, result, scratch)
         pool.give(raw, d)  # the writer gives ``result`` back once written
-        if raw.dtype == torch.float16 and not bool(torch.isfinite(result).all()):
+        # float16 overflows at ordinary scales; wider dtypes only where |α| is large
+        may_overflow = raw.dtype == torch.float16 or abs(scale) > 1.0
+        if may_overflow and not bool(torch.isfinite(result).all()):
+            dtype = str(raw.dtype).removeprefix("torch.")
             raise InputError(
-                f"float16 overflow in {entry.name} at scale {scale:g}: the result holds Inf; "
-                "use a smaller --scale or a bfloat16/float32 target"
+                f"{dtype} overflow in {entry.name} at scale {scale:g}: the result holds Inf; "
+                "use a smaller --scale"
+                + (" or a bfloat16/float32 target" if dtype == "float16" else "")
             )
         return result
 

@@ -18,7 +18,7 @@ from ..io.kernels import add_scaled_
 from ..io.progress import logger
 from ..sources import VectorSource, split_excluded
 from .lineage import enforce, model_lineage
-from .plan import ApplyReport, check_finite, check_scale, plan_apply
+from .plan import ApplyReport, check_finite, check_scale, plan_apply, zero_scale_note
 
 
 def apply_to_model(
@@ -38,7 +38,7 @@ def apply_to_model(
     ``model_info`` is the vector's recorded model identity; ``manifest`` its verified manifest,
     when it has one (it records whether any delta is non-finite).
     """
-    scale = check_scale(scale)
+    given, scale = scale, check_scale(scale)
     wanted, excluded = split_excluded(source.shapes, exclude)
     params = dict(model.named_parameters())  # tied weights appear once
     tensors = {**dict(model.named_buffers()), **params}
@@ -65,6 +65,9 @@ def apply_to_model(
     lineage_note = enforce(lineage, allow_unrelated=allow_unrelated)
     check_finite(source, manifest, sorted({v for v, _ in plan.targets.values()}), allow_nonfinite)
     report = ApplyReport.from_plan(plan, scale)
+    zero = zero_scale_note(scale, given)
+    if zero:
+        report.notes.append(zero)
     work = [(params[t], vname, rows) for t, (vname, rows) in plan.targets.items()]
     _refuse_offloaded(plan.targets, params)
     _add_live(source, work, scale)

@@ -19,6 +19,7 @@ from ..architecture import TIED_EMBEDDING_NAMES, TIED_HEAD_NAMES, has_vocab_axis
 from ..checkpoint import Checkpoint
 from ..constants import VOCAB_MODES
 from ..errors import CompatibilityError, InputError
+from ..io.progress import logger
 from ..sources import VectorSource
 
 MAX_LISTED = 5
@@ -247,6 +248,15 @@ def check_scale(scale: float | str) -> float:
             "addition is computed"
         )
     return value
+
+
+def zero_scale_note(scale: float, given: object) -> str | None:
+    """The warning for α = 0 (``-0``, ``1e-400``): the result is the target unchanged."""
+    if scale != 0.0:
+        return None
+    note = f"scale {given!r} is 0: the result equals the target (nothing is added)"
+    logger.warning("%s", note)
+    return note
 
 
 def check_finite(
