@@ -42,10 +42,11 @@ def apply_to_model(
     wanted, excluded = split_excluded(source.shapes, exclude)
     params = dict(model.named_parameters())  # tied weights appear once
     tensors = {**dict(model.named_buffers()), **params}
+    reference = source.lineage()
     config = getattr(model, "config", None)
     config_dict = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
     if _needs_conversion(model, wanted, params):
-        lineage = model_lineage(source.lineage(), source.shapes, tensors)
+        lineage = model_lineage(reference, source.shapes, tensors)
         lineage_note = enforce(lineage, allow_unrelated=allow_unrelated)
         report = _apply_converted(
             source, model_info, manifest, model, params, config_dict, wanted, excluded, scale,
@@ -61,7 +62,7 @@ def apply_to_model(
         excluded=excluded,
         target_tied=_live_tied(model),
     )
-    lineage = model_lineage(source.lineage(), source.shapes, tensors)
+    lineage = model_lineage(reference, source.shapes, tensors)
     lineage_note = enforce(lineage, allow_unrelated=allow_unrelated)
     check_finite(source, manifest, sorted({v for v, _ in plan.targets.values()}), allow_nonfinite)
     report = ApplyReport.from_plan(plan, scale)
