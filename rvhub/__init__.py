@@ -32,6 +32,7 @@ _LAZY = {
     "RvhubError": "rvhub.errors",
     "Scores": "rvhub.card.scores",
     "apply_to_checkpoint": "rvhub.vector",
+    "check_target": "rvhub.check",
     "compress_vector": "rvhub.vector",
     "download_vector": "rvhub.vector",
     "extract_vector": "rvhub.vector",
@@ -55,6 +56,7 @@ __all__ = [
     "Scores",
     "__version__",
     "apply_to_checkpoint",
+    "check_target",
     "compress_vector",
     "download_vector",
     "extract_vector",
@@ -82,6 +84,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from .card.render import render_card
     from .card.scores import Scores, load_scores
+    from .check import check_target
     from .checkpoint import Checkpoint
     from .errors import CompatibilityError, HubError, InputError, IntegrityError, RvhubError
     from .hub.push import PushResult, push_vector

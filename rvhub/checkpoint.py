@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .architecture import tied_embeddings
 from .constants import CONFIG_NAME, PICKLE_SUFFIXES, SAFE_INDEX, SAFE_SINGLE
 from .errors import InputError
 from .io.safetensors import TensorEntry, read_header, read_tensor
 from .manifest import inside_folder
+
+if TYPE_CHECKING:
+    import torch
 
 CONVERT_HINT = (
     "convert it once with transformers: "

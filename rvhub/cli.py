@@ -446,8 +446,8 @@ def check(
     Reads the manifest, the lineage fingerprint, TARGET's headers and a few values per tensor.
     Exits 0 when an apply would go ahead, 3 when it would refuse.
     """
+    from .check import check_target
     from .errors import CompatibilityError
-    from .vector import check_target
 
     result = check_target(
         vector, target, revision=revision, target_revision=target_revision, vocab=vocab

@@ -70,6 +70,7 @@ LAYERS: dict[str, int] = {
     "hub": 4,
     "card": 4,
     "vector": 5,
+    "check": 5,
     "cli": 6,
     "__init__": 6,
 }

@@ -10,35 +10,34 @@ few percent from it; independently initialised weights lie about √2 away (for 
 independent draws of one distribution, ``‖T − B‖² ≈ ‖T‖² + ‖B‖² ≈ 2‖B‖²``).
 
 Only matrices decide: norm weights start at 1 and biases at 0 in every family, so they match
-across unrelated models too.
+across unrelated models too. The module works in numpy, so ``rvhub check`` reads a target's
+samples without importing torch.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
+import numpy as np
 
 from .constants import LINEAGE_FILE, LINEAGE_REFUSE, LINEAGE_RUN_LENGTH, LINEAGE_RUNS, LINEAGE_WARN
 from .errors import IntegrityError
-from .io.safetensors import (
-    FileHandles,
-    TensorEntry,
-    read_header,
-    read_range,
-    read_tensor,
-)
+from .io.safetensors import FileHandles, TensorEntry, read_header
 from .manifest import artifact_file
+
+if TYPE_CHECKING:
+    import torch
 
 ALGORITHM = f"{LINEAGE_RUNS} runs of {LINEAGE_RUN_LENGTH} values per tensor, seeded by crc32(name)"
 _ROLES = ("a", "b")
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 
 def runs_of(name: str, numel: int) -> list[tuple[int, int]]:
@@ -50,49 +49,65 @@ def runs_of(name: str, numel: int) -> list[tuple[int, int]]:
     return [(s, s + LINEAGE_RUN_LENGTH) for s in starts]
 
 
-def sample_entry(entry: TensorEntry, handles: FileHandles) -> torch.Tensor:
-    """The sampled values of a stored tensor, as float32 (a few small reads)."""
-    parts = [read_range(entry, s, e, handles).float() for s, e in runs_of(entry.name, entry.numel)]
-    return torch.cat(parts)
+def _as_float32(raw: bytes, dtype: str) -> np.ndarray:
+    if dtype == "BF16":  # bfloat16 is the top half of a float32
+        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(raw, dtype=np.dtype(_NUMPY[dtype]).newbyteorder("<")).astype(np.float32)
 
 
-def sample_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
+def sample_entry(entry: TensorEntry, handles: FileHandles) -> np.ndarray:
+    """The sampled values of a stored float tensor, as float32 (a few small reads)."""
+    size = entry.nbytes // max(entry.numel, 1)
+    fd = handles.fd(entry.path)
+    parts = []
+    for s, e in runs_of(entry.name, entry.numel):
+        raw = os.pread(fd, (e - s) * size, entry.start + s * size)
+        if len(raw) != (e - s) * size:
+            raise IntegrityError(f"{entry.path} ended early while reading {entry.name!r}")
+        parts.append(_as_float32(raw, entry.dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def sample_tensor(name: str, t: torch.Tensor) -> np.ndarray:
     """The sampled values of a live tensor (any device), as float32 on the CPU."""
     flat = t.detach().reshape(-1)
-    return torch.cat([flat[s:e].float().cpu() for s, e in runs_of(name, flat.numel())])
+    return np.concatenate([flat[s:e].float().cpu().numpy() for s, e in runs_of(name, flat.numel())])
 
 
 def sample_entries(
     entries: Mapping[str, TensorEntry], names: Iterable[str]
-) -> dict[str, torch.Tensor]:
+) -> dict[str, np.ndarray]:
+    """Samples of the float tensors ``names`` of a checkpoint (others are skipped)."""
     handles = FileHandles()
     try:
-        return {n: sample_entry(entries[n], handles) for n in names}
+        return {n: sample_entry(entries[n], handles) for n in names if entries[n].dtype in _FLOATS}
     finally:
         handles.close()
+
+
+_FLOATS = ("F64", "F32", "F16", "BF16")
 
 
 @dataclass
 class Lineage:
     """Sampled values of the vector's sources A and B, by tensor name."""
 
-    a: dict[str, torch.Tensor]
-    b: dict[str, torch.Tensor]
+    a: dict[str, np.ndarray]
+    b: dict[str, np.ndarray]
     shapes: dict[str, tuple[int, ...]]
 
     def write(self, folder: Path, names: Iterable[str]) -> str:
         """Write ``lineage.safetensors`` for ``names`` into ``folder``; returns its file name."""
+        from safetensors.numpy import save_file
+
         keep = [n for n in names if n in self.b]
         tensors = {
-            f"{role}::{n}": values[n]
+            f"{role}::{n}": np.ascontiguousarray(values[n], dtype=np.float32)
             for role, values in (("a", self.a), ("b", self.b))
             for n in keep
         }
-        save_file(
-            tensors,
-            str(folder / LINEAGE_FILE),
-            metadata={"format": "pt", "rvhub_lineage": ALGORITHM},
-        )
+        meta = {"format": "np", "rvhub_lineage": ALGORITHM}
+        save_file(tensors, str(folder / LINEAGE_FILE), metadata=meta)
         return LINEAGE_FILE
 
 
@@ -100,17 +115,20 @@ def read_lineage(folder: Path, manifest: Mapping[str, Any]) -> Lineage | None:
     """The fingerprint an artifact recorded, or None for one made before it existed."""
     if LINEAGE_FILE not in manifest["files"]:
         return None
-    entries, _ = read_header(artifact_file(folder, LINEAGE_FILE))
-    out: dict[str, dict[str, torch.Tensor]] = {"a": {}, "b": {}}
+    path = artifact_file(folder, LINEAGE_FILE)
+    entries, _ = read_header(path)
+    out: dict[str, dict[str, np.ndarray]] = {"a": {}, "b": {}}
     shapes = {n: tuple(i["shape"]) for n, i in manifest["tensors"].items()}
-    for key, entry in entries.items():
-        role, _, name = key.partition("::")
-        if role not in _ROLES or name not in shapes:
-            raise IntegrityError(f"{folder}: {LINEAGE_FILE} holds an unexpected entry {key!r}")
-        expected = sum(e - s for s, e in runs_of(name, math.prod(shapes[name])))
-        if entry.numel != expected or entry.dtype != "F32":
-            raise IntegrityError(f"{folder}: {LINEAGE_FILE} entry {key!r} has the wrong size")
-        out[role][name] = read_tensor(entry)
+    with open(path, "rb") as f:
+        for key, entry in entries.items():
+            role, _, name = key.partition("::")
+            if role not in _ROLES or name not in shapes:
+                raise IntegrityError(f"{folder}: {LINEAGE_FILE} holds an unexpected entry {key!r}")
+            expected = sum(e - s for s, e in runs_of(name, math.prod(shapes[name])))
+            if entry.numel != expected or entry.dtype != "F32":
+                raise IntegrityError(f"{folder}: {LINEAGE_FILE} entry {key!r} has the wrong size")
+            f.seek(entry.start)
+            out[role][name] = _as_float32(f.read(entry.nbytes), "F32")
     return Lineage(out["a"], out["b"], shapes)
 
 
@@ -157,7 +175,7 @@ class LineageReport:
         }
 
 
-def compare(reference: Lineage | None, target: Mapping[str, torch.Tensor]) -> LineageReport:
+def compare(reference: Lineage | None, target: Mapping[str, np.ndarray]) -> LineageReport:
     """Distances between the vector's B and the target's samples (same names, same shapes)."""
     if reference is None:
         return LineageReport(
@@ -167,12 +185,12 @@ def compare(reference: Lineage | None, target: Mapping[str, torch.Tensor]) -> Li
     report = LineageReport(None)
     for name, t in target.items():
         b = reference.b.get(name)
-        if b is None or b.numel() != t.numel() or len(reference.shapes.get(name, ())) < 2:
+        if b is None or b.size != t.size or len(reference.shapes.get(name, ())) < 2:
             continue
-        nb = float(torch.linalg.vector_norm(b.double()))
+        nb = float(np.linalg.norm(b.astype(np.float64)))
         if nb == 0.0:
             continue
-        nd = float(torch.linalg.vector_norm(t.double() - b.double()))
+        nd = float(np.linalg.norm(t.astype(np.float64) - b.astype(np.float64)))
         report.tensors[name] = nd / nb
         num += nd * nd
         den += nb * nb

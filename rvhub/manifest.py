@@ -18,15 +18,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .architecture import layer_of
 from .constants import ENV_CACHE, FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES
 from .errors import IntegrityError
 from .io.atomic import atomic_write
-from .io.kernels import Moments
-from .io.safetensors import DTYPE_NAMES, FileStamp, file_stamp, sha256_file
+from .io.safetensors import FileStamp, file_stamp, sha256_file
+
+if TYPE_CHECKING:
+    from .io.kernels import Moments
 
 ENCODING_NAMES = ("dense", "lora", "sparse")
 
@@ -168,6 +170,8 @@ def check_files_present(folder: Path, manifest: dict[str, Any]) -> list[str]:
 
 def tensor_json(m: Moments, shape: tuple[int, ...], dtype: Any) -> dict[str, Any]:
     """One tensor's manifest entry from its accumulated statistics."""
+    from .io.safetensors import DTYPE_NAMES
+
     out: dict[str, Any] = {
         "shape": list(shape),
         "dtype": DTYPE_NAMES[dtype],

@@ -26,20 +26,17 @@ import torch
 
 from .architecture import model_identity
 from .checkpoint import Checkpoint
-from .constants import DEFAULT_MAX_SHARD, LINEAGE_FILE, PICKLE_SUFFIXES
+from .constants import DEFAULT_MAX_SHARD, PICKLE_SUFFIXES
 from .encodings import WriteOptions, open_source, write_artifact
-from .encodings.base import declared
 from .errors import CompatibilityError, InputError, IntegrityError
 from .hub.resolve import open_checkpoint, resolve_artifact
 from .io.atomic import check_disjoint, check_output
 from .io.device import resolve_device
 from .io.safetensors import FLOAT_DTYPES, parse_dtype
-from .lineage import LineageReport, read_lineage
 from .manifest import check_files_present, load_manifest, verify_artifact
 from .ops.disk import apply_to_checkpoint_files
-from .ops.lineage import checkpoint_lineage
 from .ops.live import apply_to_model
-from .ops.plan import ApplyPlan, ApplyReport, check_pair, check_scale, plan_apply
+from .ops.plan import ApplyReport, check_pair, check_scale
 from .ops.summary import describe, summary
 from .ops.verify import verify_against
 from .sources import (
@@ -520,7 +517,7 @@ def apply_to_checkpoint(
     """Write a new model folder ``out`` = ``target + scale · vec``, streamed and atomic.
 
     A target that does not descend from the vector's base is refused unless
-    ``allow_unrelated`` (:func:`check_target` shows the figures without writing anything).
+    ``allow_unrelated`` (:func:`rvhub.check_target` shows the figures without writing).
 
     Weights keep the target's dtype and shard layout; config, tokenizer and generation files
     are copied, so ``AutoModelForCausalLM.from_pretrained(out)`` loads it. ``revision`` is the
@@ -558,58 +555,9 @@ def apply_to_checkpoint(
     )
 
 
-def check_target(
-    vector: str | os.PathLike[str],
-    target: str | os.PathLike[str] | Checkpoint,
-    *,
-    revision: str | None = None,
-    target_revision: str | None = None,
-    vocab: str = "strict",
-) -> CheckResult:
-    """Whether ``vector`` fits ``target``, reading only what that needs: the manifest, the
-    lineage fingerprint (hash-checked), the target's headers and a few values per tensor.
-
-    Raises :class:`~rvhub.CompatibilityError` where an apply would refuse for shapes, model
-    type or vocabulary; the lineage verdict is in the result (``result.lineage.verdict``).
-
-    Example:
-        >>> check_target("user/vector", "./my-instruct-model").lineage.describe()
-    """
-    folder, _ = resolve_artifact(vector, revision=revision, only=[LINEAGE_FILE])
-    manifest = load_manifest(folder)
-    if LINEAGE_FILE in manifest["files"]:  # the only artifact file the check reads
-        verify_artifact(folder, {"files": {LINEAGE_FILE: manifest["files"][LINEAGE_FILE]}})
-    ckpt = (
-        target
-        if isinstance(target, Checkpoint)
-        else open_checkpoint(target, revision=target_revision)
-    )
-    shapes, _ = declared(manifest)
-    plan = plan_apply(
-        shapes,
-        manifest.get("model") or {},
-        {n: e.shape for n, e in ckpt.entries.items()},
-        ckpt.config,
-        vocab=vocab,
-        target_tied=ckpt.tie_word_embeddings and "lm_head.weight" not in ckpt.entries,
-    )
-    report = checkpoint_lineage(read_lineage(folder, manifest), shapes, ckpt)
-    return CheckResult(plan=plan, lineage=report)
-
-
-@dataclass
-class CheckResult:
-    """What :func:`check_target` found: the apply plan and the lineage figures."""
-
-    plan: ApplyPlan
-    lineage: LineageReport
-
-
 __all__ = [
-    "CheckResult",
     "ReasoningVector",
     "apply_to_checkpoint",
-    "check_target",
     "compress_vector",
     "download_vector",
     "extract_vector",

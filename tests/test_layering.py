@@ -109,7 +109,7 @@ def _imported_modules(code: str) -> set[str]:
 
 
 def test_import_rvhub_and_the_cli_do_not_import_torch():
-    for code in ("import rvhub", "import rvhub.cli"):
+    for code in ("import rvhub", "import rvhub.cli", "import rvhub.check"):
         mods = _imported_modules(code)
         assert "torch" not in mods, code
         assert not any(m.startswith("huggingface_hub") for m in mods), code

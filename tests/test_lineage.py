@@ -101,3 +101,17 @@ def test_re_encoding_keeps_the_fingerprint(vec, tmp_path, encoding, unrelated):
     assert all(torch.equal(kept[k], recorded[k]) for k in kept)
     with pytest.raises(CompatibilityError, match="lineage"):
         apply_to_checkpoint(load_vector(out), unrelated, tmp_path / "applied")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_samples_read_without_torch_equal_torchs_values(family, dtype):
+    from rvhub import open_checkpoint
+    from rvhub.io.safetensors import FileHandles
+    from rvhub.lineage import runs_of, sample_entry
+
+    ckpt = open_checkpoint(family("llama", dtype)["a"])
+    handles = FileHandles()
+    for name, entry in ckpt.entries.items():
+        whole = ckpt.get(name).reshape(-1).float()
+        expected = torch.cat([whole[s:e] for s, e in runs_of(name, whole.numel())])
+        assert torch.equal(torch.from_numpy(sample_entry(entry, handles)), expected), name

@@ -19,30 +19,44 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
-
-import torch
+from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import InputError
 
-# safetensors dtype strings <-> torch dtypes (the subset rvhub reads and writes).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype strings: their sizes, and (built on first use, so reading headers needs no
+# torch) the torch dtypes they map to: DTYPES and DTYPE_NAMES, see __getattr__ below.
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
+}  # fmt: skip
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16",
+    "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+}  # fmt: skip
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_TORCH_CODES = {v: k for k, v in _TORCH_NAMES.items()}
+
+
+def _dtypes() -> dict[str, torch.dtype]:
+    table = globals().get("_DTYPES")
+    if table is None:
+        import torch
+
+        table = globals()["_DTYPES"] = {k: getattr(torch, v) for k, v in _TORCH_NAMES.items()}
+    return table
+
+
+def __getattr__(name: str) -> Any:
+    """``DTYPES`` (safetensors name -> torch dtype) and ``DTYPE_NAMES`` (the inverse)."""
+    if name == "DTYPES":
+        return _dtypes()
+    if name == "DTYPE_NAMES":
+        return {v: k for k, v in _dtypes().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -51,9 +65,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
-
-
-DTYPE_SIZES: dict[str, int] = {k: v.itemsize for k, v in DTYPES.items()}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -75,7 +86,7 @@ def parse_dtype(name: str) -> torch.dtype:
     key = aliases.get(name.lower(), name.upper())
     if key not in FLOAT_DTYPES:
         raise InputError(f"unknown dtype {name!r}: use one of bfloat16, float16, float32")
-    return DTYPES[key]
+    return _dtypes()[key]
 
 
 @dataclass(frozen=True)
@@ -102,7 +113,7 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return _dtypes()[self.dtype]
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -153,7 +164,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{path}: malformed header entry for {name!r}") from None
-        if dtype not in DTYPES:
+        if dtype not in DTYPE_SIZES:
             raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         if any(d < 0 for d in shape):
             raise InputError(f"{path}: tensor {name!r} has a negative dimension {shape}")
@@ -203,6 +214,8 @@ def read_bytes_into(
 
 def read_tensor(entry: TensorEntry, fd: int | None = None) -> torch.Tensor:
     """Read one whole tensor into fresh CPU memory (no mmap)."""
+    import torch
+
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
     if entry.nbytes:
         read_bytes_into(entry, buf, 0, fd)
@@ -239,6 +252,8 @@ def read_range(
 ) -> torch.Tensor:
     """Flat elements ``[start, stop)`` of a stored tensor, in its own dtype (into ``out``, a
     flat tensor of that dtype and length, when given)."""
+    import torch
+
     dtype = entry.torch_dtype
     if out is None:
         out = torch.empty(stop - start, dtype=dtype)
@@ -251,6 +266,8 @@ def read_range(
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a contiguous CPU tensor, without a copy."""
+    import torch
+
     t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
@@ -272,7 +289,7 @@ def build_header(
     ranges: dict[str, tuple[int, int]] = {}
     pos = 0
     for name, dtype, shape in specs:
-        dname = dtype if isinstance(dtype, str) else DTYPE_NAMES[dtype]
+        dname = dtype if isinstance(dtype, str) else _TORCH_CODES[str(dtype).removeprefix("torch.")]
         numel = 1
         for d in shape:
             numel *= int(d)

@@ -4,14 +4,16 @@ one, and say so when a vector carries no fingerprint to check with."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint
 from ..constants import LINEAGE_REFUSE, LINEAGE_WARN
 from ..errors import CompatibilityError
 from ..io.progress import logger
 from ..lineage import Lineage, LineageReport, compare, sample_entries, sample_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 
 def checkpoint_lineage(

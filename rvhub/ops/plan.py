@@ -11,16 +11,16 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..architecture import TIED_EMBEDDING_NAMES, TIED_HEAD_NAMES, has_vocab_axis, tied_embeddings
 from ..checkpoint import Checkpoint
 from ..constants import VOCAB_MODES
 from ..errors import CompatibilityError, InputError
 from ..io.progress import logger
-from ..sources import VectorSource
+
+if TYPE_CHECKING:
+    from ..sources import VectorSource
 
 MAX_LISTED = 5
 
@@ -227,7 +227,7 @@ class ApplyReport:
 
 # A decimal number as users write one: no underscores (float("1_5") is 15), no hex, no inf/nan.
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def check_scale(scale: float | str) -> float:
@@ -269,6 +269,8 @@ def check_finite(
     answers without reading the deltas."""
     if allow_nonfinite:
         return
+    import torch
+
     if isinstance(manifest, Mapping):
         tensors = manifest.get("tensors") or {}
         if not any((info or {}).get("nonfinite") for info in tensors.values()):
