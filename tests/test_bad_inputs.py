@@ -401,3 +401,9 @@ def test_target_revision_with_a_local_target(vec, family, tmp_path):
     out = tmp_path / "out"
     r = run("apply", vec, family("qwen2")["target"], "-o", out, "--target-revision", "main")
     assert_clean_failure(r, match="is a local path", output=out)
+
+
+def test_scale_that_would_swamp_the_weights(vec, family, tmp_path):
+    out = tmp_path / "out"
+    r = run("apply", vec, family("qwen2")["target"], "-o", out, "--scale", "1e30")
+    assert_clean_failure(r, match="would change the weights by", output=out)

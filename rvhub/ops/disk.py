@@ -34,7 +34,7 @@ from ..io.safetensors import (
 )
 from ..io.stream import SlabPool, write_streams
 from ..sources import VectorSource, split_excluded
-from .lineage import checkpoint_lineage, enforce
+from .lineage import check_change_size, checkpoint_lineage, enforce
 from .plan import ApplyReport, check_finite, check_scale, plan_apply, zero_scale_note
 
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -80,7 +80,10 @@ def apply_to_checkpoint_files(
     zero = zero_scale_note(scale, given)
     if zero:
         report.notes.append(zero)
-    lineage = checkpoint_lineage(source.lineage(), source.shapes, ckpt)
+    reference = source.lineage()
+    wide = [v for t, (v, _) in plan.targets.items() if ckpt.entries[t].dtype != "F16"]
+    check_change_size(reference, scale, wide)
+    lineage = checkpoint_lineage(reference, source.shapes, ckpt)
     note = enforce(lineage, allow_unrelated=allow_unrelated)
     report.lineage = lineage.as_json()
     if note:

@@ -3,12 +3,14 @@ one, and say so when a vector carries no fingerprint to check with."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..constants import LINEAGE_REFUSE, LINEAGE_WARN
-from ..errors import CompatibilityError
+from ..errors import CompatibilityError, InputError
 from ..io.progress import logger
 from ..lineage import Lineage, LineageReport, compare, sample_entries, sample_tensor
 
@@ -69,3 +71,34 @@ def enforce(report: LineageReport, *, allow_unrelated: bool) -> str | None:
         logger.warning("%s", note)
         return note
     return None
+
+
+MAX_RELATIVE_CHANGE = 10.0  # ‖α·v‖ / ‖B‖ beyond which the result is the vector, not the model
+
+
+def check_change_size(reference: Lineage | None, scale: float, names: Iterable[str]) -> None:
+    """Refuse an α that makes the change an order of magnitude larger than the weights.
+
+    ``--scale 1e30`` on a bf16 target gave finite, meaningless weights of ~1e36: bfloat16 and
+    float32 hold such numbers, so only the size of the change tells. Measured over the
+    fingerprinted values of the matrices ``names``, as ``|α|·‖A − B‖ / ‖B‖``. (float16 targets
+    overflow long before this and are checked value by value as the apply writes them.)
+    """
+    if reference is None or scale == 0.0:
+        return
+    num = den = 0.0
+    for name in names:
+        a, b = reference.a.get(name), reference.b.get(name)
+        if a is None or b is None or len(reference.shapes.get(name, ())) < 2:
+            continue
+        num += float(np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+        den += float(np.sum(b.astype(np.float64) ** 2))
+    if num == 0.0 or den == 0.0:
+        return
+    change = abs(scale) * (num / den) ** 0.5
+    if change > MAX_RELATIVE_CHANGE:
+        raise InputError(
+            f"at scale {scale:g} the vector would change the weights by {change:.3g}× their own "
+            f"size (‖α·v‖ / ‖B‖; beyond {MAX_RELATIVE_CHANGE:g}× the result is the vector, not "
+            "the model); a reasoning vector is a small change: use |α| of a few"
+        )

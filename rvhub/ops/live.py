@@ -17,7 +17,7 @@ from ..errors import CompatibilityError
 from ..io.kernels import add_scaled_
 from ..io.progress import logger
 from ..sources import VectorSource, split_excluded
-from .lineage import enforce, model_lineage
+from .lineage import check_change_size, enforce, model_lineage
 from .plan import ApplyReport, check_finite, check_scale, plan_apply, zero_scale_note
 
 
@@ -43,6 +43,8 @@ def apply_to_model(
     params = dict(model.named_parameters())  # tied weights appear once
     tensors = {**dict(model.named_buffers()), **params}
     reference = source.lineage()
+    wide = [n for n, p in params.items() if n in source.shapes and p.dtype != torch.float16]
+    check_change_size(reference, scale, wide)
     config = getattr(model, "config", None)
     config_dict = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
     if _needs_conversion(model, wanted, params):
