@@ -138,6 +138,27 @@ def cli(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+def _target_options(func: Any) -> Any:
+    """The options ``apply`` and ``check`` share: revisions and the vocabulary rule."""
+    for option in reversed(
+        [
+            click.option("--revision", default=None, help="Hub revision of the vector."),
+            click.option(
+                "--target-revision", default=None, help="Hub revision of the target model."
+            ),
+            click.option(
+                "--vocab",
+                type=click.Choice(["strict", "overlap"]),
+                default="strict",
+                show_default=True,
+                help="On a vocab-size mismatch: refuse, or add the delta to the shared rows (valid only when token ids agree).",
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
 exclude_option = click.option(
     "--exclude",
     "exclude",
@@ -323,15 +344,7 @@ def inspect(vector: str, revision: str | None, as_json: bool) -> None:
     show_default=True,
     help="α in θ + α·v; negative removes.",
 )
-@click.option("--revision", default=None, help="Hub revision of the vector.")
-@click.option("--target-revision", default=None, help="Hub revision of the target model.")
-@click.option(
-    "--vocab",
-    type=click.Choice(["strict", "overlap"]),
-    default="strict",
-    show_default=True,
-    help="On a vocab-size mismatch: refuse, or add the delta to the shared rows (valid only when token ids agree).",
-)
+@_target_options
 @click.option(
     "--device",
     default="auto",
@@ -422,15 +435,7 @@ def verify(
 @cli.command()
 @click.argument("vector")
 @click.argument("target")
-@click.option("--revision", default=None, help="Hub revision of the vector.")
-@click.option("--target-revision", default=None, help="Hub revision of the target model.")
-@click.option(
-    "--vocab",
-    type=click.Choice(["strict", "overlap"]),
-    default="strict",
-    show_default=True,
-    help="As for apply: whether a vocab-size difference is refused.",
-)
+@_target_options
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def check(
     vector: str,

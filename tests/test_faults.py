@@ -75,15 +75,18 @@ def _wait_for_temp(proc: subprocess.Popen, parent: Path, name: str) -> None:
     pytest.fail("no temp folder appeared")
 
 
+def _long_command(command: str, big_pair: dict, tmp_path: Path, out: Path) -> list[object]:
+    """An extract or apply of the big pair into ``out``, long enough to interrupt."""
+    if command == "extract":
+        return ["extract", big_pair["a"], big_pair["b"], "-o", out, "--dtype", "float32"]
+    vec = extract_vector(big_pair["a"], big_pair["b"]).save(tmp_path / "vec", dtype="float32")
+    return ["apply", vec, big_pair["b"], "-o", out]
+
+
 @pytest.mark.parametrize("command", ["extract", "apply"])
 def test_sigterm_removes_the_temp_output_and_the_lock(big_pair, tmp_path, command):
     out = tmp_path / "out"
-    if command == "extract":
-        args = ["extract", big_pair["a"], big_pair["b"], "-o", out, "--dtype", "float32"]
-    else:
-        vec = extract_vector(big_pair["a"], big_pair["b"]).save(tmp_path / "vec", dtype="float32")
-        args = ["apply", vec, big_pair["b"], "-o", out]
-    proc = _rvhub(*args)
+    proc = _rvhub(*_long_command(command, big_pair, tmp_path, out))
     _wait_for_temp(proc, tmp_path, "out")
     time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -99,11 +102,7 @@ def test_sigterm_removes_the_temp_output_and_the_lock(big_pair, tmp_path, comman
 @pytest.mark.parametrize("command", ["extract", "apply"])
 def test_sigkill_leaves_no_output_and_the_rerun_cleans_up(big_pair, tmp_path, command):
     out = tmp_path / "out"
-    if command == "extract":
-        args = ["extract", big_pair["a"], big_pair["b"], "-o", out, "--dtype", "float32"]
-    else:
-        vec = extract_vector(big_pair["a"], big_pair["b"]).save(tmp_path / "vec", dtype="float32")
-        args = ["apply", vec, big_pair["b"], "-o", out]
+    args = _long_command(command, big_pair, tmp_path, out)
     proc = _rvhub(*args)
     _kill_when_temp_appears(proc, tmp_path, "out")
     assert proc.returncode == -signal.SIGKILL
