@@ -216,6 +216,22 @@ def _encoding_options(func: Any) -> Any:
                 show_default=True,
                 help="LoRA: where the SVDs run (cpu, cuda, auto).",
             ),
+            click.option(
+                "--for",
+                "engine",
+                type=click.Choice(["peft", "vllm", "sglang", "llama.cpp"]),
+                default="peft",
+                show_default=True,
+                help="LoRA: write what this engine loads (its modules, ranks); the rest stays dense.",
+            ),
+            click.option(
+                "--base-model",
+                "--target",
+                "base_model",
+                default=None,
+                metavar="MODEL",
+                help="LoRA: the model the adapter is for (base_model_name_or_path) [default: A if a Hub id].",
+            ),
         ]
     ):
         func = option(func)
@@ -227,9 +243,13 @@ def _write_encoded(vec: Any, output: Path, options: dict[str, Any]) -> Path:
     ``_encoding_options``), refusing LoRA options without ``--encoding lora``."""
     from .vector import compress_vector
 
-    lora_only = [options[k] for k in ("rank", "energy", "max_error")]
-    if options["encoding"] != "lora" and any(x is not None for x in lora_only):
-        raise click.UsageError("--rank/--energy/--max-error need --encoding lora")
+    lora_only = [options[k] for k in ("rank", "energy", "max_error", "base_model")]
+    if options["encoding"] != "lora" and (
+        any(x is not None for x in lora_only) or options["engine"] != "peft"
+    ):
+        raise click.UsageError(
+            "--rank/--energy/--max-error/--for/--base-model need --encoding lora"
+        )
     return compress_vector(vec, output, **options)
 
 
@@ -250,6 +270,13 @@ def _report_written(path: Path) -> None:
         click.echo(
             f"wrote {path} ({manifest['encoding']}, {len(manifest['tensors'])} tensors, {size}, {extra})"
         )
+        if comp.get("encoding") == "lora":
+            from .ops.summary import engine_line
+
+            engine = comp.get("profile", "peft")
+            report = (comp.get("engines") or {}).get(engine)
+            if report and (report["share"] < 0.99 or not report["loads"] or report["server"]):
+                click.echo(engine_line(engine, report))
         return
     err = stats.get("roundtrip_error", {})
     click.echo(
@@ -322,12 +349,34 @@ def extract(
 @click.argument("vector")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit sha).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-def inspect(vector: str, revision: str | None, as_json: bool) -> None:
+@click.option(
+    "--for",
+    "engine",
+    type=click.Choice(["peft", "vllm", "sglang", "llama.cpp"]),
+    default=None,
+    help="LoRA: what this engine applies of the vector, and why not the rest.",
+)
+def inspect(vector: str, revision: str | None, as_json: bool, engine: str | None) -> None:
     """Show a vector's sources, encoding, size, norms and round-trip error."""
     from .vector import load_vector
 
     vec = load_vector(vector, revision=revision)
+    if engine is not None:
+        report = vec.engine_report(engine)
+        click.echo(json.dumps(report, indent=2) if as_json else _engine_text(engine, report))
+        return
     click.echo(json.dumps(vec.summary(), indent=2) if as_json else vec.describe())
+
+
+def _engine_text(engine: str, report: dict[str, Any]) -> str:
+    from .ops.summary import engine_line
+
+    lines = [engine_line(engine, report)]
+    lines.extend(f"  {p}" for p in report["problems"])
+    lines.append(
+        "  rvhub apply / load_vector(...).apply_to(model) applies the whole vector, dense part included"
+    )
+    return "\n".join(lines)
 
 
 @cli.command()

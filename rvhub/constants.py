@@ -61,6 +61,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "io": 1,
     "architecture": 1,
+    "engines": 1,
     "lineage": 1,
     "checkpoint": 1,
     "manifest": 1,

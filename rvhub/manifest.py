@@ -284,6 +284,7 @@ def build_manifest(
         "created_at": now_iso(),
         "sources": sources,
         "model": meta.get("model") or {},
+        **({"model_config": meta["model_config"]} if meta.get("model_config") else {}),
         "math_dtype": "float32",
         "excluded": list(meta.get("excluded") or []) + excluded,
         "exclude_patterns": list(meta.get("exclude_patterns") or []) + exclude_patterns,

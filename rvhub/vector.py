@@ -37,7 +37,7 @@ from .manifest import check_files_present, load_manifest, verify_artifact
 from .ops.disk import apply_to_checkpoint_files
 from .ops.live import apply_to_model
 from .ops.plan import ApplyReport, check_pair, check_scale
-from .ops.summary import describe, summary
+from .ops.summary import describe, engine_report, summary
 from .ops.verify import verify_against
 from .sources import (
     CombinationSource,
@@ -237,6 +237,12 @@ class ReasoningVector:
         manifest = self._saved_manifest()
         return describe(self.summary(), manifest.get("tensors") or {})
 
+    def engine_report(self, engine: str) -> dict[str, Any]:
+        """What a serving engine (``peft``, ``vllm``, ``sglang``, ``llama.cpp``) applies of this
+        LoRA vector: whether it loads the adapter, the share of the whole ‖v‖² it applies, the
+        problems, and the server flag to start it with (``rvhub inspect --for ENGINE``)."""
+        return engine_report(self._saved_manifest(), self.path, engine)
+
     def input_paths(self) -> list[str]:
         """The local folders and files this vector reads: its artifact, its local sources."""
         out = [str(self.path)] if self.path else []
@@ -268,12 +274,17 @@ class ReasoningVector:
         max_error: float | None = None,
         svd: str = "randomized",
         device: str = "cpu",
+        engine: str = "peft",
+        base_model: str | None = None,
     ) -> Path:
         """Write the vector as an artifact folder (``rvhub.json`` + the encoding's files).
 
         ``encoding``: ``dense`` (``vector.safetensors``), ``lora`` (a stock PEFT adapter by
         truncated SVD: ``rank``, ``energy`` and/or ``max_error``, on ``device``) or ``sparse``
         (only changed entries, exact). Streams tensor by tensor; the folder appears atomically.
+        For ``lora``, ``engine`` (``peft``, ``vllm``, ``sglang``, ``llama.cpp``) picks what the
+        adapter holds so that engine loads it (:mod:`rvhub.engines`), and ``base_model`` is the
+        adapter's ``base_model_name_or_path`` (default: source A when it is a Hub model).
 
         Example:
             >>> extract_vector("org/grpo", "org/sft").save("./reasoning-vector")
@@ -289,6 +300,8 @@ class ReasoningVector:
             max_error=max_error,
             svd=svd,
             device=device,
+            engine=engine,
+            base_model=base_model,
         )
         return write_artifact(
             self.source,
@@ -406,6 +419,7 @@ def extract_vector(
     meta: dict[str, Any] = {
         "sources": {"a": _describe(ca), "b": _describe(cb)},
         "model": model_identity(ca.config),
+        "model_config": {k: v for k, v in ca.config.items() if not k.startswith("_")},
         "excluded": excluded,
         "skipped_non_float": skipped,
         "exclude_patterns": exclude,
@@ -482,7 +496,8 @@ def load_vector(
         verify_artifact(folder, manifest)
     else:
         check_files_present(folder, manifest)
-    meta = {k: manifest.get(k) for k in ("sources", "model", "excluded", "stats", "encoding")}
+    keys = ("sources", "model", "model_config", "excluded", "stats", "encoding")
+    meta = {k: manifest.get(k) for k in keys}
     meta["manifest"] = manifest
     meta["origin"] = origin
     return ReasoningVector(open_source(folder, manifest), meta, path=folder)

@@ -7,10 +7,14 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
     Gemma2Config,
+    GPT2Config,
     LlamaConfig,
+    MistralConfig,
     PretrainedConfig,
     Qwen2Config,
+    Qwen3MoeConfig,
 )
 
 COMMON = dict(
@@ -25,8 +29,28 @@ COMMON = dict(
 
 
 def config_for(arch: str, **overrides: object) -> PretrainedConfig:
-    """A tiny config: qwen2 (q/k/v biases, untied), llama (untied), gemma2 (tied embeddings)."""
+    """A tiny config: qwen2 (q/k/v biases, untied), llama (untied), gemma2 (tied embeddings),
+    mistral, gpt2 (Conv1D, tied), qwen3_moe and deepseek_v3 (MoE; a dense first layer, shared
+    experts, MLA attention)."""
     kw = {**COMMON, **overrides}
+    if arch == "gpt2":
+        return GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+            bos_token_id=1, eos_token_id=2, **overrides,
+        )  # fmt: skip
+    if arch == "mistral":
+        kw.setdefault("tie_word_embeddings", False)
+        return MistralConfig(**kw)
+    if arch == "qwen3_moe":
+        kw.setdefault("tie_word_embeddings", False)
+        return Qwen3MoeConfig(**kw, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+    if arch == "deepseek_v3":
+        kw.update(num_key_value_heads=4, moe_intermediate_size=16, n_routed_experts=4)
+        kw.update(num_experts_per_tok=2, first_k_dense_replace=1, q_lora_rank=16)
+        kw.update(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+        kw.update(n_group=1, topk_group=1)
+        kw.setdefault("tie_word_embeddings", False)
+        return DeepseekV3Config(**kw)
     if arch == "qwen2":
         kw.setdefault("tie_word_embeddings", False)
         return Qwen2Config(**kw)

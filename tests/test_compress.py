@@ -158,9 +158,18 @@ def test_extract_straight_to_lora_and_inspect_reports_the_peft_share(family, tmp
     assert r.exit_code == 0, r.output
     assert "LoRA error" in r.output
     r = run("inspect", tmp_path / "v")
-    assert (
-        "stock PEFT" in r.output and "need rvhub apply" in r.output and "worst modules" in r.output
-    )
+    assert "worst modules" in r.output
+    manifest = json.loads((tmp_path / "v" / "rvhub.json").read_text())
+    engines = manifest["compression"]["engines"]
+    assert set(engines) == {"peft", "vllm", "sglang", "llama.cpp"}
+    # every engine's line in inspect, with the share of the whole vector it applies
+    for name, report in engines.items():
+        assert f"{name:<10} {report['version']}: " in r.output
+    peft = engines["peft"]
+    assert peft["loads"] and f"= {peft['share']:.1%} of ‖v‖²" in r.output
+    assert "only rvhub apply adds" in r.output
+    # Qwen2 declares no embedding LoRA in vLLM: the default (peft) adapter holds embed_tokens
+    assert not engines["vllm"]["loads"] and "takes no LoRA on" in engines["vllm"]["problems"][0]
 
 
 @pytest.mark.parametrize(

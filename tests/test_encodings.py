@@ -146,7 +146,9 @@ def test_adapter_config_is_plain_lora_with_scale_one(pair: dict, tmp_path: Path)
     config = json.loads((tmp_path / ADAPTER_CONFIG_NAME).read_text())
     ranks = [f.rank for f in factors.values()]
     assert config["r"] == config["lora_alpha"] == max(set(ranks), key=ranks.count)
-    assert config["rank_pattern"] == config["alpha_pattern"]
+    # One scale for every reader: no alpha_pattern (llama.cpp and SGLang ignore it); a module of
+    # rank r_m != r carries r_m / r in its lora_B, which PEFT/vLLM/llama.cpp scale by alpha / r_m.
+    assert config["alpha_pattern"] == {}
     assert config["rank_pattern"]  # k/v projections are narrower than q
     modules = [name.removesuffix(".weight") for name in sorted(factors)]
     assert config["target_modules"] == modules
@@ -164,10 +166,18 @@ def test_adapter_config_is_plain_lora_with_scale_one(pair: dict, tmp_path: Path)
         assert stored[module + ".lora_embedding_A"].shape == (factors[name].rank, vocab)
         assert stored[module + ".lora_embedding_B"].shape == (dim, factors[name].rank)
 
+    for name in set(factors) - pair["embedding"]:
+        module = "base_model.model." + name.removesuffix(".weight")
+        fold = factors[name].rank / config["r"]
+        expected_b = (factors[name].B * fold).bfloat16()
+        assert torch.equal(stored[module + ".lora_B.weight"], expected_b), name
+
     read = read_peft_adapter(tmp_path)
     assert set(read) == set(factors)
     for name, (a, b) in read.items():
-        expected = factors[name].B.bfloat16().float() @ factors[name].A.bfloat16().float()
+        fold = factors[name].rank / config["r"]
+        expected = (factors[name].B * fold).bfloat16().float() / fold
+        expected = expected @ factors[name].A.bfloat16().float()
         torch.testing.assert_close(b @ a, expected, atol=1e-6, rtol=1e-5)
 
 

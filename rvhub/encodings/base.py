@@ -35,6 +35,8 @@ class WriteOptions:
     max_error: float | None = None
     svd: str = "randomized"
     device: str = "cpu"
+    engine: str = "peft"  # LoRA: the serving engine the adapter is written for (rvhub.engines)
+    base_model: str | None = None  # LoRA: base_model_name_or_path (else a Hub source A)
 
 
 @dataclass(frozen=True)

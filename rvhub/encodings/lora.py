@@ -46,6 +46,7 @@ from ..constants import (
     PICKLED_ADAPTER_WEIGHTS_NAME,
     SVD_METHODS,
 )
+from ..engines import ENGINES, Engine, engine_takes, get_engine, judge, server_rank
 from ..errors import InputError, IntegrityError
 from ..io.atomic import atomic_write
 from ..io.device import resolve_device
@@ -55,6 +56,7 @@ from ..manifest import file_info, inside_folder, norm_summary
 from ..sources import VectorSource
 from .base import Encoded, WriteJob, WriteOptions, declared, stored_entries
 from .dense import write_dense_files
+from .peft_probe import WrappedModule, peft_wraps
 
 PEFT_KEY_PREFIX = "base_model.model."
 
@@ -270,6 +272,36 @@ def factorize(
     return _build_factor(matrix, u, s, vh, kept, total, scale)
 
 
+def adapter_layout(
+    factors: Mapping[str, LoraFactor], *, uniform_rank: bool = False
+) -> tuple[int, dict[str, int], list[str]]:
+    """``(r, rank_pattern, target_modules)`` of the adapter holding ``factors``' nonzero modules.
+
+    ``r`` is the most common rank (the larger on a tie), or the largest with ``uniform_rank``
+    (every module is then padded to it); modules of another rank get ``rank_pattern`` entries.
+    """
+    modules = {n.removesuffix(".weight"): f.rank for n, f in factors.items() if f.rank > 0}
+    if not modules:
+        raise ValueError("no factor to write: every delta is zero (PEFT needs rank ≥ 1)")
+    counts = Counter(modules.values())
+    if uniform_rank:
+        return max(counts), {}, sorted(modules)
+    common = max(counts, key=lambda r: (counts[r], r))
+    targets = sorted(modules)
+    pattern = {_pattern_key(m, targets): r for m, r in sorted(modules.items()) if r != common}
+    return common, pattern, targets
+
+
+def pad_factor(factor: LoraFactor, rank: int) -> LoraFactor:
+    """``factor`` with zero rows of ``A`` and zero columns of ``B`` up to ``rank`` (same ``B @ A``)."""
+    extra = rank - factor.rank
+    if extra <= 0:
+        return factor
+    a = torch.cat([factor.A, factor.A.new_zeros(extra, factor.A.shape[1])])
+    b = torch.cat([factor.B, factor.B.new_zeros(factor.B.shape[0], extra)], dim=1)
+    return LoraFactor(a, b, rank, factor.rel_error, factor.energy_kept)
+
+
 def write_peft_adapter(
     folder: str | os.PathLike[str],
     factors: Mapping[str, LoraFactor],
@@ -278,27 +310,37 @@ def write_peft_adapter(
     base_model_name_or_path: str | None,
     dtype: torch.dtype,
     extra_config: Mapping[str, Any] | None = None,
+    transposed_names: set[str] | None = None,
+    uniform_rank: bool = False,
 ) -> list[str]:
     """Write factors as a PEFT LoRA adapter that stock ``PeftModel.from_pretrained`` loads.
 
     Keys of ``factors`` are checkpoint tensor names ending in ``.weight``; the module name is the
     name without it. Names in ``embedding_names`` are ``nn.Embedding`` weights
     (``[num_embeddings, embedding_dim]``) and are written as PEFT's ``lora_embedding_A``
-    ``[r, num_embeddings]`` / ``lora_embedding_B`` ``[embedding_dim, r]``; the others as
-    ``nn.Linear`` ``lora_A.weight`` ``[r, in]`` / ``lora_B.weight`` ``[out, r]``. Rank-0 factors
-    (all-zero deltas) are left out. ``r`` is the most common rank (the larger on a tie);
-    modules of another rank get ``rank_pattern`` and ``alpha_pattern`` entries, and
-    ``lora_alpha == r`` everywhere, so PEFT's scale is 1 and merging adds exactly ``B @ A``.
+    ``[r, num_embeddings]`` / ``lora_embedding_B`` ``[embedding_dim, r]``; names in
+    ``transposed_names`` are GPT-2 ``Conv1D`` weights (``[in, out]``), written for
+    ``fan_in_fan_out: true``; the others as ``nn.Linear`` ``lora_A.weight`` ``[r, in]`` /
+    ``lora_B.weight`` ``[out, r]``. Rank-0 factors (all-zero deltas) are left out.
+
+    The scale is 1 under every reading of it (see :mod:`rvhub.engines`): ``lora_alpha == r``, no
+    ``alpha_pattern``, and a module of rank ``r_m ≠ r`` (a ``rank_pattern`` entry) has
+    ``r_m / r`` folded into its ``lora_B``, which PEFT, vLLM and llama.cpp then scale by
+    ``lora_alpha / r_m``. With ``uniform_rank`` every module is zero-padded to the largest rank
+    and there is no ``rank_pattern`` at all (for engines that read one rank, e.g. SGLang).
     ``target_modules`` is the sorted list of exact module names.
 
     Args:
         folder: the artifact folder (created if missing); both files are written atomically.
         factors: checkpoint weight name → factor.
         embedding_names: which of those names are embedding weights.
-        base_model_name_or_path: recorded in the config (a Hub id or ``None``).
+        base_model_name_or_path: the model the adapter is for (a Hub id or path), or ``None``.
         dtype: storage dtype of the factors (e.g. the sources' bfloat16).
         extra_config: more ``adapter_config.json`` keys (e.g. ``revision``, ``task_type``); keys
             that change the adapter's meaning (``r``, ``target_modules``, ...) are refused.
+        transposed_names: which names are ``Conv1D`` weights (then ``fan_in_fan_out: true``;
+            the adapter may then hold no ``nn.Linear`` module).
+        uniform_rank: pad every module to one rank.
 
     Returns:
         The file names written, relative to ``folder``.
@@ -312,32 +354,32 @@ def write_peft_adapter(
         _check_factor(name, factor)
         if factor.rank > 0:
             modules[name.removesuffix(".weight")] = factor
-    if not modules:
-        raise ValueError("no factor to write: every delta is zero (PEFT needs rank ≥ 1)")
     refused = sorted(_STRUCTURAL_CONFIG_KEYS.intersection(extra_config or {}))
     if refused:
         raise ValueError(f"extra_config may not set {', '.join(refused)}")
-
-    counts = Counter(factor.rank for factor in modules.values())
-    common_rank = max(counts, key=lambda r: (counts[r], r))
-    targets = sorted(modules)
-    rank_pattern = {
-        _pattern_key(module, targets): factor.rank
-        for module, factor in modules.items()
-        if factor.rank != common_rank
-    }
+    common_rank, rank_pattern, targets = adapter_layout(factors, uniform_rank=uniform_rank)
     embedding_modules = {name.removesuffix(".weight") for name in embedding_names}
+    conv1d_modules = {name.removesuffix(".weight") for name in transposed_names or ()}
+    if conv1d_modules and set(modules) - conv1d_modules - embedding_modules:
+        raise ValueError("a fan_in_fan_out (Conv1D) adapter cannot also hold nn.Linear modules")
 
     tensors: dict[str, Tensor] = {}
     for module, factor in modules.items():
+        if uniform_rank:
+            factor = pad_factor(factor, common_rank)
         key = PEFT_KEY_PREFIX + module
+        b = factor.B * (factor.rank / common_rank) if factor.rank != common_rank else factor.B
         if module in embedding_modules:
             # PEFT's Embedding merges (lora_embedding_B @ lora_embedding_A).T.
-            tensors[key + _EMBEDDING_A] = factor.B.T
+            tensors[key + _EMBEDDING_A] = b.T
             tensors[key + _EMBEDDING_B] = factor.A.T
+        elif module in conv1d_modules:
+            # fan_in_fan_out: PEFT merges (lora_B @ lora_A).T into the [in, out] weight.
+            tensors[key + _LINEAR_A] = b.T
+            tensors[key + _LINEAR_B] = factor.A.T
         else:
             tensors[key + _LINEAR_A] = factor.A
-            tensors[key + _LINEAR_B] = factor.B
+            tensors[key + _LINEAR_B] = b
     tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
 
     config: dict[str, Any] = {
@@ -347,14 +389,14 @@ def write_peft_adapter(
         "r": common_rank,
         "lora_alpha": common_rank,
         "rank_pattern": rank_pattern,
-        "alpha_pattern": dict(rank_pattern),
+        "alpha_pattern": {},
         "target_modules": targets,
         "lora_dropout": 0.0,
         "bias": "none",
         "lora_bias": False,
         "use_rslora": False,
         "use_dora": False,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(conv1d_modules),
         "modules_to_save": None,
         "init_lora_weights": True,
         "ensure_weight_tying": False,
@@ -667,9 +709,13 @@ class LoraSource(VectorSource):
 
 
 def check_lora_options(options: WriteOptions) -> None:
-    """The CLI's spelling of :func:`check_rank_options`, plus the SVD method."""
+    """The CLI's spelling of :func:`check_rank_options`, plus the SVD method and engine."""
     if options.svd not in SVD_METHODS:
         raise InputError(f"--svd must be one of {', '.join(SVD_METHODS)}, not {options.svd!r}")
+    try:
+        engine = get_engine(options.engine)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if options.rank is None and options.energy is None and options.max_error is None:
         raise InputError("--encoding lora needs --rank, --energy or --max-error (e.g. --rank 64)")
     try:
@@ -677,6 +723,50 @@ def check_lora_options(options: WriteOptions) -> None:
     except ValueError as e:
         msg = str(e).replace("rank must", "--rank must").replace("energy must", "--energy must")
         raise InputError(msg.replace("max_error must", "--max-error must")) from None
+    _check_engine_rank(engine, options.rank)
+
+
+def _check_engine_rank(engine: Engine, rank: int | None) -> None:
+    if rank is not None and engine.max_ranks is not None and server_rank(engine, rank) is None:
+        raise InputError(
+            f"--for {engine.name}: rank {rank} is above {engine.version}'s largest "
+            f"{engine.rank_flag} {engine.max_ranks[-1]}; use --rank {engine.max_ranks[-1]} or less"
+        )
+
+
+def engine_reports(
+    adapter_config: Mapping[str, Any],
+    ranks: Mapping[str, int],
+    norms_sq: Mapping[str, float],
+    *,
+    architecture: str | None,
+    tied: bool,
+    peft_applies: set[str] | None,
+) -> dict[str, dict[str, Any]]:
+    """Per engine: whether it loads the adapter, the share of the whole vector's ‖v‖² it
+    applies from the adapter alone, what it does not apply, and how to start its server."""
+    total = sum(norms_sq.values())
+    out: dict[str, dict[str, Any]] = {}
+    for engine in ENGINES.values():
+        verdict = judge(
+            engine,
+            adapter_config,
+            ranks,
+            architecture=architecture,
+            tied=tied,
+            peft_applies=peft_applies,
+        )
+        applied = sum(norms_sq.get(n, 0.0) for n in verdict.applied)
+        out[engine.name] = {
+            "version": engine.version,
+            "loads": verdict.loads,
+            "lora_tensors": len(verdict.applied),
+            "share": applied / total if total > 0 else 1.0,
+            "not_applied_tensors": len(norms_sq) - len(verdict.applied),
+            "problems": verdict.problems,
+            "server": verdict.hint,
+        }
+    return out
 
 
 class LoraEncoding:
@@ -687,23 +777,40 @@ class LoraEncoding:
 
     def write(self, job: WriteJob) -> Encoded:
         source, names, folder, options = job.source, job.names, job.folder, job.options
+        engine = get_engine(options.engine)
         dev = resolve_device(options.device)
-        lora_names = [n for n in names if lora_eligible(n, source.shapes[n])]
-        dense_names = [n for n in names if n not in set(lora_names)]
-        if not lora_names:
+        model = job.meta.get("model") or {}
+        architecture = (model.get("architectures") or [None])[0]
+        model_config = job.meta.get("model_config")
+        if engine.architectures is not None and architecture not in engine.architectures:
             raise InputError(
-                "no tensor of this vector is a Linear/Embedding weight PEFT can hold as LoRA"
+                f"--for {engine.name}: {engine.version} serves LoRA for "
+                f"{', '.join(sorted(engine.architectures))}, not "
+                f"{architecture or 'this vector (it records no architecture)'}"
+            )
+        candidates = [n for n in names if lora_eligible(n, source.shapes[n])]
+        tied = bool(model.get("tie_word_embeddings"))
+        if engine.name != "peft":
+            candidates = [n for n in candidates if engine_takes(engine, n, architecture, tied=tied)]
+        wrapped = _peft_structure(model_config, candidates, source.shapes)
+        if wrapped is not None:
+            candidates = [n for n in candidates if n in wrapped]
+        conv1d = {n for n in candidates if wrapped and wrapped[n].kind == "Conv1D"}
+        if conv1d:  # PEFT's fan_in_fan_out is one flag: Linear modules then stay dense
+            candidates = [n for n in candidates if n in conv1d or is_embedding(n)]
+        if not candidates:
+            raise InputError(
+                f"no tensor of this vector is a Linear/Embedding weight "
+                f"{'PEFT' if engine.name == 'peft' else engine.version} can hold as LoRA"
             )
         storage = options.dtype
         norms: dict[str, float] = {}
         modules: dict[str, dict[str, Any]] = {}
-        factors = {}
-        err_sq = 0.0
-        lora_bytes_dense = 0
+        factors: dict[str, LoraFactor] = {}
         svd_seconds = 0.0
-        progress = bar(len(lora_names), "factorising", unit="tensor")
+        progress = bar(len(candidates), "factorising", unit="tensor")
         try:
-            for name in lora_names:
+            for name in candidates:
                 delta = source.get(name)
                 if not bool(torch.isfinite(delta).all()):
                     raise InputError(
@@ -723,8 +830,6 @@ class LoraEncoding:
                 svd_seconds += time.perf_counter() - started
                 norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
                 norms[name] = norm
-                err_sq += (factor.rel_error * norm) ** 2
-                lora_bytes_dense += delta.numel() * (storage or source.dtypes[name]).itemsize
                 modules[name] = {
                     "rank": factor.rank,
                     "rel_error": factor.rel_error,
@@ -738,22 +843,61 @@ class LoraEncoding:
             progress.close()
         if not factors:
             raise InputError("every LoRA-eligible delta is zero: nothing to encode as LoRA")
+        max_rank = max(f.rank for f in factors.values())
+        _check_engine_rank(engine, max_rank)
+        uniform = not engine.per_module_rank
+        if uniform:
+            for name, factor in factors.items():
+                factors[name] = pad_factor(factor, max_rank)
+                modules[name]["rank"] = max_rank
         a_src = (job.meta.get("sources") or {}).get("a") or {}
+        base_model = options.base_model or (
+            a_src.get("repo_id") if a_src.get("kind") == "hub" else None
+        )
+        embeddings = {n for n in factors if is_embedding(n)}
+        peft_measured: set[str] | None = None
+        for _ in range(3):  # measure what PEFT wraps with the final config; move misfits to dense
+            layout = adapter_layout(factors, uniform_rank=uniform)
+            probe_config = _adapter_config(layout, conv1d=bool(conv1d & set(factors)))
+            final = peft_wraps(model_config, probe_config)
+            if final is None:
+                break
+            misfits = [
+                n
+                for n, f in factors.items()
+                if n not in final
+                or final[n].rank != f.rank
+                or (final[n].fan_in_fan_out != (n in conv1d) and final[n].kind != "Embedding")
+            ]
+            peft_measured = set(final) & set(factors)
+            if not misfits:
+                break
+            for n in misfits:
+                del factors[n]
+                modules.pop(n)
+                candidates.remove(n)
+            if not factors:
+                raise InputError("stock PEFT wraps none of this vector's modules as LoRA")
         try:
             adapter_files = write_peft_adapter(
                 folder,
                 factors,
-                embedding_names={n for n in factors if is_embedding(n)},
-                base_model_name_or_path=a_src.get("repo_id")
-                if a_src.get("kind") == "hub"
-                else None,
-                dtype=storage or source.dtypes[lora_names[0]],
+                embedding_names=embeddings & set(factors),
+                transposed_names=conv1d & set(factors),
+                base_model_name_or_path=base_model,
+                dtype=storage or source.dtypes[candidates[0]],
+                uniform_rank=uniform,
             )
         except ValueError as e:
             raise InputError(f"cannot write the PEFT adapter: {e}") from None
         files = file_info(folder, adapter_files)
+        lora_names = [n for n in candidates if n in modules]
+        dense_names = [n for n in names if n not in set(lora_names)]
         tensors: dict[str, Any] = {}
         dense_bytes = 0
+        lora_bytes_dense = sum(
+            math.prod(source.shapes[n]) * (storage or source.dtypes[n]).itemsize for n in lora_names
+        )
         if dense_names:
             w = write_dense_files(source, dense_names, folder, options, desc="writing dense part")
             files.update(w.files)
@@ -770,9 +914,19 @@ class LoraEncoding:
                 **modules[n],
             }
         tensors = {n: tensors[n] for n in names}
-        total_sq = sum(v * v for v in norms.values())
-        peft_sq = sum(norms[n] ** 2 for n in factors)
-        peft_share = peft_sq / total_sq if total_sq > 0 else 1.0
+        norms_sq = {n: v * v for n, v in norms.items()}
+        total_sq = sum(norms_sq.values())
+        err_sq = sum((modules[n]["rel_error"] * norms[n]) ** 2 for n in lora_names)
+        config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
+        engines = engine_reports(
+            config,
+            {n: modules[n]["rank"] for n in factors},
+            norms_sq,
+            architecture=architecture,
+            tied=tied,
+            peft_applies=peft_measured,
+        )
+        peft_share = engines["peft"]["share"]
         artifact_bytes = sum(f["size"] for f in files.values())
         ranks = sorted(m["rank"] for m in modules.values())
         compression = {
@@ -794,14 +948,47 @@ class LoraEncoding:
             "ratio": artifact_bytes / max(1, lora_bytes_dense + dense_bytes),
             "peft_norm_share": peft_share,
             "rvhub_norm_share": 1.0 - peft_share,
+            "profile": engine.name,
+            "base_model": base_model,
+            "peft_modules": "measured" if peft_measured is not None else "name rules",
+            "engines": engines,
         }
         return Encoded(
             files=files,
             tensors=tensors,
-            stats=norm_summary({n: v * v for n, v in norms.items()}),
+            stats=norm_summary(norms_sq),
             dtypes=[dtype_name(storage or source.dtypes[n]) for n in names],
             compression=compression,
         )
 
     def open(self, folder: Path, manifest: dict[str, Any]) -> LoraSource:
         return LoraSource(folder, manifest)
+
+
+def _adapter_config(
+    layout: tuple[int, dict[str, int], list[str]], *, conv1d: bool
+) -> dict[str, Any]:
+    r, pattern, targets = layout
+    return {
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "target_modules": targets,
+        "fan_in_fan_out": conv1d,
+        "init_lora_weights": True,
+    }
+
+
+def _peft_structure(
+    model_config: Mapping[str, Any] | None,
+    names: list[str],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> dict[str, WrappedModule] | None:
+    """The modules among ``names`` that PEFT wraps with a layer of the checkpoint's shape."""
+    if not names:
+        return {}
+    targets = sorted(n.removesuffix(".weight") for n in names)
+    found = peft_wraps(model_config, _adapter_config((1, {}, targets), conv1d=False))
+    if found is None:
+        return None
+    return {n: w for n, w in found.items() if n in set(names) and w.weight_shape == shapes[n]}

@@ -2,11 +2,63 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from ..constants import ADAPTER_CONFIG_NAME
+from ..encodings.lora import engine_reports
+from ..engines import get_engine
+from ..errors import InputError
+
 BAR_WIDTH = 30
+
+
+def engine_report(manifest: Mapping[str, Any], folder: Path | None, engine: str) -> dict[str, Any]:
+    """What ``engine`` applies of a LoRA artifact: the writer's record, or for an adapter written
+    before rvhub recorded one, judged now from its ``adapter_config.json`` and tensor table."""
+    get_engine(engine)
+    if manifest.get("encoding") != "lora":
+        raise InputError(
+            f"this vector is {manifest.get('encoding', 'dense')}, not a LoRA adapter; serve it "
+            f"after `rvhub compress VECTOR -o OUT --encoding lora --rank 64 --for {engine}`, or "
+            "apply it whole with rvhub apply"
+        )
+    comp = manifest.get("compression") or {}
+    recorded = (comp.get("engines") or {}).get(engine)
+    if recorded is not None:
+        return dict(recorded)
+    if folder is None:
+        raise InputError("this LoRA vector has no folder to read its adapter_config.json from")
+    config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
+    tensors = manifest.get("tensors") or {}
+    model = manifest.get("model") or {}
+    reports = engine_reports(
+        config,
+        {n: int(t.get("rank", 0)) for n, t in tensors.items() if t.get("stored") == "lora"},
+        {n: float(t.get("norm", 0.0)) ** 2 for n, t in tensors.items()},
+        architecture=(model.get("architectures") or [None])[0],
+        tied=bool(model.get("tie_word_embeddings")),
+        peft_applies=None,
+    )
+    return reports[engine]
+
+
+def engine_line(engine: str, report: Mapping[str, Any]) -> str:
+    """One line: what ``engine`` applies of the whole vector, and what only rvhub applies."""
+    head = f"{engine:<10} {report['version']}: "
+    if not report["loads"]:
+        return head + "refuses this adapter (" + "; ".join(report["problems"]) + ")"
+    text = (
+        f"applies {report['lora_tensors']} LoRA modules = {report['share']:.1%} of ‖v‖²; the other "
+        f"{report['not_applied_tensors']} tensors ({1 - report['share']:.1%}: biases, norms, "
+        "experts, ...) only rvhub apply adds"
+    )
+    if report.get("server"):
+        text += f"; start the server with {report['server']}"
+    return head + text
 
 
 def _source_line(info: dict[str, Any]) -> str:
@@ -105,11 +157,20 @@ def _compression_lines(comp: dict[str, Any], tensors: Mapping[str, Any]) -> list
         f"lora       {comp['lora_tensors']} modules as a PEFT adapter ({rule}; {comp['svd']} SVD), "
         f"ranks {ranks['min']}–{ranks['max']} (median {ranks['median']})",
         f"           overall relative error {comp['overall_rel_error']:.4f}; {size}",
-        f"peft       stock PEFT (PeftModel.from_pretrained + merge_and_unload) applies "
-        f"{comp['lora_tensors']} tensors = {comp['peft_norm_share']:.1%} of ‖v‖²; the "
-        f"{comp['dense_tensors']} dense tensors (biases, norms, ...) = "
-        f"{comp['rvhub_norm_share']:.1%} need rvhub apply / load_vector",
     ]
+    engines = comp.get("engines")
+    if engines:
+        lines.append(
+            f"engines    (written for {comp.get('profile', 'peft')}; share of the whole ‖v‖²)"
+        )
+        lines.extend("  " + engine_line(name, report) for name, report in engines.items())
+    else:
+        lines.append(
+            f"peft       stock PEFT (PeftModel.from_pretrained + merge_and_unload) applies "
+            f"{comp['lora_tensors']} tensors = {comp['peft_norm_share']:.1%} of ‖v‖²; the "
+            f"{comp['dense_tensors']} dense tensors (biases, norms, ...) = "
+            f"{comp['rvhub_norm_share']:.1%} need rvhub apply / load_vector"
+        )
     lora = [(n, t) for n, t in tensors.items() if t.get("stored") == "lora"]
     worst = sorted(lora, key=lambda nt: -float(nt[1].get("rel_error", 0.0)))[:5]
     if worst:
