@@ -372,7 +372,8 @@ def _engine_text(engine: str, report: dict[str, Any]) -> str:
     from .ops.summary import engine_line
 
     lines = [engine_line(engine, report)]
-    lines.extend(f"  {p}" for p in report["problems"])
+    if report["loads"]:
+        lines.extend(f"  {p}" for p in report["problems"])
     lines.append(
         "  rvhub apply / load_vector(...).apply_to(model) applies the whole vector, dense part included"
     )

@@ -232,8 +232,8 @@ def judge(
     if left and engine.name in ("vllm", "sglang", "llama.cpp"):
         # vLLM refuses the whole adapter ("expected target modules in ..."); SGLang's memory pool
         # refuses targets outside the ones it serves.
-        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
-        refusals.append(f"{engine.version} takes no LoRA on {left[0]}{more}")
+        shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+        refusals.append(f"{engine.version} takes no LoRA on {shown}")
     r = int(adapter_config.get("r") or 0)
     max_rank = max(ranks.values(), default=0)
     hint = None

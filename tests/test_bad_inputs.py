@@ -407,3 +407,26 @@ def test_scale_that_would_swamp_the_weights(vec, family, tmp_path):
     out = tmp_path / "out"
     r = run("apply", vec, family("qwen2")["target"], "-o", out, "--scale", "1e30")
     assert_clean_failure(r, match="would change the weights by", output=out)
+
+
+@pytest.mark.parametrize(
+    ("arch", "args", "message"),
+    [
+        (
+            "qwen2",
+            ["--rank", "600", "--for", "vllm"],
+            "above vllm 0.34.0's largest --max-lora-rank",
+        ),
+        ("gpt2", ["--rank", "4", "--for", "vllm"], "serves LoRA for"),
+        ("qwen2", ["--for", "sglang"], "need --encoding lora"),
+    ],
+    ids=["vllm-rank-too-high", "vllm-architecture", "profile-without-lora"],
+)
+def test_engine_profile_it_cannot_honour(family, tmp_path, arch, args, message):
+    from tests.models import make_family
+
+    fam = make_family(tmp_path / "fam", arch) if arch == "gpt2" else family(arch)
+    out = tmp_path / "out"
+    extra = [] if "need --encoding" in message else ["--encoding", "lora"]
+    r = run("extract", fam["a"], fam["b"], "-o", out, *extra, *args)
+    assert_clean_failure(r, match=message, output=out)

@@ -926,6 +926,9 @@ class LoraEncoding:
             tied=tied,
             peft_applies=peft_measured,
         )
+        excluded = len(set(source.shapes) - set(names)) + len(job.meta.get("excluded") or [])
+        for report in engines.values():
+            report["excluded_tensors"] = excluded
         peft_share = engines["peft"]["share"]
         artifact_bytes = sum(f["size"] for f in files.values())
         ranks = sorted(m["rank"] for m in modules.values())

@@ -95,12 +95,13 @@ def peft_wraps(
             continue
         base = module.get_base_layer()
         kind = type(base).__name__
-        if kind not in ("Linear", "Embedding", "Conv1D"):
+        weight = getattr(base, "weight", None)
+        if kind not in ("Linear", "Embedding", "Conv1D") or not isinstance(weight, torch.Tensor):
             continue
         found[name + ".weight"] = WrappedModule(
             kind=kind,
             rank=int(module.r[PROBE_ADAPTER]),
             fan_in_fan_out=bool(getattr(module, "fan_in_fan_out", False)),
-            weight_shape=tuple(base.weight.shape),
+            weight_shape=tuple(weight.shape),
         )
     return found

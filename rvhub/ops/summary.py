@@ -58,6 +58,11 @@ def engine_line(engine: str, report: Mapping[str, Any]) -> str:
     )
     if report.get("server"):
         text += f"; start the server with {report['server']}"
+    if report.get("excluded_tensors"):
+        text += (
+            f"; {report['excluded_tensors']} tensors excluded by --exclude are not in this vector"
+            " (their share is not measured)"
+        )
     return head + text
 
 
