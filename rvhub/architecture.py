@@ -84,3 +84,59 @@ def model_identity(config: Mapping[str, Any]) -> dict[str, Any]:
         "hidden_size": config.get("hidden_size", (text or {}).get("hidden_size")),
         "num_hidden_layers": config.get("num_hidden_layers", (text or {}).get("num_hidden_layers")),
     }
+
+
+# -- checkpoint formats ----------------------------------------------------------------------
+# quantization_config.quant_method values rvhub cannot take the difference of (the weights are
+# packed integers or codebooks, not values): the format's name for the one-line refusal.
+QUANTIZED_METHODS = {
+    "gptq": "GPTQ",
+    "awq": "AWQ",
+    "bitsandbytes": "bitsandbytes",
+    "compressed-tensors": "compressed-tensors",
+    "compressed_tensors": "compressed-tensors",
+    "hqq": "HQQ",
+    "aqlm": "AQLM",
+    "quanto": "Quanto",
+    "eetq": "EETQ",
+    "exl2": "EXL2",
+    "marlin": "Marlin",
+    "gptq_marlin": "GPTQ (Marlin)",
+    "awq_marlin": "AWQ (Marlin)",
+    "torchao": "torchao",
+    "fbgemm_fp8": "FBGEMM FP8 (per-channel)",
+    "higgs": "HIGGS",
+    "vptq": "VPTQ",
+    "spqr": "SpQR",
+    "bitnet": "BitNet",
+    "mxfp4": "MXFP4",
+}
+# Tensor-name endings that only quantized checkpoints hold, by format (found even without a
+# quantization_config).
+QUANTIZED_TENSOR_SUFFIXES = {
+    ".qweight": "GPTQ/AWQ",
+    ".qzeros": "GPTQ/AWQ",
+    ".g_idx": "GPTQ",
+    ".weight_packed": "compressed-tensors",
+    ".weight_zero_point": "compressed-tensors",
+    ".SCB": "bitsandbytes int8",
+    ".absmax": "bitsandbytes 4-bit",
+    ".quant_map": "bitsandbytes 4-bit",
+    ".nested_absmax": "bitsandbytes 4-bit",
+    ".quant_state.bitsandbytes__nf4": "bitsandbytes 4-bit",
+    ".quant_state.bitsandbytes__fp4": "bitsandbytes 4-bit",
+    ".W_q": "HQQ",
+}
+# Weight dtypes that mean packed or quantized values in a `.weight` tensor.
+QUANTIZED_WEIGHT_DTYPES = ("I8", "U8", "I16", "I32", "U32", "F8_E4M3", "F8_E5M2")
+# Block-quantized FP8 (DeepSeek-V3/R1, Qwen3-*-FP8): e4m3 weights with a float32
+# ``<name>_scale_inv`` per block.
+FP8_SCALE_SUFFIX = "_scale_inv"
+
+
+def quantization_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``quantization_config`` of a config (top level or text sub-config), if any."""
+    for cfg in (config, config.get("text_config")):
+        if isinstance(cfg, Mapping) and isinstance(cfg.get("quantization_config"), Mapping):
+            return dict(cfg["quantization_config"])
+    return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_config
 from .constants import LINEAGE_FILE
 from .hub.resolve import open_checkpoint, resolve_artifact
 from .lineage import LineageReport, read_lineage
@@ -26,6 +26,7 @@ def check_target(
     revision: str | None = None,
     target_revision: str | None = None,
     vocab: str = "strict",
+    config_check: bool = True,
 ) -> CheckResult:
     """Whether ``vector`` fits ``target``, reading only what that needs: the manifest, the
     lineage fingerprint (hash-checked), the target's headers and a few values per tensor.
@@ -45,6 +46,8 @@ def check_target(
         if isinstance(target, Checkpoint)
         else open_checkpoint(target, revision=target_revision)
     )
+    if config_check:
+        check_config(ckpt)
     shapes = {n: tuple(i["shape"]) for n, i in manifest["tensors"].items()}
     plan = plan_apply(
         shapes,

@@ -13,15 +13,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .architecture import tied_embeddings
+from .architecture import (
+    QUANTIZED_METHODS,
+    QUANTIZED_TENSOR_SUFFIXES,
+    QUANTIZED_WEIGHT_DTYPES,
+    quantization_config,
+    tied_embeddings,
+)
 from .constants import CONFIG_NAME, PICKLE_SUFFIXES, SAFE_INDEX, SAFE_SINGLE
 from .errors import InputError
+from .io.progress import logger
 from .io.safetensors import TensorEntry, read_header, read_tensor
 from .manifest import inside_folder
 
 if TYPE_CHECKING:
     import torch
 
+QUANTIZED_FIX = (
+    "rvhub needs real-valued weights: use the model's unquantized (bf16/fp16) release, and "
+    "quantize after applying"
+)
 CONVERT_HINT = (
     "convert it once with transformers: "
     "AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True) "
@@ -38,6 +49,7 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     index: dict[str, Any] | None = None  # the sharded index as found, if any
+    config_problem: str | None = None  # why config.json is unusable (missing, not an object, ...)
 
     # -- lookup -----------------------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
@@ -95,13 +107,28 @@ def open_local_checkpoint(path: Path) -> Checkpoint:
                 )
             raise InputError(f"{path} is not a .safetensors file or a model folder")
         single, _ = read_header(path)
-        return Checkpoint(
-            path, single, _read_config(path.parent), {"kind": "local", "path": str(path)}
-        )
+        config, problem = _read_config(path.parent)
+        ckpt = Checkpoint(path, single, config, {"kind": "local", "path": str(path)})
+        ckpt.config_problem = problem
+        check_format(ckpt)
+        return ckpt
     index_path = path / SAFE_INDEX
     entries: dict[str, TensorEntry] = {}
     index = None
-    if index_path.is_file():
+    # transformers' from_pretrained (5.24, modeling_utils._get_resolved_checkpoint_files) takes
+    # model.safetensors before the index; so does rvhub, or the two would read other weights.
+    if (path / SAFE_SINGLE).is_file():
+        if index_path.is_file():
+            logger.warning(
+                "%s holds both %s and %s; using %s, as transformers' from_pretrained does "
+                "(remove the stale one)",
+                path,
+                SAFE_SINGLE,
+                SAFE_INDEX,
+                SAFE_SINGLE,
+            )
+        entries, _ = read_header(path / SAFE_SINGLE)
+    elif index_path.is_file():
         try:
             index = json.loads(index_path.read_text())
             weight_map: dict[str, str] = index["weight_map"]
@@ -127,8 +154,6 @@ def open_local_checkpoint(path: Path) -> Checkpoint:
                 raise InputError(f"{shard_path} lacks {missing[0]!r}, which the index places there")
             for n in names:
                 entries[n] = found[n]
-    elif (path / SAFE_SINGLE).is_file():
-        entries, _ = read_header(path / SAFE_SINGLE)
     else:
         shards_found = sorted(path.glob("*.safetensors"))
         if len(shards_found) == 1:
@@ -141,9 +166,48 @@ def open_local_checkpoint(path: Path) -> Checkpoint:
             )
         else:
             raise InputError(f"{path} holds no model.safetensors or {SAFE_INDEX}")
-    return Checkpoint(
-        path, entries, _read_config(path), {"kind": "local", "path": str(path)}, index
-    )
+    config, problem = _read_config(path)
+    ckpt = Checkpoint(path, entries, config, {"kind": "local", "path": str(path)}, index)
+    ckpt.config_problem = problem
+    check_format(ckpt)
+    return ckpt
+
+
+def check_format(ckpt: Checkpoint) -> None:
+    """Refuse a quantized checkpoint rvhub cannot take differences of, from its
+    ``quantization_config`` or from its tensors (packed weights without a config)."""
+    q = quantization_config(ckpt.config)
+    if q is not None:
+        method = str(q.get("quant_method") or "").lower()
+        name = QUANTIZED_METHODS.get(method, method or "an unnamed method")
+        if method == "fp8":
+            name = "FP8"
+        raise InputError(
+            f"{ckpt.path} is quantized with {name} (quantization_config.quant_method = "
+            f"{method!r}); {QUANTIZED_FIX}"
+        )
+    for tname, entry in ckpt.entries.items():
+        for suffix, fmt in QUANTIZED_TENSOR_SUFFIXES.items():
+            if tname.endswith(suffix):
+                raise InputError(
+                    f"{ckpt.path} holds {fmt}-quantized tensors ({tname}) without a "
+                    f"quantization_config rvhub reads; {QUANTIZED_FIX}"
+                )
+        if entry.dtype in QUANTIZED_WEIGHT_DTYPES and tname.endswith(".weight"):
+            raise InputError(
+                f"{ckpt.path} holds packed or quantized weights ({tname} is {entry.dtype}) "
+                f"without a quantization_config rvhub reads; {QUANTIZED_FIX}"
+            )
+
+
+def check_config(ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint without a usable config.json: every architecture check reads it."""
+    if ckpt.config_problem:
+        raise InputError(
+            f"{ckpt.path}: {ckpt.config_problem}, so rvhub cannot check the architecture, the "
+            "tied embeddings or the vocabulary; add the model's config.json, or pass "
+            "--no-config-check if you know the checkpoints match"
+        )
 
 
 def _inside(folder: Path, name: str) -> Path:
@@ -154,12 +218,17 @@ def _inside(folder: Path, name: str) -> Path:
     return candidate
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _read_config(folder: Path) -> tuple[dict[str, Any], str | None]:
+    """The folder's config.json, and why it is unusable (``None`` when it is fine)."""
     cfg = folder / CONFIG_NAME
     if not cfg.is_file():
-        return {}
+        return {}, f"there is no {CONFIG_NAME} beside the weights"
     try:
         data = json.loads(cfg.read_text())
     except (OSError, ValueError):
         raise InputError(f"{cfg} is not valid JSON") from None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}, f"{CONFIG_NAME} is not a JSON object"
+    if not isinstance(data.get("model_type"), str) or not data["model_type"]:
+        return data, f"{CONFIG_NAME} has no model_type"
+    return data, None

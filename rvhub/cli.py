@@ -153,6 +153,7 @@ def _target_options(func: Any) -> Any:
                 show_default=True,
                 help="On a vocab-size mismatch: refuse, or add the delta to the shared rows (valid only when token ids agree).",
             ),
+            no_config_check_option,
         ]
     ):
         func = option(func)
@@ -165,6 +166,11 @@ exclude_option = click.option(
     multiple=True,
     metavar="REGEX",
     help="Skip tensors whose name matches REGEX (repeatable), e.g. 'embed_tokens|lm_head' or 'norm'.",
+)
+no_config_check_option = click.option(
+    "--no-config-check",
+    is_flag=True,
+    help="Accept checkpoints without a usable config.json (architecture checks are then skipped).",
 )
 overwrite_option = click.option(
     "--overwrite", is_flag=True, help="Replace the output folder if it exists."
@@ -308,6 +314,7 @@ def _report_written(path: Path) -> None:
     show_default=True,
     help="Split vector.safetensors above this size.",
 )
+@no_config_check_option
 @_encoding_options
 def extract(
     a: str,
@@ -320,6 +327,7 @@ def extract(
     overwrite: bool,
     allow_nonfinite: bool,
     max_shard_size: str,
+    no_config_check: bool,
     **encoding_options: Any,
 ) -> None:
     """Compute the reasoning vector v = A − B and save it to OUTPUT.
@@ -333,7 +341,14 @@ def extract(
 
     check_output(output, overwrite=overwrite)
     torch_dtype = parse_dtype(dtype) if dtype else None
-    vec = extract_vector(a, b, revision_a=revision_a, revision_b=revision_b, exclude=exclude)
+    vec = extract_vector(
+        a,
+        b,
+        revision_a=revision_a,
+        revision_b=revision_b,
+        exclude=exclude,
+        config_check=not no_config_check,
+    )
     options = dict(
         encoding_options,
         dtype=torch_dtype,
@@ -417,6 +432,7 @@ def apply(
     revision: str | None,
     target_revision: str | None,
     vocab: str,
+    no_config_check: bool,
     device: str,
     exclude: tuple[str, ...],
     overwrite: bool,
@@ -446,6 +462,7 @@ def apply(
         allow_unrelated=allow_unrelated,
         revision=target_revision,
         device=device,
+        config_check=not no_config_check,
     )
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
@@ -493,6 +510,7 @@ def check(
     revision: str | None,
     target_revision: str | None,
     vocab: str,
+    no_config_check: bool,
     as_json: bool,
 ) -> None:
     """Check that VECTOR fits TARGET, without writing anything: shapes, model type, vocab,
@@ -505,7 +523,12 @@ def check(
     from .errors import CompatibilityError
 
     result = check_target(
-        vector, target, revision=revision, target_revision=target_revision, vocab=vocab
+        vector,
+        target,
+        revision=revision,
+        target_revision=target_revision,
+        vocab=vocab,
+        config_check=not no_config_check,
     )
     lineage = result.lineage
     if as_json:

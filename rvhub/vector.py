@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .architecture import model_identity
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_config
 from .constants import DEFAULT_MAX_SHARD, PICKLE_SUFFIXES
 from .encodings import WriteOptions, open_source, write_artifact
 from .errors import CompatibilityError, InputError, IntegrityError
@@ -387,12 +387,14 @@ def extract_vector(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
+    config_check: bool = True,
 ) -> ReasoningVector:
     """The reasoning vector ``v = A − B`` between two checkpoints, computed lazily.
 
     ``a`` and ``b`` are local folders, ``.safetensors`` files or Hub ids (``org/name`` or
     ``org/name@revision``). Nothing is read beyond the headers until the vector is saved or
-    applied; the math is float32.
+    applied; the math is float32. A checkpoint without a usable ``config.json`` is refused
+    unless ``config_check=False``.
 
     Example:
         >>> v = extract_vector("org/qwen-grpo", "org/qwen-sft")
@@ -405,6 +407,9 @@ def extract_vector(
     }
     ca = a if isinstance(a, Checkpoint) else open_checkpoint(a, revision=revision_a, **hub)
     cb = b if isinstance(b, Checkpoint) else open_checkpoint(b, revision=revision_b, **hub)
+    if config_check:
+        check_config(ca)
+        check_config(cb)
     check_pair(ca, cb)
     exclude = list(exclude)
     candidates, excluded = split_excluded((e.name for e in ca.in_file_order()), exclude)
@@ -528,6 +533,7 @@ def apply_to_checkpoint(
     allow_unrelated: bool = False,
     revision: str | None = None,
     device: str = "cpu",
+    config_check: bool = True,
 ) -> ApplyReport:
     """Write a new model folder ``out`` = ``target + scale · vec``, streamed and atomic.
 
@@ -545,6 +551,8 @@ def apply_to_checkpoint(
     resolve_device(device)
     check_output(Path(out), overwrite=overwrite)  # before any download
     ckpt = target if isinstance(target, Checkpoint) else open_checkpoint(target, revision=revision)
+    if config_check:
+        check_config(ckpt)
     check_disjoint(Path(out), [ckpt.path, *vec.input_paths()])
     provenance = {
         "vector": vec.meta.get("origin") or (str(vec.path) if vec.path else None),

@@ -305,7 +305,9 @@ def test_invalid_hub_id(family, tmp_path, command):
 
 def test_sharded_index_whose_weight_map_is_a_list(family, tmp_path):
     broken = _copy(family("qwen2")["a"], tmp_path / "broken")
-    (broken / "model.safetensors.index.json").write_text('{"weight_map": ["model.safetensors"]}')
+    (broken / "model.safetensors").rename(broken / "model-00001-of-00001.safetensors")
+    index = '{"weight_map": ["model-00001-of-00001.safetensors"]}'
+    (broken / "model.safetensors.index.json").write_text(index)
     out = tmp_path / "out"
     r = run("extract", broken, family("qwen2")["b"], "-o", out)
     assert_clean_failure(r, match="not a valid sharded-checkpoint index", output=out)
@@ -430,3 +432,93 @@ def test_engine_profile_it_cannot_honour(family, tmp_path, arch, args, message):
     extra = [] if "need --encoding" in message else ["--encoding", "lora"]
     r = run("extract", fam["a"], fam["b"], "-o", out, *extra, *args)
     assert_clean_failure(r, match=message, output=out)
+
+
+def _quantized_copy(src, dst, *, method=None, packed=True):
+    """A copy of ``src`` the way GPTQ/AWQ releases look: int32 qweight/qzeros, fp16 scales,
+    g_idx, and (when ``method``) a quantization_config in config.json."""
+    from safetensors.torch import load_file
+
+    folder = _copy(src, dst)
+    tensors = load_file(folder / "model.safetensors")
+    if packed:
+        name = "model.layers.0.mlp.up_proj"
+        weight = tensors.pop(f"{name}.weight")
+        out, inp = weight.shape
+        tensors[f"{name}.qweight"] = torch.zeros(inp // 8, out, dtype=torch.int32)
+        tensors[f"{name}.qzeros"] = torch.zeros(1, out // 8, dtype=torch.int32)
+        tensors[f"{name}.scales"] = torch.ones(1, out, dtype=torch.float16)
+        tensors[f"{name}.g_idx"] = torch.zeros(inp, dtype=torch.int32)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    if method:
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": 128}
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("method", "packed", "message"),
+    [
+        ("gptq", True, "is quantized with GPTQ"),
+        ("awq", True, "is quantized with AWQ"),
+        ("bitsandbytes", False, "is quantized with bitsandbytes"),
+        ("compressed-tensors", False, "is quantized with compressed-tensors"),
+        ("hqq", False, "is quantized with HQQ"),
+        (None, True, "-quantized tensors (model.layers.0.mlp.up_proj."),
+    ],
+    ids=["gptq", "awq", "bnb", "compressed-tensors", "hqq", "packed-no-config"],
+)
+@pytest.mark.parametrize("role", ["source", "target"])
+def test_quantized_checkpoint_refused(vec, family, tmp_path, method, packed, message, role):
+    fam = family("qwen2")
+    quantized = _quantized_copy(fam["a"], tmp_path / "q", method=method, packed=packed)
+    out = tmp_path / "out"
+    if role == "source":
+        r = run("extract", quantized, fam["b"], "-o", out)
+    else:
+        r = run("apply", vec, quantized, "-o", out)
+    line = assert_clean_failure(r, match=message, output=out)
+    assert "unquantized" in line and "quantize after applying" in line
+
+
+def test_int8_weights_without_config_refused(family, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = _copy(family("qwen2")["a"], tmp_path / "int8")
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].to(torch.int8)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    r = run("extract", folder, family("qwen2")["b"], "-o", out)
+    assert_clean_failure(r, match="packed or quantized weights", output=out)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (None, "there is no config.json beside the weights"),
+        ("[1, 2]", "config.json is not a JSON object"),
+        ('{"model_type": null}', "config.json has no model_type"),
+    ],
+    ids=["missing", "a-list", "model-type-null"],
+)
+@pytest.mark.parametrize("command", ["extract", "apply", "check"])
+def test_no_usable_config_refused_unless_told(vec, family, tmp_path, config, message, command):
+    fam = family("qwen2")
+    folder = _copy(fam["a"] if command == "extract" else fam["target"], tmp_path / "noconf")
+    if config is None:
+        (folder / "config.json").unlink()
+    else:
+        (folder / "config.json").write_text(config)
+    out = tmp_path / "out"
+    args = {
+        "extract": ["extract", folder, fam["b"], "-o", out],
+        "apply": ["apply", vec, folder, "-o", out],
+        "check": ["check", vec, folder],
+    }[command]
+    line = assert_clean_failure(run(*args), match=message, output=out)
+    assert "--no-config-check" in line
+    if command == "apply" or command == "extract":  # the user who knows says so; apply then copies no config
+        assert run(*args, "--no-config-check").exit_code == 0

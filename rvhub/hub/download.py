@@ -9,14 +9,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..constants import MANIFEST_NAME
+from ..constants import MANIFEST_NAME, SAFE_INDEX, SAFE_SINGLE
 from ..errors import HubError, InputError
 from ..manifest import artifact_file, validate_manifest
 
 # What a model checkpoint download fetches: weights as safetensors, config and tokenizer.
 CHECKPOINT_PATTERNS = [
-    "*.safetensors",
-    "*.safetensors.index.json",
     "config.json",
     "generation_config.json",
     "tokenizer*",
@@ -105,10 +103,25 @@ def download_checkpoint(
     """
     from huggingface_hub import snapshot_download
 
+    # The weights transformers' from_pretrained would load (5.24: model.safetensors, else the
+    # index and the shards it names), and only those: a stale index or leftover shards beside
+    # model.safetensors are not downloaded.
+    first = [*CHECKPOINT_PATTERNS, SAFE_SINGLE, SAFE_INDEX]
     try:
-        folder = Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, **hub)
-        )
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=first, **hub))
+        if not (folder / SAFE_SINGLE).is_file():
+            shards = ["*.safetensors"]
+            if (folder / SAFE_INDEX).is_file():
+                try:
+                    weight_map = json.loads((folder / SAFE_INDEX).read_text())["weight_map"]
+                    shards = sorted({str(v) for v in dict(weight_map).values()})
+                except (ValueError, KeyError, TypeError):
+                    shards = []  # open_local_checkpoint names the broken index
+                for shard in shards:  # no ../ or absolute names
+                    if Path(shard).is_absolute() or ".." in Path(shard).parts or "\\" in shard:
+                        raise InputError(f"{repo_id}: {SAFE_INDEX} names {shard!r}; refusing it")
+            if shards:
+                snapshot_download(repo_id, revision=revision, allow_patterns=shards, **hub)
     except _network_errors() as e:
         raise _hub_error(e, repo_id, revision) from None
     if not any(folder.glob("*.safetensors")):

@@ -30,12 +30,13 @@ if TYPE_CHECKING:
 # torch) the torch dtypes they map to: DTYPES and DTYPE_NAMES, see __getattr__ below.
 DTYPE_SIZES: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
+    "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
 _TORCH_NAMES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
     "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16",
-    "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+    "U32": "uint32", "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
 }  # fmt: skip
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _TORCH_CODES = {v: k for k, v in _TORCH_NAMES.items()}
