@@ -520,5 +520,7 @@ def test_no_usable_config_refused_unless_told(vec, family, tmp_path, config, mes
     }[command]
     line = assert_clean_failure(run(*args), match=message, output=out)
     assert "--no-config-check" in line
-    if command == "apply" or command == "extract":  # the user who knows says so; apply then copies no config
+    if (
+        command == "apply" or command == "extract"
+    ):  # the user who knows says so; apply then copies no config
         assert run(*args, "--no-config-check").exit_code == 0

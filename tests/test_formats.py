@@ -8,10 +8,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from rvhub import extract_vector
+from rvhub import extract_vector, load_vector
+from tests.cli_helpers import run
+from tests.models import make_family, state_dict_of
 
 
 def _stale_folder(fam: dict[str, Path], tmp_path: Path) -> Path:
@@ -58,3 +60,30 @@ def test_a_hub_checkpoint_downloads_only_the_weights_it_resolves_to(hub, family,
     expected = extract_vector(fam["a"], fam["b"])
     name = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(vec.delta(name), expected.delta(name))
+
+
+def test_live_apply_equals_disk_apply_on_deepseek_v3_buffers(tmp_path):
+    """e_score_correction_bias is a persistent buffer MoE training updates: both applies add it."""
+    fam = make_family(tmp_path, "deepseek_v3")
+    weights = load_file(fam["a"] / "model.safetensors")
+    buffers = [n for n in weights if n.endswith("e_score_correction_bias")]
+    assert buffers
+    for n in buffers:
+        weights[n] = weights[n] + torch.linspace(0.1, 0.4, weights[n].numel())
+    save_file(weights, fam["a"] / "model.safetensors", metadata={"format": "pt"})
+    vec = tmp_path / "vec"
+    assert run("extract", fam["a"], fam["b"], "-o", vec).exit_code == 0
+    on_disk = tmp_path / "applied"
+    assert run("apply", vec, fam["target"], "-o", on_disk, "--scale", "0.5").exit_code == 0
+
+    model = AutoModelForCausalLM.from_pretrained(fam["target"], dtype=torch.float32)
+    report = load_vector(vec).apply_to(model, scale=0.5)
+    assert not report.missing
+    assert set(buffers) <= set(report.applied)
+    live = model.state_dict()
+    disk = state_dict_of(on_disk)
+    reloaded = AutoModelForCausalLM.from_pretrained(on_disk, dtype=torch.float32).state_dict()
+    for name, tensor in reloaded.items():  # live == disk, tensor by tensor, in the live layout
+        assert torch.equal(live[name], tensor), name
+    for n in buffers:
+        assert not torch.equal(disk[n], state_dict_of(fam["target"])[n])

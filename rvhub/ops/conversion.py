@@ -325,11 +325,21 @@ def has_conversions(model: torch.nn.Module) -> bool:
 
 
 def _live_parameter_names(model: torch.nn.Module) -> dict[str, str]:
-    """Every name a parameter has (tied aliases included) → its name in ``named_parameters()``."""
+    """Every name a parameter has (tied aliases included) → its name in ``named_parameters()``,
+    plus the persistent floating buffers a checkpoint stores (DeepSeek-V3's
+    ``e_score_correction_bias``), which on-disk apply changes too."""
     canonical = {id(param): name for name, param in model.named_parameters()}
-    return {
+    names = {
         name: canonical[id(param)] for name, param in model.named_parameters(remove_duplicate=False)
     }
+    names.update({n: n for n in persistent_float_buffers(model) if n not in names})
+    return names
+
+
+def persistent_float_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Floating buffers that ``state_dict()`` holds (so checkpoints store them), by name."""
+    persistent = set(model.state_dict(keep_vars=True))
+    return {n: b for n, b in model.named_buffers() if n in persistent and b.is_floating_point()}
 
 
 def _model_conversions(model: torch.nn.Module) -> tuple[list[cml.WeightTransform], bool]:

@@ -40,7 +40,9 @@ def apply_to_model(
     """
     given, scale = scale, check_scale(scale)
     wanted, excluded = split_excluded(source.shapes, exclude)
-    params = dict(model.named_parameters())  # tied weights appear once
+    # tied weights appear once; persistent floating buffers (a checkpoint stores them, and
+    # on-disk apply changes them: DeepSeek-V3's e_score_correction_bias) are targets too
+    params = {**_persistent_float_buffers(model), **dict(model.named_parameters())}
     tensors = {**dict(model.named_buffers()), **params}
     reference = source.lineage()
     wide = [n for n, p in params.items() if n in source.shapes and p.dtype != torch.float16]
@@ -76,6 +78,11 @@ def apply_to_model(
     _add_live(source, work, scale)
     _warn_overflow(model, report)
     return _with_lineage(report, lineage.as_json(), lineage_note)
+
+
+def _persistent_float_buffers(model: torch.nn.Module) -> dict[str, Any]:
+    persistent = set(model.state_dict(keep_vars=True))
+    return {n: b for n, b in model.named_buffers() if n in persistent and b.is_floating_point()}
 
 
 def _with_lineage(report: ApplyReport, lineage: dict[str, Any], note: str | None) -> ApplyReport:
