@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .architecture import (
+    FP8_SCALE_SUFFIX,
     QUANTIZED_METHODS,
     QUANTIZED_TENSOR_SUFFIXES,
     QUANTIZED_WEIGHT_DTYPES,
@@ -50,6 +51,10 @@ class Checkpoint:
     source: dict[str, Any] = field(default_factory=dict)
     index: dict[str, Any] | None = None  # the sharded index as found, if any
     config_problem: str | None = None  # why config.json is unusable (missing, not an object, ...)
+    # Block-quantized FP8: the block size, and each FP8 weight's float32 weight_scale_inv entry
+    # (kept out of ``entries``: a scale is part of its weight, not a tensor of its own).
+    fp8_block: tuple[int, int] | None = None
+    fp8_scales: dict[str, TensorEntry] = field(default_factory=dict)
 
     # -- lookup -----------------------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
@@ -69,7 +74,7 @@ class Checkpoint:
     def files(self) -> list[Path]:
         """Weight files in the order their tensors are stored."""
         seen: dict[Path, None] = {}
-        for e in self.entries.values():
+        for e in [*self.entries.values(), *self.fp8_scales.values()]:
             seen.setdefault(e.path, None)
         return list(seen)
 
@@ -177,11 +182,12 @@ def check_format(ckpt: Checkpoint) -> None:
     """Refuse a quantized checkpoint rvhub cannot take differences of, from its
     ``quantization_config`` or from its tensors (packed weights without a config)."""
     q = quantization_config(ckpt.config)
+    if q is not None and str(q.get("quant_method") or "").lower() == "fp8":
+        _take_fp8(ckpt, q)
+        q = None
     if q is not None:
         method = str(q.get("quant_method") or "").lower()
         name = QUANTIZED_METHODS.get(method, method or "an unnamed method")
-        if method == "fp8":
-            name = "FP8"
         raise InputError(
             f"{ckpt.path} is quantized with {name} (quantization_config.quant_method = "
             f"{method!r}); {QUANTIZED_FIX}"
@@ -193,11 +199,50 @@ def check_format(ckpt: Checkpoint) -> None:
                     f"{ckpt.path} holds {fmt}-quantized tensors ({tname}) without a "
                     f"quantization_config rvhub reads; {QUANTIZED_FIX}"
                 )
-        if entry.dtype in QUANTIZED_WEIGHT_DTYPES and tname.endswith(".weight"):
+        if entry.dtype in QUANTIZED_WEIGHT_DTYPES and tname not in ckpt.fp8_scales:
             raise InputError(
                 f"{ckpt.path} holds packed or quantized weights ({tname} is {entry.dtype}) "
                 f"without a quantization_config rvhub reads; {QUANTIZED_FIX}"
             )
+
+
+def _take_fp8(ckpt: Checkpoint, q: dict[str, Any]) -> None:
+    """Accept block-quantized e4m3 FP8 (``quant_method: fp8``, ``weight_block_size``): move each
+    weight's ``weight_scale_inv`` out of ``entries``; refuse every other FP8 layout."""
+    block = q.get("weight_block_size")
+    fmt = str(q.get("fmt", "e4m3")).lower()
+    if (
+        not isinstance(block, list)
+        or len(block) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+        or fmt not in ("e4m3", "float8_e4m3fn")
+    ):
+        raise InputError(
+            f"{ckpt.path} is FP8 without block scales (weight_block_size {block!r}, fmt "
+            f"{fmt!r}); rvhub reads block-quantized e4m3 FP8 (DeepSeek-V3 style) only: "
+            f"{QUANTIZED_FIX}"
+        )
+    bh, bw = block
+    for name, entry in list(ckpt.entries.items()):
+        if entry.dtype == "F8_E5M2":
+            raise InputError(f"{ckpt.path}: {name} is float8_e5m2; FP8 weights must be e4m3")
+        if entry.dtype != "F8_E4M3":
+            continue
+        scale = ckpt.entries.get(name + FP8_SCALE_SUFFIX)
+        want = (
+            (-(-entry.shape[0] // bh), -(-entry.shape[1] // bw)) if len(entry.shape) == 2 else None
+        )
+        if scale is None or scale.dtype != "F32" or want is None or scale.shape != want:
+            raise InputError(
+                f"{ckpt.path}: FP8 weight {name} {list(entry.shape)} lacks a float32 "
+                f"{name}{FP8_SCALE_SUFFIX} of shape {list(want or [])} (blocks of {bh}×{bw})"
+            )
+        ckpt.fp8_scales[name] = scale
+    for name in ckpt.fp8_scales:
+        del ckpt.entries[name + FP8_SCALE_SUFFIX]
+    if not ckpt.fp8_scales:
+        raise InputError(f"{ckpt.path} declares FP8 quantization but holds no FP8 weights")
+    ckpt.fp8_block = (bh, bw)
 
 
 def check_config(ckpt: Checkpoint) -> None:

@@ -424,6 +424,12 @@ def _engine_text(engine: str, report: dict[str, Any]) -> str:
     is_flag=True,
     help="Apply even when TARGET does not descend from the vector's base (see `rvhub check`).",
 )
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16"]),
+    default=None,
+    help="FP8 target: write the result dequantized as bfloat16 [default: FP8, requantized].",
+)
 def apply(
     vector: str,
     target: str,
@@ -438,6 +444,7 @@ def apply(
     overwrite: bool,
     allow_nonfinite: bool,
     allow_unrelated: bool,
+    dtype: str | None,
 ) -> None:
     """Write TARGET + scale·VECTOR as a new model folder OUTPUT.
 
@@ -463,6 +470,7 @@ def apply(
         revision=target_revision,
         device=device,
         config_check=not no_config_check,
+        dtype=dtype,
     )
     for note in report.notes:
         click.echo(f"note: {note}", err=True)

@@ -27,6 +27,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import CompatibilityError, InputError
+from .io.fp8 import dequantize_flat
 from .io.kernels import Moments, Scratch, diff_into, store_into
 from .io.safetensors import FileHandles, TensorEntry, read_range, tensor_bytes
 from .io.stream import SlabPool
@@ -133,11 +134,15 @@ class DifferenceSource(VectorSource):
 
     def __init__(self, a: Checkpoint, b: Checkpoint, names: list[str]) -> None:
         shapes = {n: a.entries[n].shape for n in names}
-        dtypes = {n: a.entries[n].torch_dtype for n in names}
+        # an FP8 source's weights are stored as bfloat16 deltas unless --dtype says otherwise
+        dtypes = {
+            n: torch.bfloat16 if n in a.fp8_scales else a.entries[n].torch_dtype for n in names
+        }
         super().__init__(shapes, dtypes)
         self.a, self.b = a, b
         self._handles = FileHandles()
         self._fingerprints: dict[str, SourceFingerprint] = {}
+        self._scales: dict[str, tuple[str, torch.Tensor]] = {}  # role -> (name, scales)
 
     def parts(
         self, name: str, start: int, stop: int, take: Take | None = None
@@ -148,16 +153,29 @@ class DifferenceSource(VectorSource):
         out = []
         for role, ckpt in (("a", self.a), ("b", self.b)):
             entry = ckpt.entries[name]
-            part = read_range(
-                entry, start, stop, self._handles, take and take(n, entry.torch_dtype)
-            )
+            fp8 = name in ckpt.fp8_scales  # the float32 result is not a pool buffer
+            buf = take(n, entry.torch_dtype) if take is not None and not fp8 else None
+            part = read_range(entry, start, stop, self._handles, buf)
             fingerprint = self._fingerprints.get(role)
             if fingerprint is not None:
                 # Here, while the bytes are in cache, and on the compute thread: with the
                 # output's write and sha256 the writer thread is the busier one.
                 fingerprint.update(name, start * entry.torch_dtype.itemsize, tensor_bytes(part))
+            if fp8:  # dequantized block by block, in float32
+                assert ckpt.fp8_block is not None
+                part = dequantize_flat(
+                    part, self._scale(role, ckpt, name), entry.shape, ckpt.fp8_block, start
+                )
             out.append(part)
         return out[0], out[1]
+
+    def _scale(self, role: str, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        held = self._scales.get(role)
+        if held is None or held[0] != name:  # one tensor's scales per source at a time
+            entry = ckpt.fp8_scales[name]
+            scales = read_range(entry, 0, entry.numel, self._handles).reshape(entry.shape)
+            held = self._scales[role] = (name, scales)
+        return held[1]
 
     def chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
         """``A − B`` in float32, read and subtracted one slab at a time into the result, so a

@@ -415,7 +415,7 @@ def extract_vector(
     candidates, excluded = split_excluded((e.name for e in ca.in_file_order()), exclude)
     names, skipped = [], []
     for name in candidates:
-        if ca.entries[name].dtype in FLOAT_DTYPES and cb.entries[name].dtype in FLOAT_DTYPES:
+        if _is_float(ca, name) and _is_float(cb, name):
             names.append(name)
         else:
             skipped.append(name)  # integer buffers (position ids, ...) carry no delta
@@ -432,8 +432,19 @@ def extract_vector(
     return ReasoningVector(DifferenceSource(ca, cb, names), meta)
 
 
+def _is_float(ckpt: Checkpoint, name: str) -> bool:
+    return ckpt.entries[name].dtype in FLOAT_DTYPES or name in ckpt.fp8_scales
+
+
 def _describe(ckpt: Checkpoint) -> dict[str, Any]:
     info = dict(ckpt.source)
+    if ckpt.fp8_block is not None:
+        info["quantization"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "weight_block_size": list(ckpt.fp8_block),
+            "fp8_weights": len(ckpt.fp8_scales),
+        }
     info.setdefault("kind", "local")
     info["dtype"] = sorted({e.dtype for e in ckpt.entries.values()})
     info["nbytes"] = ckpt.nbytes
@@ -534,6 +545,7 @@ def apply_to_checkpoint(
     revision: str | None = None,
     device: str = "cpu",
     config_check: bool = True,
+    dtype: str | None = None,
 ) -> ApplyReport:
     """Write a new model folder ``out`` = ``target + scale · vec``, streamed and atomic.
 
@@ -542,7 +554,9 @@ def apply_to_checkpoint(
 
     Weights keep the target's dtype and shard layout; config, tokenizer and generation files
     are copied, so ``AutoModelForCausalLM.from_pretrained(out)`` loads it. ``revision`` is the
-    target's Hub revision.
+    target's Hub revision. A block-quantized FP8 target stays FP8, each block requantized (the
+    report says how much of ``α·v`` survived), unless ``dtype="bfloat16"`` writes it
+    dequantized.
 
     Example:
         >>> apply_to_checkpoint(load_vector("user/vec"), "Qwen/Qwen2.5-1.5B-Instruct", "out/")
@@ -574,6 +588,7 @@ def apply_to_checkpoint(
         provenance=provenance,
         overwrite=overwrite,
         device=device,
+        dtype=dtype,
         **how,
     )
 

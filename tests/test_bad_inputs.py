@@ -524,3 +524,35 @@ def test_no_usable_config_refused_unless_told(vec, family, tmp_path, config, mes
         command == "apply" or command == "extract"
     ):  # the user who knows says so; apply then copies no config
         assert run(*args, "--no-config-check").exit_code == 0
+
+
+def test_dtype_on_a_target_that_is_not_fp8(vec, family, tmp_path):
+    out = tmp_path / "out"
+    r = run("apply", vec, family("qwen2")["target"], "-o", out, "--dtype", "bfloat16")
+    assert_clean_failure(r, match="dequantizes an FP8 target", output=out)
+
+
+@pytest.mark.parametrize(
+    ("quantization", "message"),
+    [
+        ({"quant_method": "fp8", "fmt": "e4m3"}, "FP8 without block scales"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "lacks a float32"),
+    ],
+    ids=["per-tensor-fp8", "fp8-scales-missing"],
+)
+def test_fp8_layouts_rvhub_cannot_read(tmp_path, quantization, message):
+    from tests.fp8_models import fp8_family
+
+    fam = fp8_family(tmp_path / "fam")
+    config = json.loads((fam["a"] / "config.json").read_text())
+    config["quantization_config"] = quantization
+    (fam["a"] / "config.json").write_text(json.dumps(config))
+    if message == "lacks a float32":
+        from safetensors.torch import load_file
+
+        tensors = load_file(fam["a"] / "model.safetensors")
+        tensors.pop("model.layers.0.mlp.up_proj.weight_scale_inv")
+        save_file(tensors, fam["a"] / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    r = run("extract", fam["a"], fam["b"], "-o", out)
+    assert_clean_failure(r, match=message, output=out)

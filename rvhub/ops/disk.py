@@ -24,6 +24,7 @@ from ..errors import InputError
 from ..io.atomic import atomic_dir, check_output
 from ..io.device import resolve_device
 from ..io.kernels import APPLY_BLOCK, Scratch, axpy_into, single_thread
+from ..io.progress import logger
 from ..io.safetensors import (
     FileHandles,
     SafetensorsWriter,
@@ -56,13 +57,24 @@ def apply_to_checkpoint_files(
     allow_nonfinite: bool = False,
     allow_unrelated: bool = False,
     device: str = "cpu",
+    dtype: str | None = None,
 ) -> ApplyReport:
     """Write a new model folder ``out`` = ``ckpt + scale · v``; see :func:`rvhub.apply_to_checkpoint`.
+
+    ``dtype="bfloat16"`` writes an FP8 target's weights dequantized, as bfloat16 (the scales
+    and the config's quantization_config dropped); by default FP8 stays FP8, requantized.
 
     ``provenance`` (the vector's origin and sources) is recorded in ``rvhub_applied.json``.
     """
     given, scale = scale, check_scale(scale)
     dev = resolve_device(device)
+    if dtype not in (None, "bfloat16"):
+        raise InputError(f"--dtype must be bfloat16 (to dequantize an FP8 target), not {dtype!r}")
+    if dtype is not None and not ckpt.fp8_scales:
+        raise InputError(
+            "--dtype bfloat16 dequantizes an FP8 target; this target is not FP8 (its dtype is kept)"
+        )
+    dequant = dtype is not None
     out_path = Path(out)
     check_output(out_path, overwrite=overwrite)
     _, excluded = split_excluded(source.shapes, exclude)
@@ -123,14 +135,35 @@ def apply_to_checkpoint_files(
             )
         return result
 
+    fp8 = _Fp8Requantizer(ckpt, plan.targets, source, scale, handles)
+    scale_names = {e.name: w for w, e in ckpt.fp8_scales.items()}
+
     def blobs(entries: list[TensorEntry]) -> Iterator[torch.Tensor]:
         for e in entries:
+            weight = scale_names.get(e.name, e.name if e.name in ckpt.fp8_scales else None)
+            if dequant and weight is not None:
+                if weight != e.name:
+                    continue  # the scales are folded into the bfloat16 weight
+                values = fp8.dequantized(weight).reshape(-1)
+                for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
+                    yield values[start:stop]
+                continue
+            if weight is not None and weight in plan.targets:
+                # an FP8 weight and its scales: θ + α·v requantized block by block, whole
+                values = fp8.result(weight)[0 if weight == e.name else 1].reshape(-1)
+                for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
+                    yield values[start:stop]
+                continue
             for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
                 yield _slab(e, start, stop)
 
     def opener(path: Path, entries: list[TensorEntry]) -> Callable[[], SafetensorsWriter]:
         _, metadata = read_header(path)
-        specs = [(e.name, e.dtype, e.shape) for e in entries]
+        specs = [
+            (e.name, "BF16" if dequant and e.name in ckpt.fp8_scales else e.dtype, e.shape)
+            for e in entries
+            if not (dequant and e.name in scale_names)
+        ]  # FP8 scales included, unless dequantized
         # A model folder records no hashes: skip ~1 s/GB of sha256.
         return lambda: SafetensorsWriter(
             tmp / path.name, specs, metadata or {"format": "pt"}, hash_contents=False
@@ -139,15 +172,17 @@ def apply_to_checkpoint_files(
     with atomic_dir(out_path, overwrite=overwrite) as tmp, single_thread():
         streams = []
         for path in ckpt.files:
-            entries = sorted(
-                (e for e in ckpt.entries.values() if e.path == path), key=lambda e: e.start
-            )
+            stored = [*ckpt.entries.values(), *ckpt.fp8_scales.values()]
+            entries = sorted((e for e in stored if e.path == path), key=lambda e: e.start)
             streams.append((opener(path, entries), blobs(entries)))
         try:
             write_streams(streams, total_bytes=total, desc="applying vector", pool=pool)
         finally:
             handles.close()
         _copy_side_files(ckpt, tmp)
+        if dequant:
+            _drop_quantization(ckpt, tmp, set(scale_names))
+        _note_requantization(report, fp8)
         record = {
             **(provenance or {}),
             "target": ckpt.source,
@@ -157,6 +192,119 @@ def apply_to_checkpoint_files(
         (tmp / APPLIED_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
     report.output = str(out_path.absolute())
     return report
+
+
+def _note_requantization(report: ApplyReport, fp8: _Fp8Requantizer) -> None:
+    if fp8.tensors:
+        report.requantization = fp8.summary()
+        kept = report.requantization["kept"]
+        line = (
+            f"FP8 target: requantizing each 128-block kept {kept:.1%} of ‖α·v‖ "
+            f"(relative error {report.requantization['rel_error']:.3f} against θ + α·v)"
+        )
+        report.notes.append(line)
+        if kept < 0.5:
+            logger.warning(
+                "%s: most of the vector is below one FP8 step of its blocks; write a bfloat16 "
+                "model instead (apply onto the unquantized release)",
+                line,
+            )
+
+
+class _Fp8Requantizer:
+    """θ + α·v for a block-quantized FP8 target, one whole weight at a time: dequantize,
+    add in float32, requantize with each block's new ``amax / 448``; measures what of α·v the
+    FP8 grid kept."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        targets: Mapping[str, tuple[str, int | None]],
+        source: VectorSource,
+        scale: float,
+        handles: FileHandles,
+    ) -> None:
+        self.ckpt, self.targets, self.source, self.scale = ckpt, targets, source, scale
+        self.handles = handles
+        self._held: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.tensors: dict[str, dict[str, float]] = {}
+
+    def result(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q, S)`` of weight ``name`` after the add (computed once, for both tensors)."""
+        if self._held is not None and self._held[0] == name:
+            return self._held[1]
+        from ..io.fp8 import dequantize, quantize
+
+        block = self.ckpt.fp8_block
+        assert block is not None
+        w, s = self.ckpt.entries[name], self.ckpt.fp8_scales[name]
+        q = read_range(w, 0, w.numel, self.handles).reshape(w.shape)
+        theta = dequantize(q, read_range(s, 0, s.numel, self.handles).reshape(s.shape), block)
+        vname, rows = self.targets[name]
+        delta = self.source.get(vname).mul_(self.scale)
+        x = theta.clone()
+        if rows is None:
+            x.add_(delta)
+        else:
+            x[:rows].add_(delta[:rows])
+            delta = torch.cat([delta[:rows], delta.new_zeros(w.shape[0] - rows, w.shape[1])])
+        new_q, new_s = quantize(x, block)
+        got = dequantize(new_q, new_s, block).sub_(theta)
+        want = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+        err = float(torch.linalg.vector_norm(got.sub_(delta), dtype=torch.float64))
+        self.tensors[name] = {"norm": want, "error": err}
+        self._held = (name, (new_q.reshape(-1).view(torch.uint8).view(new_q.dtype), new_s))
+        return self._held[1]
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        """``θ + α·v`` of FP8 weight ``name`` (or θ alone), dequantized, in bfloat16."""
+        from ..io.fp8 import dequantize
+
+        block = self.ckpt.fp8_block
+        assert block is not None
+        w, s = self.ckpt.entries[name], self.ckpt.fp8_scales[name]
+        q = read_range(w, 0, w.numel, self.handles).reshape(w.shape)
+        x = dequantize(q, read_range(s, 0, s.numel, self.handles).reshape(s.shape), block)
+        if name in self.targets:
+            vname, rows = self.targets[name]
+            delta = self.source.get(vname)
+            x[: rows if rows is not None else x.shape[0]].add_(
+                delta[: rows if rows is not None else delta.shape[0]], alpha=self.scale
+            )
+        return x.to(torch.bfloat16)
+
+    def summary(self) -> dict[str, Any]:
+        want = math.sqrt(sum(t["norm"] ** 2 for t in self.tensors.values()))
+        err = math.sqrt(sum(t["error"] ** 2 for t in self.tensors.values()))
+        rel = err / want if want > 0 else 0.0
+        return {
+            "block": list(self.ckpt.fp8_block or ()),
+            "rel_error": rel,
+            "kept": max(0.0, 1.0 - rel),
+            "tensors": {
+                n: {"rel_error": t["error"] / t["norm"] if t["norm"] > 0 else 0.0}
+                for n, t in sorted(self.tensors.items())
+            },
+        }
+
+
+def _drop_quantization(ckpt: Checkpoint, dest: Path, scale_names: set[str]) -> None:
+    """A dequantized output: no quantization_config, and an index without the scales."""
+    config_path = dest / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        for cfg in (config, config.get("text_config")):
+            if isinstance(cfg, dict):
+                cfg.pop("quantization_config", None)
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = "bfloat16"
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    index_path = dest / SAFE_INDEX
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        index["weight_map"] = {
+            k: v for k, v in index.get("weight_map", {}).items() if k not in scale_names
+        }
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _copy_side_files(ckpt: Checkpoint, dest: Path) -> None:

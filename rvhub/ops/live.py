@@ -93,7 +93,22 @@ def _with_lineage(report: ApplyReport, lineage: dict[str, Any], note: str | None
 
 
 def _refuse_offloaded(names: Iterable[str], params: dict[str, torch.nn.Parameter]) -> None:
-    """A parameter on the meta device (accelerate's disk offload) would ignore an add_."""
+    """A parameter on the meta device (accelerate's disk offload) would ignore an add_; an FP8
+    parameter (transformers' FineGrainedFP8 on a GPU) has per-block scales beside it that an
+    add would leave stale."""
+    names = list(names)
+    fp8 = [
+        n
+        for n in names
+        if n in params and params[n].dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    ]
+    if fp8:
+        raise CompatibilityError(
+            f"{fp8[0]} (and {len(fp8) - 1} more) are FP8 weights with block scales: an in-place "
+            "add cannot requantize them; apply to the checkpoint with `rvhub apply` (it "
+            "requantizes each block), or load the model dequantized "
+            "(quantization_config=FineGrainedFP8Config(dequantize=True))"
+        )
     offloaded = [n for n in names if n in params and params[n].device.type == "meta"]
     if offloaded:
         raise CompatibilityError(

@@ -191,6 +191,8 @@ class ApplyReport:
     scale: float = 1.0
     output: str | None = None
     lineage: dict[str, Any] | None = None  # the target's distance from the vector's base
+    # FP8 targets: how much of ‖α·v‖ survived requantization, overall and per tensor
+    requantization: dict[str, Any] | None = None
 
     @classmethod
     def from_plan(cls, plan: ApplyPlan, scale: float) -> ApplyReport:
@@ -222,6 +224,7 @@ class ApplyReport:
             "untouched": self.untouched,
             "notes": self.notes,
             "lineage": self.lineage,
+            **({"requantization": self.requantization} if self.requantization else {}),
         }
 
 

@@ -1,0 +1,89 @@
+"""Block-quantized FP8 (the format of DeepSeek-V3/R1 and Qwen3-*-FP8 releases).
+
+A weight ``W`` of shape ``[out, in]`` is stored as ``float8_e4m3fn`` values ``Q`` and a float32
+``weight_scale_inv`` ``S`` of shape ``[ceil(out/bh), ceil(in/bw)]``, one per ``bh × bw`` block
+(``weight_block_size``, usually 128 × 128; the last block of a row or column may be ragged):
+``W[i, j] = Q[i, j] · S[i // bh, j // bw]``. Requantizing picks each block's scale as
+``amax / 448`` (448 is e4m3's largest finite value), as DeepSeek's and transformers' quantizers do.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+E4M3_MAX = 448.0
+SCALE_SUFFIX = "_scale_inv"
+
+
+def e4m3_values() -> np.ndarray:
+    """The float32 value of each of the 256 ``float8_e4m3fn`` bytes (NaN for 0x7F and 0xFF)."""
+    codes = np.arange(256, dtype=np.uint32)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    exp = (codes >> 3) & 0xF
+    man = (codes & 0x7).astype(np.float64)
+    normal = (1.0 + man / 8.0) * np.exp2(exp.astype(np.float64) - 7.0)
+    subnormal = (man / 8.0) * np.exp2(-6.0)
+    values = sign * np.where(exp == 0, subnormal, normal)
+    values[(codes & 0x7F) == 0x7F] = np.nan
+    return values.astype(np.float32)
+
+
+def block_scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
+    """``[ceil(out/bh), ceil(in/bw)]`` for a 2-D weight."""
+    out, inp = shape
+    return (-(-out // block[0]), -(-inp // block[1]))
+
+
+def scale_rows(scale: torch.Tensor, rows: range, columns: int, block: tuple[int, int]):
+    """The per-element scales of ``rows`` of a ``[*, columns]`` weight: ``[len(rows), columns]``."""
+    import torch
+
+    idx = torch.arange(rows.start, rows.stop) // block[0]
+    per_block = scale[idx]  # [rows, in_blocks]
+    return per_block.repeat_interleave(block[1], dim=1)[:, :columns]
+
+
+def dequantize_flat(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    shape: tuple[int, ...],
+    block: tuple[int, int],
+    start: int,
+) -> torch.Tensor:
+    """Float32 values of the flat FP8 elements ``q`` = ``W.flat[start : start + len(q)]``."""
+    import torch
+
+    columns = shape[1]
+    stop = start + q.numel()
+    r0, r1 = start // columns, -(-stop // columns)
+    s = scale_rows(scale, range(r0, r1), columns, block).reshape(-1)
+    offset = start - r0 * columns
+    return q.to(torch.float32) * s[offset : offset + q.numel()]
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The float32 weight of a whole FP8 tensor."""
+    return dequantize_flat(q.reshape(-1), scale, tuple(q.shape), block, 0).reshape(q.shape)
+
+
+def quantize(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q, S)``: ``x`` (float32 ``[out, in]``) as e4m3 values and per-block ``amax / 448``
+    scales (1 for an all-zero block), so that ``Q · S`` is the nearest FP8 value of ``x``."""
+    import torch
+
+    out, inp = x.shape
+    bh, bw = block
+    nb_r, nb_c = block_scale_shape((out, inp), block)
+    padded = x.new_zeros(nb_r * bh, nb_c * bw)
+    padded[:out, :inp] = x
+    blocks = padded.reshape(nb_r, bh, nb_c, bw)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).to(torch.float32)
+    q = (blocks / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
+    q = q.reshape(nb_r * bh, nb_c * bw)[:out, :inp].to(torch.float8_e4m3fn)
+    return q.contiguous(), scale.contiguous()
