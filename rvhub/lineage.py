@@ -35,6 +35,8 @@ from .manifest import artifact_file
 if TYPE_CHECKING:
     import torch
 
+    from .checkpoint import Checkpoint
+
 ALGORITHM = f"{LINEAGE_RUNS} runs of {LINEAGE_RUN_LENGTH} values per tensor, seeded by crc32(name)"
 _ROLES = ("a", "b")
 _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
@@ -55,16 +57,34 @@ def _as_float32(raw: bytes, dtype: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.dtype(_NUMPY[dtype]).newbyteorder("<")).astype(np.float32)
 
 
-def sample_entry(entry: TensorEntry, handles: FileHandles) -> np.ndarray:
-    """The sampled values of a stored float tensor, as float32 (a few small reads)."""
+def sample_entry(
+    entry: TensorEntry,
+    handles: FileHandles,
+    fp8: tuple[TensorEntry, tuple[int, int]] | None = None,
+) -> np.ndarray:
+    """The sampled values of a stored float tensor, as float32 (a few small reads); ``fp8``
+    (its ``weight_scale_inv`` entry and block) dequantizes an FP8 weight's samples."""
     size = entry.nbytes // max(entry.numel, 1)
     fd = handles.fd(entry.path)
     parts = []
+    scales, block = None, (1, 1)
+    if fp8 is not None:
+        scale_entry, block = fp8
+        raw = os.pread(handles.fd(scale_entry.path), scale_entry.nbytes, scale_entry.start)
+        scales = np.frombuffer(raw, dtype="<f4").reshape(scale_entry.shape)
     for s, e in runs_of(entry.name, entry.numel):
         raw = os.pread(fd, (e - s) * size, entry.start + s * size)
         if len(raw) != (e - s) * size:
             raise IntegrityError(f"{entry.path} ended early while reading {entry.name!r}")
-        parts.append(_as_float32(raw, entry.dtype))
+        if scales is not None:
+            from .io.fp8 import e4m3_values
+
+            flat = np.arange(s, e)
+            rows, cols = flat // entry.shape[1], flat % entry.shape[1]
+            values = e4m3_values()[np.frombuffer(raw, dtype=np.uint8)]
+            parts.append(values * scales[rows // block[0], cols // block[1]])
+        else:
+            parts.append(_as_float32(raw, entry.dtype))
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
@@ -75,12 +95,23 @@ def sample_tensor(name: str, t: torch.Tensor) -> np.ndarray:
 
 
 def sample_entries(
-    entries: Mapping[str, TensorEntry], names: Iterable[str]
+    entries: Mapping[str, TensorEntry],
+    names: Iterable[str],
+    fp8_scales: Mapping[str, TensorEntry] | None = None,
+    fp8_block: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Samples of the float tensors ``names`` of a checkpoint (others are skipped)."""
+    """Samples of the float tensors ``names`` of a checkpoint (others are skipped); FP8
+    weights with an entry in ``fp8_scales`` are sampled dequantized."""
     handles = FileHandles()
+    scales = fp8_scales or {}
     try:
-        return {n: sample_entry(entries[n], handles) for n in names if entries[n].dtype in _FLOATS}
+        out = {}
+        for n in names:
+            if n in scales and fp8_block is not None:
+                out[n] = sample_entry(entries[n], handles, (scales[n], fp8_block))
+            elif entries[n].dtype in _FLOATS:
+                out[n] = sample_entry(entries[n], handles)
+        return out
     finally:
         handles.close()
 
@@ -132,14 +163,12 @@ def read_lineage(folder: Path, manifest: Mapping[str, Any]) -> Lineage | None:
     return Lineage(out["a"], out["b"], shapes)
 
 
-def sample_pair(
-    a_entries: Mapping[str, TensorEntry], b_entries: Mapping[str, TensorEntry], names: list[str]
-) -> Lineage:
-    """The fingerprint of two checkpoints over ``names``."""
+def sample_pair(a: Checkpoint, b: Checkpoint, names: list[str]) -> Lineage:
+    """The fingerprint of two checkpoints over ``names`` (FP8 weights dequantized)."""
     return Lineage(
-        sample_entries(a_entries, names),
-        sample_entries(b_entries, names),
-        {n: b_entries[n].shape for n in names},
+        sample_entries(a.entries, names, a.fp8_scales, a.fp8_block),
+        sample_entries(b.entries, names, b.fp8_scales, b.fp8_block),
+        {n: b.entries[n].shape for n in names},
     )
 
 

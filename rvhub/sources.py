@@ -207,7 +207,7 @@ class DifferenceSource(VectorSource):
         }
 
     def lineage(self) -> Lineage:
-        return sample_pair(self.a.entries, self.b.entries, list(self.shapes))
+        return sample_pair(self.a, self.b, list(self.shapes))
 
     def fingerprints(self, names: Iterable[str]) -> dict[str, str]:
         names = list(names)

@@ -144,3 +144,25 @@ def test_apply_dtype_bfloat16_writes_a_dequantized_model(tmp_path: Path) -> None
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     AutoModelForCausalLM.from_pretrained(out)  # ragged shapes load once dequantized
+
+
+def test_fp8_lineage_samples_are_dequantized(tmp_path: Path) -> None:
+    """The lineage fingerprint of FP8 sources holds their weights, dequantized, and an FP8
+    target is checked on them too."""
+    from rvhub import check_target
+    from rvhub.lineage import read_lineage
+    from rvhub.manifest import load_manifest
+
+    fam = fp8_family(tmp_path)
+    vec = tmp_path / "vec"
+    assert run("extract", fam["a"], fam["b"], "-o", vec).exit_code == 0
+    lineage = read_lineage(vec, load_manifest(vec))
+    assert lineage is not None
+    name = "model.layers.0.mlp.up_proj.weight"
+    b = dequantized(fam["b"])[name].reshape(-1)
+    from rvhub.lineage import runs_of
+
+    expected = torch.cat([b[s:e] for s, e in runs_of(name, b.numel())])
+    torch.testing.assert_close(torch.from_numpy(lineage.b[name].copy()), expected)
+    result = check_target(vec, fam["target"])
+    assert name in result.lineage.tensors and result.lineage.verdict == "related"

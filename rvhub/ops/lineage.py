@@ -26,7 +26,7 @@ def checkpoint_lineage(
     ``shapes`` are the vector's; only tensors the target holds with the same name and shape
     are compared."""
     names = _comparable(reference, shapes, {k: e.shape for k, e in ckpt.entries.items()})
-    return compare(reference, sample_entries(ckpt.entries, names))
+    return compare(reference, sample_entries(ckpt.entries, names, ckpt.fp8_scales, ckpt.fp8_block))
 
 
 def model_lineage(
