@@ -166,3 +166,13 @@ def test_fp8_lineage_samples_are_dequantized(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.from_numpy(lineage.b[name].copy()), expected)
     result = check_target(vec, fam["target"])
     assert name in result.lineage.tensors and result.lineage.verdict == "related"
+
+
+def test_verify_against_fp8_sources(tmp_path: Path) -> None:
+    fam = fp8_family(tmp_path)
+    vec = tmp_path / "vec"
+    assert run("extract", fam["a"], fam["b"], "-o", vec).exit_code == 0
+    r = run("verify", vec, "--against", fam["a"], fam["b"])
+    assert r.exit_code == 0 and "B + v reproduces A" in r.output, r.output
+    r = run("verify", vec, "--against", fam["target"], fam["b"])
+    assert r.exit_code != 0

@@ -12,8 +12,8 @@ from ..checkpoint import Checkpoint
 from ..constants import CHUNK_ELEMS
 from ..errors import CompatibilityError, IntegrityError
 from ..io.progress import bar
-from ..io.safetensors import FileHandles, iter_chunks, read_range
-from ..sources import VectorSource
+from ..io.safetensors import FileHandles, iter_chunks
+from ..sources import DifferenceSource, VectorSource
 
 
 def verify_against(
@@ -31,6 +31,7 @@ def verify_against(
     when it was made.
     """
     handles = FileHandles()
+    pair = DifferenceSource(ca, cb, [])  # reads A and B as extract did (FP8 dequantized)
     names = list(source.shapes)
     err = ref = 0.0
     max_abs = 0.0
@@ -43,8 +44,7 @@ def verify_against(
             if ea.shape != source.shapes[name] or eb.shape != source.shapes[name]:
                 raise CompatibilityError(f"{name} has another shape in A or B than in the vector")
             for s, e in iter_chunks(ea.numel, CHUNK_ELEMS):
-                av = read_range(ea, s, e, handles).float()
-                bv = read_range(eb, s, e, handles).float()
+                av, bv = (t.float() for t in pair.parts(name, s, e))
                 r = bv + source.chunk(name, s, e) - av
                 d = av - bv
                 err += float(torch.dot(r, r))
