@@ -153,7 +153,7 @@ class DifferenceSource(VectorSource):
         out = []
         for role, ckpt in (("a", self.a), ("b", self.b)):
             entry = ckpt.entries[name]
-            fp8 = name in ckpt.fp8_scales  # the float32 result is not a pool buffer
+            fp8 = name in ckpt.fp8_scales  # the codes are read, the float32 values pooled
             buf = take(n, entry.torch_dtype) if take is not None and not fp8 else None
             part = read_range(entry, start, stop, self._handles, buf)
             fingerprint = self._fingerprints.get(role)
@@ -164,7 +164,12 @@ class DifferenceSource(VectorSource):
             if fp8:  # dequantized block by block, in float32
                 assert ckpt.fp8_block is not None
                 part = dequantize_flat(
-                    part, self._scale(role, ckpt, name), entry.shape, ckpt.fp8_block, start
+                    part,
+                    self._scale(role, ckpt, name),
+                    entry.shape,
+                    ckpt.fp8_block,
+                    start,
+                    take(n, torch.float32) if take is not None else None,
                 )
             out.append(part)
         return out[0], out[1]
