@@ -130,7 +130,6 @@ ENGINES: dict[str, Engine] = {
             version="llama.cpp of llama-cpp-python 0.3.36",
             read_from="convert_lora_to_gguf.py, src/llama-graph.cpp; tested by converting",
             per_module_rank=True,
-            experts=False,
             # tested: on a tied model the output matmul reuses token_embd and its LoRA, and
             # llama.cpp aborts (GGML_ASSERT ggml_can_mul_mat).
             tied_embedding_lora=False,
@@ -262,19 +261,3 @@ def judge(
     if refusals:
         return Verdict(engine.name, False, [], problems, hint)
     return Verdict(engine.name, True, [n for n in taken if n not in set(wrong)], problems, hint)
-
-
-def share_line(engine: Engine, verdict: Verdict, share: float, dense_share: float) -> str:
-    """One line: what ``engine`` applies of the whole vector, and what only rvhub applies."""
-    head = f"{engine.name:<10} ({engine.version}) "
-    if not verdict.loads:
-        return head + "refuses this adapter: " + "; ".join(verdict.problems)
-    text = (
-        f"applies {len(verdict.applied)} LoRA modules = {share:.1%} of ‖v‖²; "
-        f"{dense_share:.1%} stays with rvhub apply"
-    )
-    if verdict.hint:
-        text += f"; start the server with {verdict.hint}"
-    if verdict.problems:
-        text += " (" + "; ".join(verdict.problems) + ")"
-    return head + text

@@ -6,10 +6,11 @@ factors have the same magnitude, which keeps them well inside the range of float
 when they are stored in the sources' dtype.
 
 The adapter is written in PEFT's own format (``adapter_config.json`` +
-``adapter_model.safetensors``) with ``lora_alpha == r`` for every module, so PEFT's scale
-``lora_alpha / r`` is 1 and ``merge_and_unload()`` adds exactly ``B @ A``. Only ``nn.Linear`` and
-``nn.Embedding`` weights go into the adapter; biases, norms and every other tensor stay dense
-(see ``docs/lora.md`` for the layout and the reasons).
+``adapter_model.safetensors``) with scale 1 under every engine's reading of it (``lora_alpha ==
+r``, no ``alpha_pattern``, ``r_m / r`` folded into ``lora_B``; :mod:`rvhub.engines`), so
+``merge_and_unload()`` adds exactly ``B @ A``. The adapter holds the modules stock PEFT wraps
+(measured on a meta skeleton, :mod:`.peft_probe`) that the target engine (``--for``) takes;
+biases, norms and every other tensor stay dense beside it (see ``docs/lora.md``).
 
 Example:
     ```python
