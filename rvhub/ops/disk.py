@@ -238,21 +238,31 @@ class _Fp8Requantizer:
         block = self.ckpt.fp8_block
         assert block is not None
         w, s = self.ckpt.entries[name], self.ckpt.fp8_scales[name]
-        q = read_range(w, 0, w.numel, self.handles).reshape(w.shape)
-        theta = dequantize(q, read_range(s, 0, s.numel, self.handles).reshape(s.shape), block)
+        scales = read_range(s, 0, s.numel, self.handles).reshape(s.shape)
         vname, rows = self.targets[name]
-        delta = self.source.get(vname).mul_(self.scale)
-        x = theta.clone()
-        if rows is None:
-            x.add_(delta)
-        else:
-            x[:rows].add_(delta[:rows])
-            delta = torch.cat([delta[:rows], delta.new_zeros(w.shape[0] - rows, w.shape[1])])
-        new_q, new_s = quantize(x, block)
-        got = dequantize(new_q, new_s, block).sub_(theta)
-        want = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
-        err = float(torch.linalg.vector_norm(got.sub_(delta), dtype=torch.float64))
-        self.tensors[name] = {"norm": want, "error": err}
+        out_rows, columns = w.shape
+        limit = out_rows if rows is None else rows  # --vocab overlap: the shared rows only
+        new_q = torch.empty(out_rows, columns, dtype=torch.float8_e4m3fn)
+        new_s = torch.empty_like(scales)
+        want = err = 0.0
+        # One row of blocks at a time: blocks are independent, and the float32 temporaries
+        # stay cache-sized instead of costing page faults on whole-tensor buffers.
+        for b, r0 in enumerate(range(0, out_rows, block[0])):
+            r1 = min(out_rows, r0 + block[0])
+            q = read_range(w, r0 * columns, r1 * columns, self.handles).view(r1 - r0, columns)
+            theta = dequantize(q, scales[b : b + 1], block)
+            delta = torch.zeros_like(theta)
+            if r0 < limit:
+                hi = min(r1, limit)
+                d = self.source.chunk(vname, r0 * columns, hi * columns)
+                delta[: hi - r0] = d.view(hi - r0, columns)
+                delta.mul_(self.scale)
+            bq, bs = quantize(theta + delta, block)
+            new_q[r0:r1], new_s[b : b + 1] = bq, bs
+            got = dequantize(bq, bs, block).sub_(theta).sub_(delta)
+            want += float(torch.dot(delta.reshape(-1), delta.reshape(-1)))
+            err += float(torch.dot(got.reshape(-1), got.reshape(-1)))
+        self.tensors[name] = {"norm": math.sqrt(want), "error": math.sqrt(err)}
         self._held = (name, (new_q.reshape(-1).view(torch.uint8).view(new_q.dtype), new_s))
         return self._held[1]
 
