@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +130,16 @@ class VectorSource:
         return {}
 
 
+_DECODER: list[ThreadPoolExecutor] = []
+
+
+def _decoder() -> ThreadPoolExecutor:
+    """One helper thread for decoding FP8 slabs, started on first use."""
+    if not _DECODER:
+        _DECODER.append(ThreadPoolExecutor(1, thread_name_prefix="rvhub-fp8"))
+    return _DECODER[0]
+
+
 class DifferenceSource(VectorSource):
     """``A − B`` computed in float32, one flat chunk at a time."""
 
@@ -150,7 +161,7 @@ class DifferenceSource(VectorSource):
         """The raw A and B chunks (source dtypes), in buffers from ``take(numel, dtype)``
         when given (e.g. :meth:`rvhub.io.stream.SlabPool.take`)."""
         n = stop - start
-        out = []
+        out: list[torch.Tensor | Future[torch.Tensor]] = []
         for role, ckpt in (("a", self.a), ("b", self.b)):
             entry = ckpt.entries[name]
             fp8 = name in ckpt.fp8_scales  # the codes are read, the float32 values pooled
@@ -163,16 +174,17 @@ class DifferenceSource(VectorSource):
                 fingerprint.update(name, start * entry.torch_dtype.itemsize, tensor_bytes(part))
             if fp8:  # dequantized block by block, in float32
                 assert ckpt.fp8_block is not None
-                part = dequantize_flat(
-                    part,
-                    self._scale(role, ckpt, name),
-                    entry.shape,
-                    ckpt.fp8_block,
-                    start,
-                    take(n, torch.float32) if take is not None else None,
-                )
+                args = (part, self._scale(role, ckpt, name), entry.shape, ckpt.fp8_block, start)
+                into = take(n, torch.float32) if take is not None else None
+                if role == "a" and name in self.b.fp8_scales:
+                    # numpy's table lookup releases the GIL: A decodes on a helper thread
+                    # while B is read and decoded here (the writer thread idles meanwhile).
+                    out.append(_decoder().submit(dequantize_flat, *args, into))
+                    continue
+                part = dequantize_flat(*args, into)
             out.append(part)
-        return out[0], out[1]
+        a, b = (p.result() if isinstance(p, Future) else p for p in out)
+        return a, b
 
     def _scale(self, role: str, ckpt: Checkpoint, name: str) -> torch.Tensor:
         held = self._scales.get(role)
