@@ -199,7 +199,11 @@ def check_format(ckpt: Checkpoint) -> None:
                     f"{ckpt.path} holds {fmt}-quantized tensors ({tname}) without a "
                     f"quantization_config rvhub reads; {QUANTIZED_FIX}"
                 )
-        if entry.dtype in QUANTIZED_WEIGHT_DTYPES and tname not in ckpt.fp8_scales:
+        if (
+            entry.dtype in QUANTIZED_WEIGHT_DTYPES
+            and tname.endswith(".weight")
+            and tname not in ckpt.fp8_scales
+        ):
             raise InputError(
                 f"{ckpt.path} holds packed or quantized weights ({tname} is {entry.dtype}) "
                 f"without a quantization_config rvhub reads; {QUANTIZED_FIX}"

@@ -23,6 +23,7 @@ import click
 
 from ._version import __version__
 from .constants import ENV_DEBUG
+from .engines import ENGINE_NAMES
 from .errors import RvhubError
 from .io.progress import human_bytes
 
@@ -225,7 +226,7 @@ def _encoding_options(func: Any) -> Any:
             click.option(
                 "--for",
                 "engine",
-                type=click.Choice(["peft", "vllm", "sglang", "llama.cpp"]),
+                type=click.Choice(ENGINE_NAMES),
                 default="peft",
                 show_default=True,
                 help="LoRA: write what this engine loads (its modules, ranks); the rest stays dense.",
@@ -367,7 +368,7 @@ def extract(
 @click.option(
     "--for",
     "engine",
-    type=click.Choice(["peft", "vllm", "sglang", "llama.cpp"]),
+    type=click.Choice(ENGINE_NAMES),
     default=None,
     help="LoRA: what this engine applies of the vector, and why not the rest.",
 )

@@ -67,21 +67,22 @@ def sample_entry(
     size = entry.nbytes // max(entry.numel, 1)
     fd = handles.fd(entry.path)
     parts = []
-    scales, block = None, (1, 1)
+    scales, block, table = None, (1, 1), None
     if fp8 is not None:
+        from .io.fp8 import e4m3_values
+
         scale_entry, block = fp8
         raw = os.pread(handles.fd(scale_entry.path), scale_entry.nbytes, scale_entry.start)
         scales = np.frombuffer(raw, dtype="<f4").reshape(scale_entry.shape)
+        table = e4m3_values()
     for s, e in runs_of(entry.name, entry.numel):
         raw = os.pread(fd, (e - s) * size, entry.start + s * size)
         if len(raw) != (e - s) * size:
             raise IntegrityError(f"{entry.path} ended early while reading {entry.name!r}")
-        if scales is not None:
-            from .io.fp8 import e4m3_values
-
+        if scales is not None and table is not None:
             flat = np.arange(s, e)
             rows, cols = flat // entry.shape[1], flat % entry.shape[1]
-            values = e4m3_values()[np.frombuffer(raw, dtype=np.uint8)]
+            values = table[np.frombuffer(raw, dtype=np.uint8)]
             parts.append(values * scales[rows // block[0], cols // block[1]])
         else:
             parts.append(_as_float32(raw, entry.dtype))

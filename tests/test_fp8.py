@@ -40,7 +40,7 @@ def test_apply_onto_fp8_target_requantizes_each_block(tmp_path: Path) -> None:
     assert run("extract", fam["a"], fam["b"], "-o", vec).exit_code == 0
     r = run("apply", vec, fam["target"], "-o", out, "--scale", "1.5")
     assert r.exit_code == 0, r.output
-    assert "FP8 target: requantizing each 128-block kept" in r.output + (r.stderr or "")
+    assert "FP8 target: requantizing each 128×128 block kept" in r.output + (r.stderr or "")
 
     written = load_file(out / "model.safetensors")
     original = load_file(fam["target"] / "model.safetensors")

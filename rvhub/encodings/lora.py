@@ -857,7 +857,7 @@ class LoraEncoding:
         )
         embeddings = {n for n in factors if is_embedding(n)}
         peft_measured: set[str] | None = None
-        for _ in range(3):  # measure what PEFT wraps with the final config; move misfits to dense
+        while True:  # measure what PEFT wraps with the final config; move misfits to dense
             layout = adapter_layout(factors, uniform_rank=uniform)
             probe_config = _adapter_config(layout, conv1d=bool(conv1d & set(factors)))
             final = peft_wraps(model_config, probe_config)

@@ -39,6 +39,8 @@ from transformers.conversion_mapping import (
     get_model_conversion_mapping,
 )
 
+from .plan import persistent_float_buffers
+
 __all__ = ["LiveGroup", "LiveMapping", "has_conversions", "live_deltas", "plan_live_mapping"]
 
 TensorGetter = Callable[[str], torch.Tensor]
@@ -334,12 +336,6 @@ def _live_parameter_names(model: torch.nn.Module) -> dict[str, str]:
     }
     names.update({n: n for n in persistent_float_buffers(model) if n not in names})
     return names
-
-
-def persistent_float_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Floating buffers that ``state_dict()`` holds (so checkpoints store them), by name."""
-    persistent = set(model.state_dict(keep_vars=True))
-    return {n: b for n, b in model.named_buffers() if n in persistent and b.is_floating_point()}
 
 
 def _model_conversions(model: torch.nn.Module) -> tuple[list[cml.WeightTransform], bool]:

@@ -199,7 +199,8 @@ def _note_requantization(report: ApplyReport, fp8: _Fp8Requantizer) -> None:
         report.requantization = fp8.summary()
         kept = report.requantization["kept"]
         line = (
-            f"FP8 target: requantizing each 128-block kept {kept:.1%} of ‖α·v‖ "
+            f"FP8 target: requantizing each {'×'.join(map(str, report.requantization['block']))} "
+            f"block kept {kept:.1%} of ‖α·v‖ "
             f"(relative error {report.requantization['rel_error']:.3f} against θ + α·v)"
         )
         report.notes.append(line)
@@ -212,9 +213,10 @@ def _note_requantization(report: ApplyReport, fp8: _Fp8Requantizer) -> None:
 
 
 class _Fp8Requantizer:
-    """θ + α·v for a block-quantized FP8 target, one whole weight at a time: dequantize,
-    add in float32, requantize with each block's new ``amax / 448``; measures what of α·v the
-    FP8 grid kept."""
+    """θ + α·v for a block-quantized FP8 target, one row of blocks at a time (blocks are
+    independent, and cache-sized float32 temporaries avoid the page faults of whole-tensor
+    ones): dequantize, add in float32, then requantize with each block's new ``amax / 448``
+    (measuring what of α·v the FP8 grid kept), or keep it dequantized as bfloat16."""
 
     def __init__(
         self,
@@ -229,24 +231,17 @@ class _Fp8Requantizer:
         self._held: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.tensors: dict[str, dict[str, float]] = {}
 
-    def result(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Q, S)`` of weight ``name`` after the add (computed once, for both tensors)."""
-        if self._held is not None and self._held[0] == name:
-            return self._held[1]
-        from ..io.fp8 import dequantize, quantize
+    def _row_blocks(self, name: str) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """``(r0, r1, θ rows, α·v rows)`` for each row of blocks of ``name``, in float32."""
+        from ..io.fp8 import dequantize
 
         block = self.ckpt.fp8_block
         assert block is not None
         w, s = self.ckpt.entries[name], self.ckpt.fp8_scales[name]
         scales = read_range(s, 0, s.numel, self.handles).reshape(s.shape)
-        vname, rows = self.targets[name]
+        vname, rows = self.targets.get(name, ("", 0))
         out_rows, columns = w.shape
         limit = out_rows if rows is None else rows  # --vocab overlap: the shared rows only
-        new_q = torch.empty(out_rows, columns, dtype=torch.float8_e4m3fn)
-        new_s = torch.empty_like(scales)
-        want = err = 0.0
-        # One row of blocks at a time: blocks are independent, and the float32 temporaries
-        # stay cache-sized instead of costing page faults on whole-tensor buffers.
         for b, r0 in enumerate(range(0, out_rows, block[0])):
             r1 = min(out_rows, r0 + block[0])
             q = read_range(w, r0 * columns, r1 * columns, self.handles).view(r1 - r0, columns)
@@ -257,31 +252,36 @@ class _Fp8Requantizer:
                 d = self.source.chunk(vname, r0 * columns, hi * columns)
                 delta[: hi - r0] = d.view(hi - r0, columns)
                 delta.mul_(self.scale)
+            yield r0, r1, theta, delta
+
+    def result(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q, S)`` of weight ``name`` after the add (computed once, for both tensors)."""
+        if self._held is not None and self._held[0] == name:
+            return self._held[1]
+        from ..io.fp8 import dequantize, quantize
+
+        block = self.ckpt.fp8_block
+        assert block is not None
+        w, s = self.ckpt.entries[name], self.ckpt.fp8_scales[name]
+        new_q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+        new_s = torch.empty(s.shape, dtype=torch.float32)
+        want = err = 0.0
+        for b, (r0, r1, theta, delta) in enumerate(self._row_blocks(name)):
             bq, bs = quantize(theta + delta, block)
             new_q[r0:r1], new_s[b : b + 1] = bq, bs
             got = dequantize(bq, bs, block).sub_(theta).sub_(delta)
             want += float(torch.dot(delta.reshape(-1), delta.reshape(-1)))
             err += float(torch.dot(got.reshape(-1), got.reshape(-1)))
         self.tensors[name] = {"norm": math.sqrt(want), "error": math.sqrt(err)}
-        self._held = (name, (new_q.reshape(-1).view(torch.uint8).view(new_q.dtype), new_s))
+        self._held = (name, (new_q, new_s))
         return self._held[1]
 
     def dequantized(self, name: str) -> torch.Tensor:
-        """``θ + α·v`` of FP8 weight ``name`` (or θ alone), dequantized, in bfloat16."""
-        from ..io.fp8 import dequantize
-
-        block = self.ckpt.fp8_block
-        assert block is not None
-        w, s = self.ckpt.entries[name], self.ckpt.fp8_scales[name]
-        q = read_range(w, 0, w.numel, self.handles).reshape(w.shape)
-        x = dequantize(q, read_range(s, 0, s.numel, self.handles).reshape(s.shape), block)
-        if name in self.targets:
-            vname, rows = self.targets[name]
-            delta = self.source.get(vname)
-            x[: rows if rows is not None else x.shape[0]].add_(
-                delta[: rows if rows is not None else delta.shape[0]], alpha=self.scale
-            )
-        return x.to(torch.bfloat16)
+        """``θ + α·v`` of FP8 weight ``name`` (θ alone when the vector lacks it), in bfloat16."""
+        out = torch.empty(self.ckpt.entries[name].shape, dtype=torch.bfloat16)
+        for r0, r1, theta, delta in self._row_blocks(name):
+            out[r0:r1] = theta.add_(delta)
+        return out
 
     def summary(self) -> dict[str, Any]:
         want = math.sqrt(sum(t["norm"] ** 2 for t in self.tensors.values()))

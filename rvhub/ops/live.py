@@ -18,7 +18,14 @@ from ..io.kernels import add_scaled_
 from ..io.progress import logger
 from ..sources import VectorSource, split_excluded
 from .lineage import check_change_size, enforce, model_lineage
-from .plan import ApplyReport, check_finite, check_scale, plan_apply, zero_scale_note
+from .plan import (
+    ApplyReport,
+    check_finite,
+    check_scale,
+    persistent_float_buffers,
+    plan_apply,
+    zero_scale_note,
+)
 
 
 def apply_to_model(
@@ -42,7 +49,7 @@ def apply_to_model(
     wanted, excluded = split_excluded(source.shapes, exclude)
     # tied weights appear once; persistent floating buffers (a checkpoint stores them, and
     # on-disk apply changes them: DeepSeek-V3's e_score_correction_bias) are targets too
-    params = {**_persistent_float_buffers(model), **dict(model.named_parameters())}
+    params = {**persistent_float_buffers(model), **dict(model.named_parameters())}
     tensors = {**dict(model.named_buffers()), **params}
     reference = source.lineage()
     wide = [n for n, p in params.items() if n in source.shapes and p.dtype != torch.float16]
@@ -80,11 +87,6 @@ def apply_to_model(
     return _with_lineage(report, lineage.as_json(), lineage_note)
 
 
-def _persistent_float_buffers(model: torch.nn.Module) -> dict[str, Any]:
-    persistent = set(model.state_dict(keep_vars=True))
-    return {n: b for n, b in model.named_buffers() if n in persistent and b.is_floating_point()}
-
-
 def _with_lineage(report: ApplyReport, lineage: dict[str, Any], note: str | None) -> ApplyReport:
     report.lineage = lineage
     if note:
@@ -92,7 +94,7 @@ def _with_lineage(report: ApplyReport, lineage: dict[str, Any], note: str | None
     return report
 
 
-def _refuse_offloaded(names: Iterable[str], params: dict[str, torch.nn.Parameter]) -> None:
+def _refuse_offloaded(names: Iterable[str], params: dict[str, torch.Tensor]) -> None:
     """A parameter on the meta device (accelerate's disk offload) would ignore an add_; an FP8
     parameter (transformers' FineGrainedFP8 on a GPU) has per-block scales beside it that an
     add would leave stale."""
@@ -134,7 +136,7 @@ def _apply_converted(
     model_info: Mapping[str, Any],
     manifest: Mapping[str, Any] | None,
     model: torch.nn.Module,
-    params: dict[str, torch.nn.Parameter],
+    params: dict[str, torch.Tensor],
     config_dict: dict[str, Any],
     wanted: list[str],
     excluded: list[str],
@@ -187,7 +189,7 @@ def _live_tied(model: torch.nn.Module) -> bool:
 
 
 def _add_live(
-    source: VectorSource, work: list[tuple[torch.nn.Parameter, str, int | None]], scale: float
+    source: VectorSource, work: list[tuple[torch.Tensor, str, int | None]], scale: float
 ) -> None:
     seen: set[int] = set()
     gpu_work = []

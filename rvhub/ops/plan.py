@@ -20,6 +20,8 @@ from ..errors import CompatibilityError, InputError
 from ..io.progress import logger
 
 if TYPE_CHECKING:
+    import torch
+
     from ..sources import VectorSource
 
 MAX_LISTED = 5
@@ -29,6 +31,13 @@ def _listing(items: Sequence[str]) -> str:
     shown = ", ".join(items[:MAX_LISTED])
     more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
     return shown + more
+
+
+def persistent_float_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Floating buffers that ``state_dict()`` holds (so checkpoints store them and on-disk apply
+    changes them: DeepSeek-V3's ``e_score_correction_bias``), by name."""
+    persistent = set(model.state_dict(keep_vars=True))
+    return {n: b for n, b in model.named_buffers() if n in persistent and b.is_floating_point()}
 
 
 def check_pair(a: Checkpoint, b: Checkpoint) -> None:
