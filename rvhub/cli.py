@@ -554,6 +554,151 @@ def check(
         )
 
 
+@cli.command("eval")
+@click.argument("vector")
+@click.argument("target")
+@click.option(
+    "--tasks", required=True, help="lm-eval task names, comma-separated (e.g. gsm8k,bbh)."
+)
+@click.option(
+    "--scales",
+    default="-1,0,1",
+    show_default=True,
+    help="The α values to evaluate, comma-separated (α = 0 is the target alone).",
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder."
+)
+@click.option(
+    "--include-path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A folder of your own lm-eval task YAMLs.",
+)
+@click.option(
+    "--limit",
+    default=None,
+    type=float,
+    help="At most this many examples per task (lm-eval's --limit).",
+)
+@click.option(
+    "--num-fewshot", default=None, type=int, help="Few-shot examples (lm-eval's --num_fewshot)."
+)
+@click.option(
+    "--batch-size", default="1", show_default=True, help="lm-eval batch size (an int, or auto)."
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where the model runs: auto (cuda if available), cpu, cuda, cuda:1, ...",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    default="auto",
+    show_default=True,
+    help="The dtype the target is loaded in (auto: as stored).",
+)
+@_target_options
+@exclude_option
+@overwrite_option
+@click.option(
+    "--allow-unrelated",
+    is_flag=True,
+    help="Evaluate even when TARGET does not descend from the vector's base.",
+)
+def eval_(
+    vector: str,
+    target: str,
+    tasks: str,
+    scales: str,
+    output: Path,
+    include_path: Path | None,
+    limit: float | None,
+    num_fewshot: int | None,
+    batch_size: str,
+    device: str,
+    dtype: str,
+    revision: str | None,
+    target_revision: str | None,
+    vocab: str,
+    no_config_check: bool,
+    exclude: tuple[str, ...],
+    overwrite: bool,
+    allow_unrelated: bool,
+) -> None:
+    """Evaluate TARGET + α·VECTOR with lm-evaluation-harness for each α of --scales.
+
+    TARGET (a model folder or Hub id) is loaded once; for each α its weights are set to exactly
+    round(θ + α·v) from the pristine θ. OUTPUT gets lm-eval's results per α
+    (alpha_<α>/results.json), sweep.json (per metric: value and stderr at each α, the best α)
+    and eval_sweep.png. `rvhub card --eval OUTPUT` and `rvhub push --eval OUTPUT` publish it.
+    Needs `pip install "rvhub[eval]"`.
+
+    \b
+    rvhub eval ./vec Qwen/Qwen2.5-1.5B-Instruct --tasks gsm8k --scales -1,0,0.5,1 -o eval-out
+    """
+    from .errors import InputError
+    from .io.atomic import check_output
+    from .ops.evaluate import parse_scales, parse_tasks, require_lm_eval
+
+    task_list, alpha = parse_tasks(tasks), parse_scales(scales)
+    require_lm_eval()
+    check_output(output, overwrite=overwrite)
+    count: int | float | None = None
+    if limit is not None:
+        if limit <= 0:
+            raise InputError(f"--limit must be positive, not {limit:g}")
+        count = int(limit) if limit >= 1 and float(limit).is_integer() else limit
+    batch: int | str = batch_size
+    if batch_size != "auto" and not batch_size.startswith("auto:"):
+        if not batch_size.isdigit() or int(batch_size) < 1:
+            raise InputError(f"--batch-size must be a positive integer or auto, not {batch_size!r}")
+        batch = int(batch_size)
+    from .vector import load_eval_target, load_vector
+
+    vec = load_vector(vector, revision=revision)
+    model, tokenizer, name = load_eval_target(
+        target,
+        revision=target_revision,
+        device=device,
+        dtype=dtype,
+        config_check=not no_config_check,
+    )
+
+    def done(point: Any) -> None:
+        from .ops.evaluate import metric_values
+
+        shown = ", ".join(f"{m.task} {m.label} {m.value:.4g}" for m in metric_values(point.results))
+        click.echo(
+            f"α = {point.scale:+g}: {shown} (set in {point.switch_seconds:.2f} s, evaluated in {point.eval_seconds:.1f} s)"
+        )
+
+    sweep = vec.evaluate(
+        model,
+        tokenizer,
+        tasks=task_list,
+        scales=alpha,
+        output_dir=output,
+        target=name,
+        include_path=include_path,
+        limit=count,
+        batch_size=batch,
+        num_fewshot=num_fewshot,
+        exclude=list(exclude),
+        vocab=vocab,
+        allow_unrelated=allow_unrelated,
+        overwrite=overwrite,
+        on_point=done,
+    )
+    for m in sweep.summary()["metrics"]:
+        click.echo(
+            f"best α for {m['task']} {m['label']}: {m['best']['scale']:+g} ({m['best']['value']:.4g}; reported, not applied)"
+        )
+    click.echo(f"wrote {output}")
+
+
 def _card_options(func: Any) -> Any:
     """The options ``card`` and ``push`` share: scores, template, license, target."""
     for option in reversed(
@@ -572,6 +717,14 @@ def _card_options(func: Any) -> Any:
                 multiple=True,
                 metavar="COND=FILE",
                 help="An lm-evaluation-harness results JSON for one condition: baseline=, plus= or minus= (repeatable).",
+            ),
+            click.option(
+                "--eval",
+                "eval_dir",
+                default=None,
+                type=click.Path(path_type=Path),
+                metavar="DIR",
+                help="An `rvhub eval` output folder: the α sweep goes in the card (table + plot) and in .eval_results/.",
             ),
             click.option(
                 "--template",
@@ -599,7 +752,7 @@ def _card_options(func: Any) -> Any:
 
 def _card_arguments(options: dict[str, Any]) -> dict[str, Any]:
     """The ``_card_options`` as the keyword arguments of ``build_card`` / ``push_vector``."""
-    from .card.scores import load_scores
+    from .card.scores import combine_scores, load_scores, load_sweep
     from .errors import InputError
 
     pairs = []
@@ -610,8 +763,11 @@ def _card_arguments(options: dict[str, Any]) -> dict[str, Any]:
                 f"--lm-eval {item!r}: write CONDITION=FILE, e.g. --lm-eval baseline=results.json"
             )
         pairs.append((condition, Path(file)))
+    scores = load_scores(options["scores"], lm_eval=pairs)
+    if options["eval_dir"] is not None:
+        scores = combine_scores([scores, load_sweep(options["eval_dir"])])
     return {
-        "scores": load_scores(options["scores"], lm_eval=pairs),
+        "scores": scores,
         "template": options["template"],
         "license": options["license_"],
         "target": options["target"],

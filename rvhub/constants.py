@@ -18,6 +18,7 @@ PICKLED_ADAPTER_WEIGHTS_NAME = "adapter_model.bin"
 LINEAGE_FILE = "lineage.safetensors"
 CARD_NAME = "README.md"
 PLOT_NAME = "layer_norms.png"
+EVAL_RESULTS_DIR = ".eval_results"  # the Hub's eval results (huggingface_hub EVAL_RESULTS_FOLDER)
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 # -- model checkpoints --------------------------------------------------------------------------

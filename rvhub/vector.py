@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ from .constants import DEFAULT_MAX_SHARD, PICKLE_SUFFIXES
 from .encodings import WriteOptions, open_source, write_artifact
 from .errors import CompatibilityError, InputError, IntegrityError
 from .hub.resolve import open_checkpoint, resolve_artifact
-from .io.atomic import check_disjoint, check_output
+from .io.atomic import atomic_dir, check_disjoint, check_output
 from .io.device import resolve_device
 from .io.safetensors import FLOAT_DTYPES, parse_dtype
 from .manifest import check_files_present, load_manifest, verify_artifact
@@ -49,6 +49,7 @@ from .sources import (
 
 if TYPE_CHECKING:
     from .hub.push import PushResult
+    from .ops.evaluate import Sweep, SweepPoint
 
 
 @dataclass
@@ -341,6 +342,93 @@ class ReasoningVector:
         }
         return apply_to_model(self.source, self.model_info, model, manifest=self.manifest, **how)
 
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        tasks: Iterable[str] | str,
+        scales: Iterable[float] | str = (-1.0, 0.0, 1.0),
+        output_dir: str | os.PathLike[str] | None = None,
+        target: str | None = None,
+        include_path: str | os.PathLike[str] | None = None,
+        limit: int | float | None = None,
+        batch_size: int | str = 1,
+        num_fewshot: int | None = None,
+        exclude: Iterable[str] = (),
+        vocab: str = "strict",
+        allow_unrelated: bool = False,
+        overwrite: bool = False,
+        on_point: Callable[[SweepPoint], None] | None = None,
+        **lm_eval_options: Any,
+    ) -> Sweep:
+        """Run lm-evaluation-harness on ``model`` at ``θ + α·v`` for each α of ``scales``.
+
+        The model is set to exactly ``round(θ + α·v)`` from its pristine weights before each
+        point and restored afterwards (:class:`~rvhub.ops.live.ScaleSwitch`). ``tasks`` are
+        lm-eval task names (``include_path``: a folder of your own task YAMLs). With
+        ``output_dir`` each point's lm-eval results, ``sweep.json`` and the plot are written
+        there (``rvhub card --eval DIR`` reads them). Needs ``pip install "rvhub[eval]"``.
+
+        Example:
+            >>> sweep = load_vector("user/vec").evaluate(model, tok, tasks=["gsm8k"], scales=[-1, 0, 1])
+            >>> sweep.summary()["metrics"][0]["best"]
+        """
+        from .ops.evaluate import (
+            parse_scales,
+            parse_tasks,
+            require_lm_eval,
+            run_sweep,
+            write_sweep,
+        )
+        from .ops.live import ScaleSwitch
+
+        require_lm_eval()
+        if output_dir is not None:
+            check_output(Path(output_dir), overwrite=overwrite)
+        switch = ScaleSwitch(
+            self.source,
+            self.model_info,
+            model,
+            manifest=self.manifest,
+            exclude=exclude,
+            vocab=vocab,
+            allow_unrelated=allow_unrelated,
+        )
+        sweep = run_sweep(
+            switch,
+            model,
+            tokenizer,
+            tasks=parse_tasks(tasks),
+            scales=parse_scales(scales),
+            include_path=include_path,
+            limit=limit,
+            batch_size=batch_size,
+            num_fewshot=num_fewshot,
+            lm_eval_options=lm_eval_options,
+            on_point=on_point,
+        )
+        sweep.vector = self._provenance()
+        config = getattr(model, "config", None)
+        sweep.target = {"name": target or getattr(config, "_name_or_path", None) or None}
+        if output_dir is not None:
+            from .card.plot import sweep_plot
+
+            with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+                write_sweep(sweep, tmp, plot=sweep_plot(sweep.summary()))
+        return sweep
+
+    def _provenance(self) -> dict[str, Any]:
+        """Where this vector came from, for records: Hub id and commit, or a folder."""
+        origin = dict(self.meta.get("origin") or {})
+        if not origin and self.path is not None:
+            origin = {"kind": "local", "path": str(self.path)}
+        files = (self.manifest or {}).get("files") or {}
+        origin["files_sha256"] = {
+            n: f.get("sha256") for n, f in files.items() if isinstance(f, dict)
+        }
+        return origin
+
     def verify_against(
         self,
         a: str | os.PathLike[str] | Checkpoint,
@@ -602,3 +690,53 @@ __all__ = [
     "load_vector",
     "parse_size",
 ]
+
+
+def load_eval_target(
+    target: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    config_check: bool = True,
+) -> tuple[torch.nn.Module, Any, str]:
+    """Load a model folder or Hub id with transformers for :meth:`ReasoningVector.evaluate`:
+    the model (on ``device``, eval mode), its tokenizer, and the name to record.
+
+    The checkpoint is opened as ``rvhub apply`` opens it first (safetensors only, quantized
+    formats refused, the same weights transformers loads); no remote code runs.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = open_checkpoint(target, revision=revision)
+    if config_check:
+        check_config(ckpt)
+    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    dev = resolve_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(
+            f"{target}: no tokenizer transformers can load ({_first_line(e)})"
+        ) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder),
+            dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+            trust_remote_code=False,
+            use_safetensors=True,
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(
+            f"{target}: transformers cannot load it as a causal LM ({_first_line(e)})"
+        ) from None
+    model = model.to(dev) if dev.type != "cpu" else model  # type: ignore[arg-type]
+    model.eval()
+    source = ckpt.source or {}
+    name = str(source.get("repo_id") or target)
+    return model, tokenizer, name
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

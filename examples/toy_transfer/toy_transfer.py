@@ -50,6 +50,20 @@ def encode(text: str) -> list[int]:
     return [CHAR_ID[c] for c in text]
 
 
+def toy_tokenizer():
+    """The character vocabulary as a transformers tokenizer, saved beside each model so that
+    lm-eval (``rvhub eval``) reads and writes the same ids as :func:`encode`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
 # -- tasks --------------------------------------------------------------------------------
 # Fixed widths ("07+35=042"): every prompt of a task has the same length, so batches need no
 # left padding and generation is a fixed number of steps.
@@ -104,6 +118,16 @@ def eval_strings(n: int = EVAL_SIZE) -> list[str]:
 
 
 HELD_OUT = frozenset(eval_problems())
+TASK_DIR = Path(__file__).resolve().parent / "task"  # the same problems as an lm-eval task
+LM_EVAL_TASK = "toy_addition"
+
+
+def task_rows() -> list[dict[str, str]]:
+    """``task/addition.jsonl``: the held-out problems in order, as lm-eval reads them."""
+    return [
+        {"question": f"{a:0{DIGITS}d}+{b:0{DIGITS}d}=", "answer": f"{a + b:0{DIGITS + 1}d}"}
+        for a, b in eval_problems()
+    ]
 
 
 def train_pair(rng: random.Random) -> tuple[int, int]:
@@ -377,22 +401,50 @@ def instruct_plus(instruct_dir: Path, vector_dir: Path, alpha: float) -> LlamaFo
     return model
 
 
-def render_scores_card(vector_dir: Path, scores: dict) -> Path:
+def lm_eval_sweep(out: Path, n: int) -> list[dict[str, float]]:
+    """``rvhub eval``'s Python form: the instruct model loaded once, lm-eval's exact match on
+    the task of ``task/`` at each α (weights set exactly for each); written to ``out/eval``."""
+    from transformers import AutoTokenizer
+
+    from rvhub import load_vector
+
+    model = load_model(out / "instruct")
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "instruct"))
+    sweep = load_vector(str(out / "vector")).evaluate(
+        model,
+        tokenizer,
+        tasks=[LM_EVAL_TASK],
+        scales=ALPHAS,
+        include_path=TASK_DIR,
+        limit=n,
+        batch_size=n,
+        output_dir=out / "eval",
+        overwrite=True,
+        target="instruct (toy)",
+    )
+    (metric,) = sweep.summary()["metrics"]
+    return [{"alpha": p["scale"], "addition": p["value"]} for p in metric["points"]]
+
+
+def render_scores_card(vector_dir: Path, scores: dict, eval_dir: Path) -> Path:
     """Write the measured scores as ``scores.yaml`` next to the vector and render its card
-    through rvhub (``<vector_dir>/../card/README.md``)."""
+    through rvhub (``<vector_dir>/../card/README.md``), the ``rvhub eval`` sweep included."""
     import yaml
 
     path = vector_dir.parent / "scores.yaml"
     path.write_text(yaml.safe_dump(scores, sort_keys=False, allow_unicode=True))
     try:
         from rvhub.card import load_scores, render_card
+        from rvhub.card.scores import combine_scores, load_sweep
     except ImportError:
         print(f"note: rvhub.card is not available; scores written to {path}, card skipped")
         return path
+    sweep_scores = load_sweep(eval_dir)
+    sweep_scores.benchmarks = []  # the card's Scores table keeps the script's own numbers
     card = render_card(
         str(vector_dir),
         repo_id="YOUR-USER/toy-addition-reasoning-vector",
-        scores=load_scores([str(path)]),
+        scores=combine_scores([load_scores([str(path)]), sweep_scores]),
     )
     card_dir = vector_dir.parent / "card"
     card_dir.mkdir(exist_ok=True)
@@ -548,6 +600,8 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     train_all(out, args.seed, s)
+    for name in ("base", "sft", "rl", "instruct"):
+        toy_tokenizer().save_pretrained(out / name)
     train_seconds = time.perf_counter() - started
 
     problems, strings = eval_problems(s.eval_size), eval_strings(s.eval_size)
@@ -565,6 +619,8 @@ def run(args: argparse.Namespace) -> dict:
         {"alpha": alpha, **scores(instruct_plus(out / "instruct", out / "vector", alpha))}
         for alpha in ALPHAS
     ]
+    print(f"[rvhub eval] the same sweep through lm-evaluation-harness (task {LM_EVAL_TASK})")
+    sweep = lm_eval_sweep(out, len(problems))
     results = {
         "task": TASK_NAME,
         "metric": "greedy exact-match accuracy",
@@ -574,6 +630,7 @@ def run(args: argparse.Namespace) -> dict:
         "settings": asdict(s),
         "models": models,
         "transfer": transfer,
+        "transfer_lm_eval": sweep,
         "train_seconds": round(train_seconds, 1),
     }
 
@@ -581,11 +638,16 @@ def run(args: argparse.Namespace) -> dict:
     print(f"  {'model':<16}{'addition':>9}{'reversal':>10}")
     for name, acc in models.items():
         print(f"  {name:<16}{acc['addition']:>9.3f}{acc['reversal']:>10.3f}")
+    lm_eval_at = {row["alpha"]: row["addition"] for row in sweep}
+    print(f"  {'':<16}{'':>9}{'':>10}  addition via rvhub eval (lm-eval)")
     for row in transfer:
         label = f"instruct{row['alpha']:+.1f}·v"
-        print(f"  {label:<16}{row['addition']:>9.3f}{row['reversal']:>10.3f}")
+        print(
+            f"  {label:<16}{row['addition']:>9.3f}{row['reversal']:>10.3f}"
+            f"  {lm_eval_at[row['alpha']]:.3f}"
+        )
     plot(results, out / "accuracy_vs_alpha.png")
-    render_scores_card(out / "vector", card_scores(results))
+    render_scores_card(out / "vector", card_scores(results), out / "eval")
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"done in {results['total_seconds']:.0f}s (training {train_seconds:.0f}s); see {out}")

@@ -14,19 +14,20 @@ import math
 import os
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .._version import __version__
-from ..constants import CARD_NAME, MANIFEST_NAME, PLOT_NAME
+from ..constants import CARD_NAME, EVAL_RESULTS_DIR, MANIFEST_NAME, PLOT_NAME
 from ..errors import InputError
 from ..io.atomic import atomic_write
 from ..io.progress import human_bytes
 from ..io.safetensors import sha256_file
 from ..manifest import load_manifest
+from ..ops.evaluate import SWEEP_PLOT, as_dict
 from .metadata import (
     card_metadata,
     carried_license,
@@ -35,7 +36,7 @@ from .metadata import (
     local_source_license,
     split_front_matter,
 )
-from .plot import norms_plot
+from .plot import norms_plot, sweep_plot
 from .scores import Scores
 
 DEFAULT_TEMPLATE = "vector_card.md.j2"
@@ -48,13 +49,16 @@ class Card:
     text: str
     metadata: dict[str, Any]
     plot_png: bytes | None = None
+    # more files beside the card: the sweep plot, `.eval_results/*.yaml` (see eval_results_files)
+    extra_files: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def files(self) -> dict[str, bytes]:
-        """``{path in repo: bytes}``: the card and, when drawn, the norm plot."""
+        """``{path in repo: bytes}``: the card, the norm plot when drawn, and the extra files."""
         out = {CARD_NAME: self.text.encode("utf-8")}
         if self.plot_png is not None:
             out[PLOT_NAME] = self.plot_png
+        out.update(self.extra_files)
         return out
 
     def save(self, path: str | os.PathLike[str]) -> list[Path]:
@@ -67,6 +71,11 @@ class Card:
             plot = path.parent / PLOT_NAME
             atomic_write(plot, self.plot_png)
             written.append(plot)
+        for name, data in self.extra_files.items():
+            extra = path.parent / name
+            extra.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(extra, data)
+            written.append(extra)
         return written
 
 
@@ -226,10 +235,98 @@ def card_context(
         "scale": (scores.scale if scores and scores.scale is not None else 1.0),
         "target": target or (scores.target if scores else None),
         "plot": PLOT_NAME if plot else None,
+        "sweep": _sweep_view(scores.sweep) if scores and scores.sweep else None,
         "rvhub_version": manifest.get("rvhub_version") or __version__,
         "created_at": manifest.get("created_at"),
         "endpoint": endpoint,
     }
+
+
+def _sweep_view(sweep: Mapping[str, Any]) -> dict[str, Any]:
+    """The sweep as the template shows it: one row per metric, one column per α."""
+    scales = [float(x) for x in sweep.get("scales") or []]
+    rows = []
+    for m in sweep.get("metrics") or []:
+        by = {p["scale"]: p for p in m.get("points") or []}
+        rows.append(
+            {
+                "task": m.get("alias") or m.get("task"),
+                "metric": m.get("label") or m.get("metric"),
+                "cells": [by.get(a) for a in scales],
+                "best": m.get("best"),
+                "n": next((p.get("n") for p in m.get("points") or [] if p.get("n")), None),
+            }
+        )
+    target = as_dict(sweep.get("target"))
+    settings = as_dict(sweep.get("settings"))
+    return {
+        "scales": scales,
+        "rows": rows,
+        "target": target.get("name"),
+        "lm_eval_version": settings.get("lm_eval_version"),
+        "limit": settings.get("limit"),
+        "plot": SWEEP_PLOT,
+    }
+
+
+def _signed_scale(scale: float) -> str:
+    return f"+ {scale:g}·v" if scale >= 0 else f"− {-scale:g}·v"
+
+
+def eval_result_entries(scores: Scores, *, target: str | None = None) -> list[Any]:
+    """The Hub's ``.eval_results`` entries (huggingface_hub's ``EvalResultEntry``): one per
+    metric and α of a sweep, or per metric and condition of other scores; the condition,
+    metric and target go in ``notes``."""
+    from huggingface_hub import EvalResultEntry
+
+    on = target or scores.target or "the target"
+    out = []
+    if scores.sweep:
+        for m in scores.sweep.get("metrics") or []:
+            for p in m.get("points") or []:
+                out.append(
+                    EvalResultEntry(
+                        dataset_id=str(m["dataset_id"]),
+                        task_id=str(m["task"]),
+                        value=p["value"],
+                        notes=f"{m.get('label')}: {on} {_signed_scale(p['scale'])} (rvhub eval)",
+                    )
+                )
+        return out
+    labels = {"baseline": "alone", "plus_vector": "+ {s:g}·v", "minus_vector": "− {s:g}·v"}
+    scale = scores.scale if scores.scale is not None else 1.0
+    for bench in scores.benchmarks:
+        for cond, value in bench.values.items():
+            out.append(
+                EvalResultEntry(
+                    dataset_id=bench.dataset_id,
+                    task_id=bench.task,
+                    value=value,
+                    dataset_revision=bench.dataset_revision,
+                    notes=f"{bench.metric_name}: {on} {labels[cond].format(s=scale)}",
+                )
+            )
+    return out
+
+
+def eval_results_files(scores: Scores | None, *, target: str | None = None) -> dict[str, bytes]:
+    """``{".eval_results/<task>.yaml": bytes}`` for :func:`eval_result_entries`, one file per
+    task, written with ``eval_result_entries_to_yaml``."""
+    if not scores:
+        return {}
+    from huggingface_hub import eval_result_entries_to_yaml
+
+    by_task: dict[str, list[Any]] = {}
+    for entry in eval_result_entries(scores, target=target):
+        by_task.setdefault(entry.task_id, []).append(entry)
+    out = {}
+    for task, entries in by_task.items():
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task).strip(".") or "task"
+        text = yaml.safe_dump(
+            eval_result_entries_to_yaml(entries), sort_keys=False, allow_unicode=True
+        )
+        out[f"{EVAL_RESULTS_DIR}/{safe}.yaml"] = text.encode("utf-8")
+    return out
 
 
 def _environment(loader: Any) -> Any:
@@ -362,4 +459,16 @@ def render_card(
     else:
         meta = context["metadata"]
         text = dump_front_matter(meta) + "\n" + body.lstrip("\n")
-    return Card(text=text, metadata=meta, plot_png=png)
+    extra = card_extra_files(scores, target=target)
+    return Card(text=text, metadata=meta, plot_png=png, extra_files=extra)
+
+
+def card_extra_files(scores: Scores | None, *, target: str | None = None) -> dict[str, bytes]:
+    """What goes beside a card for these scores: ``.eval_results/*.yaml`` and, for a sweep,
+    its plot (the card links it as ``eval_sweep.png``)."""
+    extra = eval_results_files(scores, target=target)
+    if scores and scores.sweep:
+        sweep_png = sweep_plot(scores.sweep)
+        if sweep_png is not None:
+            extra[SWEEP_PLOT] = sweep_png
+    return extra

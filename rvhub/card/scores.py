@@ -12,7 +12,6 @@ import difflib
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import InputError
+from ..ops.evaluate import as_dict, metric_values, read_sweep, results_model_name
 
 DEFAULT_TASK_TYPE = "text-generation"
 # The three measurements a benchmark row can hold: the target alone, target + α·v, target − α·v.
@@ -82,6 +82,7 @@ class Scores:
     scale: float | None = None
     source_name: str | None = None
     source_url: str | None = None
+    sweep: dict[str, Any] | None = None  # an `rvhub eval` sweep.json (see load_sweep)
 
     def __bool__(self) -> bool:
         return bool(self.benchmarks)
@@ -125,6 +126,10 @@ def combine_scores(parts: Sequence[Scores]) -> Scores:
                 raise InputError(
                     f"score files disagree on {attr}: {getattr(out, attr)!r} and {value!r}"
                 )
+        if part.sweep is not None:
+            if out.sweep is not None:
+                raise InputError("two eval sweeps given; a card shows one (--eval DIR once)")
+            out.sweep = part.sweep
         for bench in part.benchmarks:
             have = rows.get(bench.key)
             if have is None:
@@ -268,93 +273,57 @@ def lm_eval_condition(name: str) -> str:
     return condition
 
 
-def _grouped_subtasks(data: dict[str, Any]) -> set[str]:
-    """Tasks that lm-eval reports inside a group (e.g. the 57 MMLU subjects): the group row stays."""
-    out: set[str] = set()
-    groups = data.get("group_subtasks")
-    if isinstance(groups, dict):
-        for members in groups.values():
-            if isinstance(members, list):
-                out.update(str(m) for m in members)
-    return out
-
-
 def parse_lm_eval(path: str | os.PathLike[str], condition: str) -> Scores:
     """Read an lm-evaluation-harness results JSON as the scores of one condition.
 
     Every ``results[task]["metric,filter"]`` number becomes a row (``metric_stderr,filter`` its
-    standard error); subtasks of a group are left out, the group's own row is kept. Datasets
-    come from ``configs`` (``dataset_path``, ``dataset_name``, test or validation split) and
-    the number of shots from ``n-shot``. Values are copied as lm-eval reports them.
+    standard error; ``alias``, ``name`` and ``sample_len`` are not metrics); subtasks of a
+    group are left out, the group's own row is kept. Datasets come from ``configs``
+    (``dataset_path`` unless it names a loader such as ``json``, then the task; ``dataset_name``;
+    test or validation split) and the number of shots from ``n-shot``
+    (:func:`rvhub.ops.evaluate.metric_values`). Values are copied as lm-eval reports them.
     """
     path = Path(path)
     cond = lm_eval_condition(condition)
     data = _read_structured(path, "lm-eval results file")
-    results = data.get("results") if isinstance(data, dict) else None
-    if not isinstance(results, dict):
+    if not isinstance(data, dict):
         raise InputError(f"{path}: not an lm-evaluation-harness results file (no 'results' object)")
-    configs: dict[str, Any] = data["configs"] if isinstance(data.get("configs"), dict) else {}
-    nshot: dict[str, Any] = data["n-shot"] if isinstance(data.get("n-shot"), dict) else {}
-    skip = _grouped_subtasks(data)
     out = Scores()
     if cond == "baseline":
-        out.target = _lm_eval_model(data)
-    for task, metrics in results.items():
-        if task in skip:
-            continue
-        if not isinstance(metrics, dict):
-            raise InputError(f"{path}: results[{task!r}] is not an object")
-        cfg: dict[str, Any] = configs[task] if isinstance(configs.get(task), dict) else {}
-        for key, value in metrics.items():
-            metric, _, filt = str(key).partition(",")
-            if key == "alias" or metric.endswith("_stderr"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if not math.isfinite(value):
-                continue
-            stderr = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
-            bench = Benchmark(
-                task=task,
-                metric_type=metric,
-                metric_name=metric if filt in ("", "none") else f"{metric} ({filt})",
-                dataset_id=str(cfg.get("dataset_path") or task),
-                dataset_name=str(metrics.get("alias") or task).strip(" -"),
-                dataset_config=_opt_str(cfg.get("dataset_name")),
-                dataset_split=_opt_str(cfg.get("test_split") or cfg.get("validation_split")),
-                dataset_args=(
-                    {"num_few_shot": nshot[task]} if isinstance(nshot.get(task), int) else None
-                ),
-                values={cond: float(value)},
-                origin={cond: str(path)},
-            )
-            if (
-                isinstance(stderr, (int, float))
-                and not isinstance(stderr, bool)
-                and math.isfinite(stderr)
-            ):
-                bench.stderr[cond] = float(stderr)
-            out.benchmarks.append(bench)
+        out.target = results_model_name(data)
+    for m in metric_values(data, str(path)):
+        bench = Benchmark(
+            task=m.task,
+            metric_type=m.metric,
+            metric_name=m.label,
+            dataset_id=m.dataset_id,
+            dataset_name=m.alias,
+            dataset_config=m.dataset_config,
+            dataset_split=m.dataset_split,
+            dataset_args={"num_few_shot": m.num_fewshot} if m.num_fewshot is not None else None,
+            values={cond: m.value},
+            origin={cond: str(path)},
+        )
+        if m.stderr is not None:
+            bench.stderr[cond] = m.stderr
+        out.benchmarks.append(bench)
     if not out.benchmarks:
         raise InputError(f"{path}: the lm-eval results hold no numeric metric")
     return out
 
 
-def _opt_str(value: Any) -> str | None:
-    return str(value) if isinstance(value, (str, int)) and str(value) else None
-
-
-def _lm_eval_model(data: dict[str, Any]) -> str | None:
-    name = data.get("model_name")
-    if isinstance(name, str) and name:
-        return name
-    args = (
-        (data.get("config") or {}).get("model_args")
-        if isinstance(data.get("config"), dict)
-        else None
-    )
-    if isinstance(args, str):
-        m = re.search(r"(?:^|,)pretrained=([^,]+)", args)
-        if m:
-            return m.group(1)
-    return None
+def load_sweep(folder: str | os.PathLike[str]) -> Scores:
+    """The scores of an ``rvhub eval`` output folder: α = 0 as the baseline, α = +1 and −1 as
+    the ±vector conditions (when swept), and the whole sweep in :attr:`Scores.sweep`."""
+    sweep = read_sweep(folder)
+    parts = [Scores()]
+    for point in sweep["points"]:
+        cond = {0.0: "baseline", 1.0: "plus_vector", -1.0: "minus_vector"}.get(point.get("scale"))
+        if cond is not None:
+            parts.append(parse_lm_eval(point["results_path"], cond))
+    out = combine_scores(parts)
+    target = as_dict(sweep.get("target"))
+    out.target = target.get("name") or out.target
+    out.scale = 1.0
+    out.sweep = sweep
+    return out

@@ -13,7 +13,7 @@ from urllib.parse import quote
 from .._version import __version__
 from ..card.metadata import hub_sources, local_source_license, split_front_matter
 from ..card.plot import norms_plot
-from ..card.render import Card, render_card
+from ..card.render import Card, card_extra_files, render_card
 from ..card.scores import Scores
 from ..constants import CARD_NAME, MANIFEST_NAME
 from ..errors import HubError, InputError, RvhubError
@@ -284,7 +284,12 @@ def push_vector(
             )
         else:
             meta, _ = split_front_matter(card_text)
-            rendered = Card(text=card_text, metadata=meta or {}, plot_png=plot_png)
+            rendered = Card(
+                text=card_text,
+                metadata=meta or {},
+                plot_png=plot_png,
+                extra_files=card_extra_files(scores, target=target),
+            )
         operations = _upload_operations(path, manifest, rendered)
         api.create_repo(repo_id, private=private, exist_ok=True)
         try:

@@ -39,11 +39,14 @@ def apply_to_model(
     vocab: str = "strict",
     allow_nonfinite: bool = False,
     allow_unrelated: bool = False,
+    snapshot: dict[str, torch.Tensor] | None = None,
 ) -> ApplyReport:
     """Add ``scale · v`` to ``model`` in place; see :meth:`rvhub.ReasoningVector.apply_to`.
 
     ``model_info`` is the vector's recorded model identity; ``manifest`` its verified manifest,
-    when it has one (it records whether any delta is non-finite).
+    when it has one (it records whether any delta is non-finite). ``snapshot``: each tensor
+    about to change that it does not hold yet is cloned into it first (:class:`ScaleSwitch`
+    keeps the pristine θ this way).
     """
     given, scale = scale, check_scale(scale)
     wanted, excluded = split_excluded(source.shapes, exclude)
@@ -61,7 +64,7 @@ def apply_to_model(
         lineage_note = enforce(lineage, allow_unrelated=allow_unrelated)
         report = _apply_converted(
             source, model_info, manifest, model, params, config_dict, wanted, excluded, scale,
-            allow_nonfinite,
+            allow_nonfinite, snapshot,
         )  # fmt: skip
         return _with_lineage(report, lineage.as_json(), lineage_note)
     plan = plan_apply(
@@ -80,9 +83,9 @@ def apply_to_model(
     zero = zero_scale_note(scale, given)
     if zero:
         report.notes.append(zero)
-    work = [(params[t], vname, rows) for t, (vname, rows) in plan.targets.items()]
+    work = [(t, params[t], vname, rows) for t, (vname, rows) in plan.targets.items()]
     _refuse_offloaded(plan.targets, params)
-    _add_live(source, work, scale)
+    _add_live(source, work, scale, snapshot)
     _warn_overflow(model, report)
     return _with_lineage(report, lineage.as_json(), lineage_note)
 
@@ -142,6 +145,7 @@ def _apply_converted(
     excluded: list[str],
     scale: float,
     allow_nonfinite: bool,
+    snapshot: dict[str, torch.Tensor] | None,
 ) -> ApplyReport:
     """Map checkpoint-format deltas through transformers' own conversion ops (fused MoE)."""
     from .conversion import plan_live_mapping
@@ -169,6 +173,7 @@ def _apply_converted(
                     f"the vector does not fit the target: {pname} is {list(p.shape)}, "
                     f"the mapped delta {list(delta.shape)}"
                 )
+            _keep(snapshot, pname, p)
             add_scaled_(p.data, delta.to(p.device, non_blocking=False), scale)
             report.applied.append(pname)
     report.untouched = [n for n in params if n not in set(report.applied)]
@@ -188,17 +193,26 @@ def _live_tied(model: torch.nn.Module) -> bool:
     return emb is not None and head is not None and head.weight is emb.weight
 
 
+def _keep(snapshot: dict[str, torch.Tensor] | None, name: str, tensor: torch.Tensor) -> None:
+    if snapshot is not None and name not in snapshot:
+        snapshot[name] = tensor.detach().clone()
+
+
 def _add_live(
-    source: VectorSource, work: list[tuple[torch.Tensor, str, int | None]], scale: float
+    source: VectorSource,
+    work: list[tuple[str, torch.Tensor, str, int | None]],
+    scale: float,
+    snapshot: dict[str, torch.Tensor] | None = None,
 ) -> None:
     seen: set[int] = set()
     gpu_work = []
     with torch.no_grad():
-        for param, vname, rows in work:
+        for name, param, vname, rows in work:
             key = param.data_ptr()
             if key in seen:
                 continue  # a tied weight reached twice: one storage, one delta
             seen.add(key)
+            _keep(snapshot, name, param)
             entry = source.stored_entry(vname) if param.device.type == "cuda" else None
             if entry is not None:  # dense bytes on disk: one DMA from the pinned file
                 gpu_work.append((param.data, entry, rows))
@@ -233,3 +247,65 @@ def _warn_overflow(model: torch.nn.Module, report: ApplyReport) -> None:
         )
         report.notes.append(msg)
         logger.warning(msg)
+
+
+class ScaleSwitch:
+    """Hold a live model at exactly ``round(θ + α·v)`` for any α in turn, from the pristine θ.
+
+    Each :meth:`set_scale` first writes back the pristine values of every tensor an earlier
+    call changed (kept, on their own devices, the first time each was touched), then adds
+    ``α·v`` as :func:`apply_to_model` does: the result is bit-identical to applying ``α·v``
+    to a freshly loaded target, never a sum of differences of α. :meth:`restore` brings the
+    model back to θ.
+
+    Example:
+        >>> switch = ScaleSwitch(v.source, v.model_info, model, manifest=v.manifest)
+        >>> for alpha in (-1, 0, 1):
+        ...     switch.set_scale(alpha)
+        ...     evaluate(model)
+        >>> switch.restore()
+    """
+
+    def __init__(
+        self,
+        source: VectorSource,
+        model_info: Mapping[str, Any],
+        model: torch.nn.Module,
+        *,
+        manifest: Mapping[str, Any] | None = None,
+        **apply_options: Any,
+    ) -> None:
+        self.source, self.model_info, self.model = source, model_info, model
+        self.manifest = manifest
+        self.options = apply_options
+        self.pristine: dict[str, torch.Tensor] = {}
+        self.scale: float | None = None
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {**persistent_float_buffers(self.model), **dict(self.model.named_parameters())}
+
+    def restore(self) -> None:
+        """Write the pristine θ back into every tensor a :meth:`set_scale` changed."""
+        if not self.pristine:
+            self.scale = None
+            return
+        tensors = self._tensors()
+        with torch.no_grad():
+            for name, value in self.pristine.items():
+                tensors[name].copy_(value)
+        self.scale = None
+
+    def set_scale(self, scale: float) -> ApplyReport:
+        """Set the model to ``round(θ + scale·v)``; returns that apply's report."""
+        self.restore()
+        report = apply_to_model(
+            self.source,
+            self.model_info,
+            self.model,
+            manifest=self.manifest,
+            scale=scale,
+            snapshot=self.pristine,
+            **self.options,
+        )
+        self.scale = check_scale(scale)
+        return report
