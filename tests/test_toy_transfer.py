@@ -74,3 +74,24 @@ def test_toy_transfer_card_scores_are_the_measured_ones(quick_run: Path) -> None
     assert bench["baseline"] == by_alpha[0.0]
     assert bench["plus_vector"] == by_alpha[1.0]
     assert bench["minus_vector"] == by_alpha[-1.0]
+
+
+def test_toy_transfer_sweep_through_lm_eval_matches_its_own_evaluation(quick_run: Path) -> None:
+    results = json.loads((quick_run / "results.json").read_text())
+    own = {row["alpha"]: row["addition"] for row in results["transfer"]}
+    via_lm_eval = {row["alpha"]: row["addition"] for row in results["transfer_lm_eval"]}
+    assert list(via_lm_eval) == ALPHAS
+    # lm-eval generates with a KV cache, the script without: allow one problem in 100 to flip
+    for alpha in ALPHAS:
+        assert abs(via_lm_eval[alpha] - own[alpha]) <= 0.01, alpha
+    sweep = json.loads((quick_run / "eval" / "sweep.json").read_text())
+    assert sweep["scales"] == ALPHAS and sweep["tasks"] == ["toy_addition"]
+    assert "## Score against α" in (quick_run / "card" / "README.md").read_text()
+
+
+def test_toy_task_data_is_the_scripts_held_out_set() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    import toy_transfer
+
+    shipped = (SCRIPT.parent / "task" / "addition.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in shipped] == toy_transfer.task_rows()

@@ -180,6 +180,20 @@ QUICK = Settings(
     eval_size=100,
 )
 
+# What examples/demo.py runs: big enough for v to show its effect, small enough for a demo.
+DEMO = Settings(
+    hidden=64,
+    layers=2,
+    heads=2,
+    base_steps=1000,
+    base_lr=2e-3,
+    sft_steps=60,
+    rl_steps=50,
+    rl_prompts=16,
+    instruct_steps=150,
+    eval_size=200,
+)
+
 
 # -- data streams: (prompt, answer) token lists -------------------------------------------
 Example = tuple[list[int], list[int]]
@@ -524,6 +538,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("toy-transfer-out"), help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="training seed (not the eval sets')")
     parser.add_argument("--quick", action="store_true", help="tiny settings: seconds, for tests")
+    parser.add_argument("--demo", action="store_true", help="the demo's settings (under a minute)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     return parser.parse_args(argv)
 
@@ -595,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    s = QUICK if args.quick else Settings()
+    s = QUICK if args.quick else DEMO if args.demo else Settings()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
