@@ -1,6 +1,6 @@
 """The cost of one α point of a sweep: in memory (`rvhub eval`) vs apply to disk + reload.
 
-    python benchmarks/eval_sweep.py [--repeat 3] [--layers 28] [--device cpu|cuda] [--dir DIR]
+    python benchmarks/eval_sweep.py [--repeat 3] [--layers 28] [--device cpu|cuda] [--dir DIR] [--pair DIR]
 
 Builds the Qwen2.5-1.5B-shaped bf16 pair of benchmarks/extract_apply.py (3.09 GB each),
 extracts v once, loads the target once, then per α of (1.5, -1, 0.5, 1) times in one run:
@@ -49,6 +49,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument(
+        "--pair", type=Path, default=None, help="reuse grpo/ and sft/ of an earlier run's folder"
+    )
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -56,7 +59,10 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     root = work_dir("rvhub-eval-sweep-", args.dir)
     try:
-        a, b = build_pair(root, layers=args.layers)
+        if args.pair is not None:
+            a, b = args.pair / "grpo", args.pair / "sft"
+        else:
+            a, b = build_pair(root, layers=args.layers)
         rvhub = [sys.executable, "-m", "rvhub.cli"]
         subprocess.run([*rvhub, "extract", str(a), str(b), "-o", str(root / "vec")], check=True)
         vec = load_vector(root / "vec")
@@ -64,10 +70,10 @@ def main() -> None:
         switch = ScaleSwitch(vec.source, vec.model_info, model, manifest=vec.manifest)
         switch.set_scale(1.0)  # the first switch also keeps the pristine copy: not timed
         in_memory, today = [], []
+        out = root / "applied"
         for _ in range(args.repeat):
             for alpha in SCALES:
                 in_memory.append(timed(lambda a=alpha: switch.set_scale(a)))
-                out = root / "applied"
                 shutil.rmtree(out, ignore_errors=True)
 
                 def disk_and_reload(alpha: float = alpha) -> None:

@@ -164,3 +164,21 @@ def add_scaled_(target: torch.Tensor, delta: torch.Tensor, alpha: float) -> None
         axpy_into(flat, delta.reshape(-1), alpha, flat, Scratch(count=2, block=APPLY_BLOCK))
     else:
         target.copy_(target.float().add_(delta.float(), alpha=alpha))
+
+
+def set_scaled_(
+    target: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, alpha: float
+) -> None:
+    """``target = round(base + alpha·delta)``: bit-identical to ``target.copy_(base)`` followed
+    by :func:`add_scaled_`, in one pass (``delta`` on ``target``'s device, ``base`` its dtype)."""
+    exact_product = alpha in (1.0, -1.0) and delta.dtype == target.dtype
+    if target.device.type != "cpu" or target.dtype == torch.float32 or exact_product:
+        torch.add(base, delta, alpha=alpha, out=target)
+        return
+    if target.is_contiguous() and base.is_contiguous():
+        flat = target.view(-1)
+        axpy_into(
+            base.reshape(-1), delta.reshape(-1), alpha, flat, Scratch(count=2, block=APPLY_BLOCK)
+        )
+    else:
+        target.copy_(base.float().add_(delta.float(), alpha=alpha))

@@ -8,13 +8,14 @@ conversion ops (:mod:`rvhub.ops.conversion`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 from ..errors import CompatibilityError
-from ..io.kernels import add_scaled_
+from ..io.kernels import add_scaled_, set_scaled_
 from ..io.progress import logger
 from ..sources import VectorSource, split_excluded
 from .lineage import check_change_size, enforce, model_lineage
@@ -40,13 +41,14 @@ def apply_to_model(
     allow_nonfinite: bool = False,
     allow_unrelated: bool = False,
     snapshot: dict[str, torch.Tensor] | None = None,
+    deltas: dict[str, tuple[torch.Tensor, int | None]] | None = None,
 ) -> ApplyReport:
     """Add ``scale · v`` to ``model`` in place; see :meth:`rvhub.ReasoningVector.apply_to`.
 
     ``model_info`` is the vector's recorded model identity; ``manifest`` its verified manifest,
     when it has one (it records whether any delta is non-finite). ``snapshot``: each tensor
     about to change that it does not hold yet is cloned into it first (:class:`ScaleSwitch`
-    keeps the pristine θ this way).
+    keeps the pristine θ this way); ``deltas`` receives each delta added, on its device.
     """
     given, scale = scale, check_scale(scale)
     wanted, excluded = split_excluded(source.shapes, exclude)
@@ -85,7 +87,7 @@ def apply_to_model(
         report.notes.append(zero)
     work = [(t, params[t], vname, rows) for t, (vname, rows) in plan.targets.items()]
     _refuse_offloaded(plan.targets, params)
-    _add_live(source, work, scale, snapshot)
+    _add_live(source, work, scale, snapshot, deltas)
     _warn_overflow(model, report)
     return _with_lineage(report, lineage.as_json(), lineage_note)
 
@@ -203,6 +205,7 @@ def _add_live(
     work: list[tuple[str, torch.Tensor, str, int | None]],
     scale: float,
     snapshot: dict[str, torch.Tensor] | None = None,
+    deltas: dict[str, tuple[torch.Tensor, int | None]] | None = None,
 ) -> None:
     seen: set[int] = set()
     gpu_work = []
@@ -222,7 +225,10 @@ def _add_live(
             if rows is not None:
                 target = target[:rows]
                 delta = delta[:rows]
-            add_scaled_(target, delta.to(param.device), scale)
+            delta = delta.to(param.device)
+            if deltas is not None:
+                deltas[name] = (delta, rows)
+            add_scaled_(target, delta, scale)
         if gpu_work:
             from ..io.gpu import apply_dense_cuda
 
@@ -256,7 +262,10 @@ class ScaleSwitch:
     call changed (kept, on their own devices, the first time each was touched), then adds
     ``α·v`` as :func:`apply_to_model` does: the result is bit-identical to applying ``α·v``
     to a freshly loaded target, never a sum of differences of α. :meth:`restore` brings the
-    model back to θ.
+    model back to θ. With ``keep_deltas`` (default) the first call also keeps each delta on its
+    parameter's device (memory: the vector's size once more, beside θ's copy), and later calls
+    compute ``round(θ + α·δ)`` straight into the parameters in one pass (fused MoE parameters
+    and the pinned-DMA CUDA path always take the first call's route).
 
     Example:
         >>> switch = ScaleSwitch(v.source, v.model_info, model, manifest=v.manifest)
@@ -273,13 +282,17 @@ class ScaleSwitch:
         model: torch.nn.Module,
         *,
         manifest: Mapping[str, Any] | None = None,
+        keep_deltas: bool = True,
         **apply_options: Any,
     ) -> None:
         self.source, self.model_info, self.model = source, model_info, model
         self.manifest = manifest
         self.options = apply_options
+        self.keep_deltas = keep_deltas
         self.pristine: dict[str, torch.Tensor] = {}
         self.scale: float | None = None
+        self._deltas: dict[str, tuple[torch.Tensor, int | None]] = {}
+        self._report: ApplyReport | None = None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {**persistent_float_buffers(self.model), **dict(self.model.named_parameters())}
@@ -297,7 +310,10 @@ class ScaleSwitch:
 
     def set_scale(self, scale: float) -> ApplyReport:
         """Set the model to ``round(θ + scale·v)``; returns that apply's report."""
+        if self._report is not None and len(self._deltas) == len(self.pristine):
+            return self._set_from_cache(check_scale(scale))
         self.restore()
+        self._deltas.clear()
         report = apply_to_model(
             self.source,
             self.model_info,
@@ -305,7 +321,26 @@ class ScaleSwitch:
             manifest=self.manifest,
             scale=scale,
             snapshot=self.pristine,
+            deltas=self._deltas if self.keep_deltas else None,
             **self.options,
         )
         self.scale = check_scale(scale)
+        self._report = report
+        return report
+
+    def _set_from_cache(self, scale: float) -> ApplyReport:
+        """Every delta is held: one pass per tensor, ``out = round(θ + α·δ)``, no restore copy
+        and no file read (the checks ran on the first call, on the same pristine θ)."""
+        tensors = self._tensors()
+        with torch.no_grad():
+            for name, (delta, rows) in self._deltas.items():
+                target, base = tensors[name].data, self.pristine[name]
+                if rows is not None:
+                    target[rows:].copy_(base[rows:])
+                    target, base = target[:rows], base[:rows]
+                set_scaled_(target, base, delta, scale)
+        self.scale = scale
+        assert self._report is not None
+        report = copy.copy(self._report)
+        report.scale = scale
         return report
