@@ -172,7 +172,17 @@ def test_several_score_files_combine_into_one_table(vec, tmp_path):
     )  # fmt: skip
 
     assert r.exit_code == 0, r.output
-    assert r.output == f"wrote {out}, {out.parent / PLOT_NAME}\n"
+    assert r.output.startswith(f"wrote {out}, {out.parent / PLOT_NAME}, ")
+    # every score also goes to the Hub's .eval_results/<task>.yaml, one entry per condition
+    from huggingface_hub import parse_eval_result_entries
+
+    written = sorted((out.parent / ".eval_results").glob("*.yaml"))
+    assert r.output.count(".eval_results/") == len(written) > 0
+    entries = [e for p in written for e in parse_eval_result_entries(yaml.safe_load(p.read_text()))]
+    assert len(entries) == 3 * 3 + 5
+    assert {e.notes for e in entries if e.task_id == "mmlu"} == {
+        f"acc: Qwen/Qwen2.5-1.5B-Instruct {c}" for c in ("alone", "+ 1·v", "− 1·v")
+    }  # fmt: skip
     card = ModelCard.load(out)
     mmlu = [e for e in card.data.eval_results if e.dataset_type == "mmlu"]
     assert [(e.metric_name, e.metric_value) for e in mmlu] == [
