@@ -374,16 +374,9 @@ class ReasoningVector:
             >>> sweep = load_vector("user/vec").evaluate(model, tok, tasks=["gsm8k"], scales=[-1, 0, 1])
             >>> sweep.summary()["metrics"][0]["best"]
         """
-        from .ops.evaluate import (
-            parse_scales,
-            parse_tasks,
-            require_lm_eval,
-            run_sweep,
-            write_sweep,
-        )
+        from .ops.evaluate import parse_scales, parse_tasks, run_sweep, write_sweep
         from .ops.live import ScaleSwitch
 
-        require_lm_eval()
         if output_dir is not None:
             check_output(Path(output_dir), overwrite=overwrite)
         switch = ScaleSwitch(

@@ -155,22 +155,15 @@ def add_scaled_(target: torch.Tensor, delta: torch.Tensor, alpha: float) -> None
     ``alpha·delta`` to their dtype before the sum, so the CPU goes through :func:`axpy_into`
     (one ``torch.add`` for α = ±1, float32 blocks otherwise).
     """
-    exact_product = alpha in (1.0, -1.0) and delta.dtype == target.dtype
-    if target.device.type != "cpu" or target.dtype == torch.float32 or exact_product:
-        target.add_(delta, alpha=alpha)
-        return
-    if target.is_contiguous():
-        flat = target.view(-1)
-        axpy_into(flat, delta.reshape(-1), alpha, flat, Scratch(count=2, block=APPLY_BLOCK))
-    else:
-        target.copy_(target.float().add_(delta.float(), alpha=alpha))
+    set_scaled_(target, target, delta, alpha)
 
 
 def set_scaled_(
     target: torch.Tensor, base: torch.Tensor, delta: torch.Tensor, alpha: float
 ) -> None:
-    """``target = round(base + alpha·delta)``: bit-identical to ``target.copy_(base)`` followed
-    by :func:`add_scaled_`, in one pass (``delta`` on ``target``'s device, ``base`` its dtype)."""
+    """``target = round(base + alpha·delta)`` with float32 math and one rounding, in one pass
+    (``delta`` on ``target``'s device, ``base`` its dtype; ``base`` may be ``target`` itself,
+    which is :func:`add_scaled_`)."""
     exact_product = alpha in (1.0, -1.0) and delta.dtype == target.dtype
     if target.device.type != "cpu" or target.dtype == torch.float32 or exact_product:
         torch.add(base, delta, alpha=alpha, out=target)

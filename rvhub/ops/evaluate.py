@@ -36,7 +36,7 @@ SWEEP_NAME = "sweep.json"
 SWEEP_PLOT = "eval_sweep.png"
 INSTALL_HINT = 'pip install "rvhub[eval]"'
 # Keys lm-eval 0.4.13 writes into each task's results that are not metrics.
-NOT_METRICS = frozenset({"alias", "name", "sample_len", "samples", " "})
+NOT_METRICS = frozenset({"alias", "name", "sample_len", "samples"})
 # `datasets` loaders: a task's dataset_path that names one says how data was read, not which.
 DATASET_LOADERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas", "webdataset"})
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
@@ -301,7 +301,7 @@ def sweep_summary(sweep: Sweep) -> dict[str, Any]:
     }
 
 
-def _task_manager(lm_eval: Any, tasks: Sequence[str], include_path: str | None) -> Any:
+def _task_manager(tasks: Sequence[str], include_path: str | None) -> Any:
     """A TaskManager that knows every task asked for; one line naming an unknown one.
 
     Indexing lm-eval's ~15 000 built-in task configs takes seconds, so a sweep over tasks of
@@ -354,7 +354,7 @@ def run_sweep(
     from lm_eval.models.huggingface import HFLM
 
     tasks, scales = parse_tasks(tasks), parse_scales(scales)
-    manager = _task_manager(lm_eval, tasks, str(include_path) if include_path else None)
+    manager = _task_manager(tasks, str(include_path) if include_path else None)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     points: list[SweepPoint] = []
     try:
