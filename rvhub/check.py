@@ -40,7 +40,11 @@ def check_target(
     folder, _ = resolve_artifact(vector, revision=revision, only=[LINEAGE_FILE])
     manifest = load_manifest(folder)
     if LINEAGE_FILE in manifest["files"]:  # the only artifact file the check reads
-        verify_artifact(folder, {"files": {LINEAGE_FILE: manifest["files"][LINEAGE_FILE]}})
+        one = {
+            "format_version": manifest["format_version"],
+            "files": {LINEAGE_FILE: manifest["files"][LINEAGE_FILE]},
+        }
+        verify_artifact(folder, one)
     ckpt = (
         target
         if isinstance(target, Checkpoint)

@@ -181,6 +181,14 @@ nonfinite_option = click.option(
 )
 
 
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads to use [default: every core this process may run on]; results are identical for any number.",
+)
+
+
 def _encoding_options(func: Any) -> Any:
     """Options for writing a compressed vector (extract --encoding, compress)."""
     for option in reversed(
@@ -239,6 +247,7 @@ def _encoding_options(func: Any) -> Any:
                 metavar="MODEL",
                 help="LoRA: the model the adapter is for (base_model_name_or_path) [default: A if a Hub id].",
             ),
+            threads_option,
         ]
     ):
         func = option(func)
@@ -431,6 +440,7 @@ def _engine_text(engine: str, report: dict[str, Any]) -> str:
     default=None,
     help="FP8 target: write the result dequantized as bfloat16 [default: FP8, requantized].",
 )
+@threads_option
 def apply(
     vector: str,
     target: str,
@@ -446,6 +456,7 @@ def apply(
     allow_nonfinite: bool,
     allow_unrelated: bool,
     dtype: str | None,
+    threads: int | None,
 ) -> None:
     """Write TARGET + scale·VECTOR as a new model folder OUTPUT.
 
@@ -472,6 +483,7 @@ def apply(
         device=device,
         config_check=not no_config_check,
         dtype=dtype,
+        threads=threads,
     )
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
@@ -492,14 +504,15 @@ def apply(
 def verify(
     vector: str, revision: str | None, against: tuple[str, str] | None, tolerance: float | None
 ) -> None:
-    """Check a vector's files against their sha256 hashes (and optionally B + v ≈ A)."""
-    from .manifest import verify_artifact
+    """Check a vector's files against their hashes in rvhub.json (and optionally B + v ≈ A)."""
+    from .manifest import file_hash_of, verify_artifact
     from .vector import load_vector
 
     vec = load_vector(vector, revision=revision, verify=False)
     assert vec.path is not None and vec.manifest is not None
     files = verify_artifact(vec.path, vec.manifest, full=True)
-    click.echo(f"ok: {len(files)} files match their sha256 in rvhub.json")
+    algorithm = file_hash_of(vec.manifest["format_version"])
+    click.echo(f"ok: {len(files)} files match their {algorithm} in rvhub.json")
     if against:
         result = vec.verify_against(against[0], against[1], tolerance=tolerance)
         click.echo(
@@ -852,7 +865,7 @@ def push(
 ) -> None:
     """Publish the vector folder VECTOR to the Hub repo REPO_ID (user/name) in one commit.
 
-    Every file is checked against its sha256 first; the model card (README.md + norm plot) is
+    Every file is checked against its hash first; the model card (README.md + norm plot) is
     rendered and uploaded with it. The token comes from HF_TOKEN or `hf auth login`.
     Pushing an unchanged vector makes no commit.
     """

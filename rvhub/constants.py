@@ -8,7 +8,7 @@ from __future__ import annotations
 # -- the artifact -------------------------------------------------------------------------------
 MANIFEST_NAME = "rvhub.json"
 FORMAT = "rvhub.reasoning-vector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: BLAKE3 file digests (1: sha256, still read)
 VECTOR_STEM = "vector"
 VECTOR_FILE = "vector.safetensors"
 VECTOR_INDEX = "vector.safetensors.index.json"

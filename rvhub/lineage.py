@@ -29,7 +29,7 @@ import numpy as np
 
 from .constants import LINEAGE_FILE, LINEAGE_REFUSE, LINEAGE_RUN_LENGTH, LINEAGE_RUNS, LINEAGE_WARN
 from .errors import IntegrityError
-from .io.safetensors import FileHandles, TensorEntry, read_header
+from .io.safetensors import FileHandles, SafetensorsWriter, TensorEntry, read_header
 from .manifest import artifact_file
 
 if TYPE_CHECKING:
@@ -129,17 +129,27 @@ class Lineage:
     shapes: dict[str, tuple[int, ...]]
 
     def write(self, folder: Path, names: Iterable[str]) -> str:
-        """Write ``lineage.safetensors`` for ``names`` into ``folder``; returns its file name."""
-        from safetensors.numpy import save_file
+        """Write ``lineage.safetensors`` for ``names`` into ``folder``; returns its file name.
 
+        Written by rvhub's own writer: safetensors' ``save_file`` orders metadata keys
+        differently from run to run (a hash map), and the same vector should give the same
+        bytes."""
         keep = [n for n in names if n in self.b]
         tensors = {
-            f"{role}::{n}": np.ascontiguousarray(values[n], dtype=np.float32)
+            f"{role}::{n}": np.ascontiguousarray(values[n], dtype="<f4")
             for role, values in (("a", self.a), ("b", self.b))
             for n in keep
         }
         meta = {"format": "np", "rvhub_lineage": ALGORITHM}
-        save_file(tensors, str(folder / LINEAGE_FILE), metadata=meta)
+        specs = [(key, "F32", t.shape) for key, t in tensors.items()]
+        writer = SafetensorsWriter(folder / LINEAGE_FILE, specs, meta, hash_contents=False)
+        try:
+            for t in tensors.values():
+                writer.write(t.tobytes())
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         return LINEAGE_FILE
 
 

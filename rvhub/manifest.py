@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import os
-import zlib
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,10 +22,18 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .architecture import layer_of
-from .constants import ENV_CACHE, FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES
+from .constants import (
+    ENV_CACHE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    SLAB_ELEMS,
+)
 from .errors import IntegrityError
 from .io.atomic import atomic_write
-from .io.safetensors import FileStamp, file_stamp, sha256_file
+from .io.hashing import FILE_HASH, combine_pieces, hash_file, piece_digest
+from .io.safetensors import FileStamp, file_stamp
 
 if TYPE_CHECKING:
     from .io.kernels import Moments
@@ -124,9 +132,10 @@ def validate_manifest(data: Any) -> None:
     files = data.get("files")
     if not isinstance(files, dict) or not files:
         raise IntegrityError("rvhub.json lists no files")
+    algorithm = file_hash_of(version)
     for name, info in files.items():
-        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
-            raise IntegrityError(f"rvhub.json: file entry {name!r} lacks a sha256")
+        if not isinstance(info, dict) or not isinstance(info.get(algorithm), str):
+            raise IntegrityError(f"rvhub.json: file entry {name!r} lacks a {algorithm}")
         if not isinstance(info.get("size"), int) or info["size"] < 0:
             raise IntegrityError(f"rvhub.json: file entry {name!r} lacks a valid size")
     tensors = data.get("tensors")
@@ -140,6 +149,17 @@ def validate_manifest(data: Any) -> None:
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
             raise IntegrityError(f"rvhub.json: tensor {name!r} has an invalid shape {shape!r}")
+
+
+def file_hash_of(format_version: int) -> str:
+    """The file hash a manifest of ``format_version`` records: sha256 in format 1, BLAKE3 since 2."""
+    return "sha256" if format_version < 2 else FILE_HASH
+
+
+def file_digest(manifest: Mapping[str, Any], name: str) -> tuple[str, str]:
+    """``(algorithm, hex digest)`` the manifest records for its file ``name``."""
+    algorithm = file_hash_of(manifest["format_version"])
+    return algorithm, manifest["files"][name][algorithm]
 
 
 def check_files_present(folder: Path, manifest: dict[str, Any]) -> list[str]:
@@ -216,35 +236,43 @@ class StatsBook:
 class SourceFingerprint:
     """A layout-independent fingerprint of a local checkpoint's tensors.
 
-    ``sha256`` over the lines ``name dtype shape crc32(bytes)`` of every tensor the vector
-    read, sorted by name: resharding or re-saving the same weights keeps it; changing any
-    tensor changes it (barring a CRC collision). It identifies local sources; it is not a
-    security measure (the artifact's own files carry sha256 hashes). Each tensor's CRC is
-    accumulated as its bytes stream past in order (:meth:`update`); a tensor whose reads
-    restart from its first element starts over.
+    sha256 over the lines ``name dtype shape digest`` of every tensor the vector read, sorted
+    by name, where a tensor's digest is xxh3-128 over the xxh3-128 digests of its consecutive
+    ``piece``-element slabs: resharding or re-saving the same weights keeps it; changing any
+    tensor changes it. Slabs may arrive from any thread in any order (:meth:`update`); only
+    whole, aligned slabs count, and a tensor read otherwise has no fingerprint. It identifies
+    local sources; it is not a security measure (the artifact's files carry their own hashes).
     """
 
-    algorithm = "sha256 of sorted 'name dtype shape crc32' lines"
+    algorithm = (
+        "sha256 of sorted 'name dtype shape digest' lines; digest = xxh3-128 of the xxh3-128 "
+        f"digests of the tensor's {SLAB_ELEMS}-element slabs"
+    )
 
-    def __init__(self) -> None:
-        self._crc: dict[str, tuple[int, int]] = {}  # name -> (next byte offset, crc so far)
+    def __init__(self, piece: int = SLAB_ELEMS) -> None:
+        self.piece = piece  # elements per slab
+        self._pieces: dict[str, dict[int, bytes]] = {}  # name -> {slab index: digest}
+        self._lock = threading.Lock()
 
-    def update(self, name: str, offset: int, data: memoryview) -> None:
-        """Add ``data``, the tensor's bytes from ``offset``; out-of-order reads are ignored."""
-        pos, crc = self._crc.get(name, (0, 0))
-        if offset == 0:
-            pos, crc = 0, 0
-        if offset == pos:
-            self._crc[name] = (pos + len(data), zlib.crc32(data, crc))
+    def update(self, name: str, start: int, stop: int, numel: int, data: memoryview) -> None:
+        """Add ``data``, the bytes of elements ``[start, stop)`` of tensor ``name`` (``numel``
+        elements in all); a read that is not one whole slab is ignored."""
+        if start % self.piece or stop - start != min(self.piece, numel - start):
+            return
+        digest = piece_digest(data)
+        with self._lock:
+            self._pieces.setdefault(name, {})[start // self.piece] = digest
 
     def digest(self, entries: Mapping[str, Any], names: Iterable[str]) -> str | None:
-        """The fingerprint over ``names``, or None unless each was read whole, in order."""
+        """The fingerprint over ``names``, or None unless each was read whole in slabs."""
         lines = []
         for n in sorted(names):
-            pos, crc = self._crc.get(n, (0, 0))
-            if pos != entries[n].nbytes:
+            count = -(-entries[n].numel // self.piece)
+            got = self._pieces.get(n, {})
+            if len(got) != count or any(i not in got for i in range(count)):
                 return None
-            lines.append(f"{n} {entries[n].dtype} {list(entries[n].shape)} {crc:08x}\n")
+            tensor = combine_pieces([got[i] for i in range(count)])
+            lines.append(f"{n} {entries[n].dtype} {list(entries[n].shape)} {tensor}\n")
         return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
@@ -301,9 +329,9 @@ def build_manifest(
 
 
 def file_info(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """``{name: {sha256, size}}`` of files just written into ``folder``."""
+    """``{name: {blake3, size}}`` of files just written into ``folder``."""
     return {
-        n: {"sha256": sha256_file(folder / n), "size": (folder / n).stat().st_size} for n in names
+        n: {FILE_HASH: hash_file(folder / n), "size": (folder / n).stat().st_size} for n in names
     }
 
 
@@ -321,7 +349,7 @@ _verified_here: dict[str, tuple[list[int], str]] = {}  # this process's checks, 
 
 
 def verify_artifact(folder: Path, manifest: dict[str, Any], *, full: bool = False) -> list[str]:
-    """Check every listed file's size and sha256.
+    """Check every listed file's size and digest (BLAKE3, or sha256 in a format-1 manifest).
 
     A file whose identity stamp (:func:`rvhub.io.safetensors.file_stamp`) matches a previous
     successful check is not hashed again unless ``full``. Checks are remembered in
@@ -330,33 +358,36 @@ def verify_artifact(folder: Path, manifest: dict[str, Any], *, full: bool = Fals
     """
     check_files_present(folder, manifest)  # sizes and presence first: cheap, clear errors
     todo = []
-    for name, info in manifest["files"].items():
+    for name in manifest["files"]:
         path = artifact_file(folder, name)
         key = str(path.resolve())
         stamp = list(file_stamp(path))
-        if not full and _verified_here.get(key) == (stamp, info["sha256"]):
+        algorithm, hexdigest = file_digest(manifest, name)
+        want = f"{algorithm}:{hexdigest}"
+        if not full and _verified_here.get(key) == (stamp, want):
             continue
-        todo.append((name, info["sha256"], path, key, stamp))
+        todo.append((name, algorithm, hexdigest, path, key, stamp))
     if not todo:
         return list(manifest["files"])
     cache = _load_cache()
     changed = False
-    for name, sha, path, key, stamp in todo:
+    for name, algorithm, hexdigest, path, key, stamp in todo:
+        want = f"{algorithm}:{hexdigest}"
         hit = cache.get(key)
         if not (
             not full
             and isinstance(hit, dict)
             and hit.get("stamp") == stamp
-            and hit.get("sha256") == sha
+            and hit.get("digest") == want
         ):
-            if sha256_file(path) != sha:
+            if hash_file(path, algorithm) != hexdigest:
                 raise IntegrityError(
-                    f"{name} does not match its sha256 in rvhub.json: the file was tampered "
-                    "with or corrupted; re-download the vector"
+                    f"{name} does not match its {algorithm} in rvhub.json: the file was "
+                    "tampered with or corrupted; re-download the vector"
                 )
-            cache[key] = {"stamp": stamp, "sha256": sha}
+            cache[key] = {"stamp": stamp, "digest": want}
             changed = True
-        _verified_here[key] = (stamp, sha)
+        _verified_here[key] = (stamp, want)
     if changed:
         _save_cache(cache)
     return list(manifest["files"])
@@ -388,13 +419,14 @@ def remember_written(
     """Record files this process has just written as verified, so the next load skips
     re-hashing them.
 
-    Their sha256 was computed from the very bytes written, and ``stamps`` were taken in the
+    Their digest was computed from the very bytes written, and ``stamps`` were taken in the
     temp folder before the rename (renaming a folder keeps its files' inode and ctime), so any
     later change to a file still misses the cache, exactly as for :func:`verify_artifact`.
     """
     cache = _load_cache()
     for name, info in files.items():
         key = str((folder / name).resolve())
-        cache[key] = {"stamp": list(stamps[name]), "sha256": info["sha256"]}
-        _verified_here[key] = (list(stamps[name]), info["sha256"])
+        want = f"{FILE_HASH}:{info[FILE_HASH]}"
+        cache[key] = {"stamp": list(stamps[name]), "digest": want}
+        _verified_here[key] = (list(stamps[name]), want)
     _save_cache(cache)

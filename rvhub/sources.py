@@ -28,6 +28,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import CompatibilityError, InputError
+from .io.cores import available_cores
 from .io.fp8 import dequantize_flat
 from .io.kernels import Moments, Scratch, diff_into, store_into
 from .io.safetensors import FileHandles, TensorEntry, read_range, tensor_bytes
@@ -134,9 +135,9 @@ _DECODER: list[ThreadPoolExecutor] = []
 
 
 def _decoder() -> ThreadPoolExecutor:
-    """One helper thread for decoding FP8 slabs, started on first use."""
+    """Helper threads for decoding FP8 slabs (one per core), started on first use."""
     if not _DECODER:
-        _DECODER.append(ThreadPoolExecutor(1, thread_name_prefix="rvhub-fp8"))
+        _DECODER.append(ThreadPoolExecutor(available_cores(), thread_name_prefix="rvhub-fp8"))
     return _DECODER[0]
 
 
@@ -170,8 +171,8 @@ class DifferenceSource(VectorSource):
             fingerprint = self._fingerprints.get(role)
             if fingerprint is not None:
                 # Here, while the bytes are in cache, and on the compute thread: with the
-                # output's write and sha256 the writer thread is the busier one.
-                fingerprint.update(name, start * entry.torch_dtype.itemsize, tensor_bytes(part))
+                # output's write and hash the writer thread is the busier one.
+                fingerprint.update(name, start, stop, entry.numel, tensor_bytes(part))
             if fp8:  # dequantized block by block, in float32
                 assert ckpt.fp8_block is not None
                 args = (part, self._scale(role, ckpt, name), entry.shape, ckpt.fp8_block, start)

@@ -31,9 +31,10 @@ from .encodings import WriteOptions, open_source, write_artifact
 from .errors import CompatibilityError, InputError, IntegrityError
 from .hub.resolve import open_checkpoint, resolve_artifact
 from .io.atomic import atomic_dir, check_disjoint, check_output
+from .io.cores import resolve_threads
 from .io.device import resolve_device
 from .io.safetensors import FLOAT_DTYPES, parse_dtype
-from .manifest import check_files_present, load_manifest, verify_artifact
+from .manifest import check_files_present, file_digest, load_manifest, verify_artifact
 from .ops.disk import apply_to_checkpoint_files
 from .ops.live import apply_to_model
 from .ops.plan import ApplyReport, check_pair, check_scale
@@ -277,6 +278,7 @@ class ReasoningVector:
         device: str = "cpu",
         engine: str = "peft",
         base_model: str | None = None,
+        threads: int | None = None,
     ) -> Path:
         """Write the vector as an artifact folder (``rvhub.json`` + the encoding's files).
 
@@ -286,6 +288,8 @@ class ReasoningVector:
         For ``lora``, ``engine`` (``peft``, ``vllm``, ``sglang``, ``llama.cpp``) picks what the
         adapter holds so that engine loads it (:mod:`rvhub.engines`), and ``base_model`` is the
         adapter's ``base_model_name_or_path`` (default: source A when it is a Hub model).
+        ``threads`` caps the CPU threads (default: every core this process may use); the
+        files are the same on any number.
 
         Example:
             >>> extract_vector("org/grpo", "org/sft").save("./reasoning-vector")
@@ -303,6 +307,7 @@ class ReasoningVector:
             device=device,
             engine=engine,
             base_model=base_model,
+            threads=resolve_threads(threads),
         )
         return write_artifact(
             self.source,
@@ -416,10 +421,10 @@ class ReasoningVector:
         origin = dict(self.meta.get("origin") or {})
         if not origin and self.path is not None:
             origin = {"kind": "local", "path": str(self.path)}
-        files = (self.manifest or {}).get("files") or {}
-        origin["files_sha256"] = {
-            n: f.get("sha256") for n, f in files.items() if isinstance(f, dict)
-        }
+        if self.manifest is not None:
+            origin["files_digest"] = {
+                n: ":".join(file_digest(self.manifest, n)) for n in self.manifest["files"]
+            }
         return origin
 
     def verify_against(
@@ -568,7 +573,7 @@ def load_vector(
 ) -> ReasoningVector:
     """Open a reasoning vector from a folder or a Hub repo (``user/name[@revision]``).
 
-    Every file is checked against the sha256 in ``rvhub.json`` before use (``verify=False``
+    Every file is checked against its digest in ``rvhub.json`` before use (``verify=False``
     skips the hashes, never the path checks). Works for every encoding. ``token``,
     ``cache_dir`` and ``local_files_only`` mean what they mean to huggingface_hub.
 
@@ -627,6 +632,7 @@ def apply_to_checkpoint(
     device: str = "cpu",
     config_check: bool = True,
     dtype: str | None = None,
+    threads: int | None = None,
 ) -> ApplyReport:
     """Write a new model folder ``out`` = ``target + scale · vec``, streamed and atomic.
 
@@ -637,13 +643,15 @@ def apply_to_checkpoint(
     are copied, so ``AutoModelForCausalLM.from_pretrained(out)`` loads it. ``revision`` is the
     target's Hub revision. A block-quantized FP8 target stays FP8, each block requantized (the
     report says how much of ``α·v`` survived), unless ``dtype="bfloat16"`` writes it
-    dequantized.
+    dequantized. ``threads`` caps the CPU threads (default: every core this process may
+    use); the output is the same on any number.
 
     Example:
         >>> apply_to_checkpoint(load_vector("user/vec"), "Qwen/Qwen2.5-1.5B-Instruct", "out/")
     """
     check_scale(scale)
     resolve_device(device)
+    resolve_threads(threads)
     check_output(Path(out), overwrite=overwrite)  # before any download
     ckpt = target if isinstance(target, Checkpoint) else open_checkpoint(target, revision=revision)
     if config_check:
@@ -670,6 +678,7 @@ def apply_to_checkpoint(
         overwrite=overwrite,
         device=device,
         dtype=dtype,
+        threads=threads,
         **how,
     )
 

@@ -60,7 +60,7 @@ def test_a_fresh_artifact_of_any_encoding_loads_without_rehashing(
     def no_hashing(p, *args, **kwargs):
         raise AssertionError(f"re-hashed {p}")
 
-    monkeypatch.setattr(manifest_mod, "sha256_file", no_hashing)
+    monkeypatch.setattr(manifest_mod, "hash_file", no_hashing)
     assert len(load_vector(path)) == len(extract_vector(a, b))
 
 

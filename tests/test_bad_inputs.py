@@ -118,9 +118,9 @@ def test_tampered_artifact_file(vec, family, tmp_path):
     weights.write_bytes(bytes(data))
     out = tmp_path / "out"
     r = run("apply", vec, family("qwen2")["target"], "-o", out)
-    assert_clean_failure(r, match="does not match its sha256", output=out)
+    assert_clean_failure(r, match="does not match its blake3", output=out)
     r = run("verify", vec)
-    assert_clean_failure(r, match="does not match its sha256")
+    assert_clean_failure(r, match="does not match its blake3")
 
 
 def test_output_exists_without_overwrite(family, tmp_path):
@@ -266,7 +266,7 @@ def test_push_a_tampered_vector(hub, vec, monkeypatch):
     data[-3] ^= 0x01
     weights.write_bytes(bytes(data))
     r = run("push", vec, hub.new_repo_id("vec"))
-    assert_clean_failure(r, match="does not match its sha256")
+    assert_clean_failure(r, match="does not match its blake3")
     assert hub.requests == [], "nothing may reach the Hub before the hashes verify"
 
 

@@ -128,7 +128,7 @@ def test_default_card_metadata_is_what_the_hub_reads(vec, tmp_path):
     assert "PeftModel" not in body  # dense: no PEFT section
     assert "## Compression" in body and f"![‖v‖ per layer]({PLOT_NAME})" in body
     manifest = json.loads((vec / "rvhub.json").read_text())
-    assert manifest["files"]["vector.safetensors"]["sha256"] in body
+    assert manifest["files"]["vector.safetensors"]["blake3"] in body
     assert card.plot_png is not None and card.plot_png.startswith(b"\x89PNG")
     assert (
         render_card(vec, repo_id="alice/qwen-reasoning", scores=scores, license="apache-2.0")

@@ -62,7 +62,7 @@ def test_eval_writes_lm_eval_results_per_alpha_sweep_json_and_plot(sweep_dir: Pa
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     assert summary["format"] == "rvhub.eval-sweep" and summary["scales"] == SCALES
     assert summary["tasks"] == ["toy_addition"]
-    assert summary["vector"]["kind"] == "local" and summary["vector"]["files_sha256"]
+    assert summary["vector"]["kind"] == "local" and summary["vector"]["files_digest"]
     assert summary["target"]["name"].endswith("target")
     (metric,) = summary["metrics"]  # exact_match only: no sample_len/name/alias rows
     assert (metric["task"], metric["metric"], metric["dataset_id"]) == (

@@ -68,9 +68,11 @@ def test_manifest_records_sources_shapes_hashes_and_norms(family, tmp_path):
         assert info["norm"] == pytest.approx(expected, rel=1e-5)
     assert "model.layers.0.self_attn.q_proj.bias" in m["tensors"]  # Qwen2's biases kept
     assert set(m["stats"]["layer_norms"]) == {"0", "1", "other"}
-    from rvhub.io.safetensors import sha256_file
+    import blake3
 
-    assert m["files"]["vector.safetensors"]["sha256"] == sha256_file(out / "vector.safetensors")
+    weights = (out / "vector.safetensors").read_bytes()
+    assert m["files"]["vector.safetensors"]["blake3"] == blake3.blake3(weights).hexdigest()
+    assert "sha256" not in m["files"]["vector.safetensors"]
 
 
 def test_content_hash_is_independent_of_sharding(family, tmp_path):
@@ -90,7 +92,7 @@ def test_content_hash_is_independent_of_sharding(family, tmp_path):
     )
     assert one["sources"]["a"]["content_fingerprint"] == two["sources"]["a"]["content_fingerprint"]
     assert (
-        one["files"]["vector.safetensors"]["sha256"] == two["files"]["vector.safetensors"]["sha256"]
+        one["files"]["vector.safetensors"]["blake3"] == two["files"]["vector.safetensors"]["blake3"]
     )
 
 
@@ -176,8 +178,8 @@ def test_a_fresh_extract_loads_without_rehashing_but_tampering_is_still_caught(
     def no_hashing(path, *args, **kwargs):
         raise AssertionError(f"re-hashed {path}")
 
-    monkeypatch.setattr(load_mod, "sha256_file", no_hashing)
-    v = load_vector(out)  # the writer's own sha256 was recorded: no second pass
+    monkeypatch.setattr(load_mod, "hash_file", no_hashing)
+    v = load_vector(out)  # the writer's own digest was recorded: no second pass
     assert set(v.names) == set(state_dict_of(fam["a"]))
     monkeypatch.undo()
 
@@ -185,7 +187,7 @@ def test_a_fresh_extract_loads_without_rehashing_but_tampering_is_still_caught(
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x01
     weights.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="does not match its sha256"):
+    with pytest.raises(IntegrityError, match="does not match its blake3"):
         load_vector(out)
 
 

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rvhub import InputError, IntegrityError, extract_vector, load_vector
-from rvhub.io.safetensors import read_header, sha256_file
+from rvhub.io.hashing import hash_file
+from rvhub.io.safetensors import read_header
 from rvhub.manifest import validate_manifest
 from tests.cli_helpers import assert_clean_failure, run
 
@@ -37,7 +38,7 @@ def _rehash(vec, manifest=None):
     for name, info in m["files"].items():
         path = vec / name
         if path.is_file():
-            info["sha256"] = sha256_file(path)
+            info["blake3"] = hash_file(path)
             info["size"] = path.stat().st_size
     (vec / "rvhub.json").write_text(json.dumps(m))
 
@@ -53,7 +54,7 @@ def _write_raw_safetensors(path, header: dict, data: bytes) -> None:
 def test_manifest_naming_a_file_outside_the_artifact_is_refused(vec, tmp_path, bad_name):
     (tmp_path / "secret.safetensors").write_bytes(b"not yours")
     m = _manifest(vec)
-    m["files"][bad_name] = {"sha256": "0" * 64, "size": 9}
+    m["files"][bad_name] = {"blake3": "0" * 64, "size": 9}
     (vec / "rvhub.json").write_text(json.dumps(m))
     with pytest.raises(IntegrityError, match="outside the artifact"):
         load_vector(vec)

@@ -91,7 +91,7 @@ def test_pushed_vector_pulls_back_and_applies_like_the_local_one(logged_in, vec,
     assert local_sd.keys() == hub_sd.keys()
     assert all(torch.equal(local_sd[k], hub_sd[k]) for k in local_sd)
     assert inspected.exit_code == 0 and "27 tensors" in inspected.output
-    assert verified.exit_code == 0 and "2 files match their sha256" in verified.output
+    assert verified.exit_code == 0 and "2 files match their blake3" in verified.output
     card = ModelCard.load(repo_id)
     assert card.data.library_name == "rvhub" and "reasoning-vector" in card.data.tags
     assert "![‖v‖ per layer](layer_norms.png)" in card.text
@@ -261,7 +261,7 @@ def test_tampered_artifact_is_refused_before_any_request(logged_in, vec, tmp_pat
 
     r = run("push", tampered, hub.new_repo_id("tampered"))
 
-    assert_clean_failure(r, match="vector.safetensors does not match its sha256")
+    assert_clean_failure(r, match="vector.safetensors does not match its blake3")
     assert hub.requests == []
 
 

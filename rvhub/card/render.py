@@ -24,9 +24,9 @@ from .._version import __version__
 from ..constants import CARD_NAME, EVAL_RESULTS_DIR, MANIFEST_NAME, PLOT_NAME
 from ..errors import InputError
 from ..io.atomic import atomic_write
+from ..io.hashing import hash_file
 from ..io.progress import human_bytes
-from ..io.safetensors import sha256_file
-from ..manifest import load_manifest
+from ..manifest import file_hash_of, load_manifest
 from ..ops.evaluate import SWEEP_PLOT, as_dict
 from .metadata import (
     card_metadata,
@@ -158,11 +158,13 @@ def card_context(
     stats = manifest.get("stats") or {}
     model = manifest.get("model") or {}
     tensors = manifest.get("tensors") or {}
+    file_hash = file_hash_of(int(manifest.get("format_version") or 1))
     files = [
         {
             "name": n,
             "size": f.get("size"),
-            "sha256": f.get("sha256"),
+            "sha256": f.get("sha256"),  # format 1; templates written for it keep working
+            "digest": f.get(file_hash),
             "size_h": human_bytes(f.get("size", 0)),
         }
         for n, f in (manifest.get("files") or {}).items()
@@ -173,7 +175,7 @@ def card_context(
         for t in tensors.values()
     )
     manifest_path = folder / MANIFEST_NAME
-    manifest_sha = sha256_file(manifest_path) if manifest_path.is_file() else None
+    manifest_sha = hash_file(manifest_path, "sha256") if manifest_path.is_file() else None
     sources = [
         _source_view(role, info, licenses.get(role), endpoint)
         for role, info in sorted((manifest.get("sources") or {}).items())
@@ -230,6 +232,7 @@ def card_context(
         "compression": dict(manifest.get("compression") or {}),
         "manifest_name": MANIFEST_NAME,
         "manifest_sha256": manifest_sha,
+        "file_hash": file_hash,
         "scores": rows,
         "scores_target": (scores.target if scores else None) or target,
         "scale": (scores.scale if scores and scores.scale is not None else 1.0),

@@ -19,6 +19,8 @@ from typing import Any
 
 from ..errors import InputError, IntegrityError
 from ..io.atomic import atomic_dir, check_output
+from ..io.cores import resolve_threads
+from ..io.kernels import torch_threads
 from ..io.progress import logger
 from ..lineage import ALGORITHM, read_lineage
 from ..manifest import build_manifest, file_info, remember_written, stamp_files, write_manifest
@@ -62,7 +64,8 @@ def write_artifact(
     lineage = source.lineage()
     with atomic_dir(out_path, overwrite=overwrite) as tmp:
         source.track_fingerprints()
-        encoded = codec.write(WriteJob(source, names, tmp, options, meta))
+        with torch_threads(resolve_threads(options.threads)):  # LoRA's SVDs, sparse encoding
+            encoded = codec.write(WriteJob(source, names, tmp, options, meta))
         extra: dict[str, Any] = {}
         if lineage is not None:
             lineage_file = lineage.write(tmp, names)

@@ -37,6 +37,7 @@ class WriteOptions:
     device: str = "cpu"
     engine: str = "peft"  # LoRA: the serving engine the adapter is written for (rvhub.engines)
     base_model: str | None = None  # LoRA: base_model_name_or_path (else a Hub source A)
+    threads: int | None = None  # compute threads (None: every core this process may use)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class WriteJob:
 class Encoded:
     """What an encoding wrote into the folder, for the manifest."""
 
-    files: dict[str, dict[str, Any]]  # name -> {sha256, size}
+    files: dict[str, dict[str, Any]]  # name -> {blake3, size}
     tensors: dict[str, dict[str, Any]]  # the manifest's tensor table
     stats: dict[str, Any]
     dtypes: list[str]

@@ -1,6 +1,6 @@
 """The dense encoding: every delta as a plain tensor in ``vector.safetensors`` (sharded as
 ``vector-0000i-of-0000N.safetensors`` + an index above ``max_shard_size``), tensor names as
-in the checkpoint. Written slab by slab: reads, the float32 math and the write + sha256
+in the checkpoint. Written slab by slab: reads, the float32 math and the write + hash
 overlap in the slab pipeline (:mod:`rvhub.io.stream`), so memory stays at a few slabs.
 """
 
@@ -10,6 +10,7 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ import torch
 
 from ..constants import SLAB_ELEMS, VECTOR_INDEX
 from ..errors import InputError, IntegrityError
-from ..io.kernels import Moments, Scratch, single_thread
+from ..io.cores import resolve_threads
+from ..io.hashing import FILE_HASH
+from ..io.kernels import Moments, Scratch, ThreadScratch, single_thread
 from ..io.safetensors import (
     FileHandles,
     SafetensorsWriter,
@@ -27,7 +30,14 @@ from ..io.safetensors import (
     read_range,
     read_tensor,
 )
-from ..io.stream import SlabPool, plan_shards, shard_file_names, write_streams
+from ..io.stream import (
+    Blob,
+    SlabPool,
+    plan_shards,
+    pool_limit,
+    shard_file_names,
+    write_streams,
+)
 from ..manifest import StatsBook, file_info, tensor_json
 from ..sources import Slab, Take, VectorSource
 from .base import Encoded, WriteJob, WriteOptions, declared, stored_entries
@@ -91,31 +101,37 @@ def write_dense_files(
     *,
     desc: str = "writing vector",
 ) -> DenseWrite:
-    """Stream the deltas ``names`` of ``source`` into ``vector*.safetensors`` files in ``folder``."""
+    """Stream the deltas ``names`` of ``source`` into ``vector*.safetensors`` files in ``folder``,
+    computing slabs on ``options.threads`` threads (the same bytes and statistics on any
+    number: each slab's sums are kept apart and merged in slab order)."""
+    threads = resolve_threads(options.threads)
     dtypes = {n: options.dtype or source.dtypes[n] for n in names}
     shapes = {n: tuple(source.shapes[n]) for n in names}
     sizes = [(n, math.prod(shapes[n]) * dtypes[n].itemsize) for n in names]
     shards = plan_shards(sizes, options.max_shard_size)
     files = shard_file_names(len(shards))
-    book = StatsBook({n: Moments() for n in names})
-    scratch = Scratch()
-    pool = SlabPool(SLAB_ELEMS)
+    slab_moments: dict[str, list[Moments]] = {n: [] for n in names}
+    scratch = ThreadScratch()
+    pool = SlabPool(SLAB_ELEMS, limit=pool_limit(threads))
 
-    def _slab(name: str, start: int, stop: int) -> torch.Tensor:
-        moments = book.tensors[name]
+    def _slab(name: str, start: int, stop: int, moments: Moments) -> torch.Tensor:
         stored = pool.take(stop - start, dtypes[name])
-        source.store_slab(Slab(name, start, stop, stored, moments), scratch, pool, True)
+        source.store_slab(Slab(name, start, stop, stored, moments), scratch.get(), pool, True)
         must_be_finite(name, moments, options)
         return stored
 
-    def blobs(shard: list[str]) -> Iterator[torch.Tensor]:
+    def blobs(shard: list[str]) -> Iterator[Blob]:
         for name in shard:
             for start, stop in iter_chunks(math.prod(shapes[name]), SLAB_ELEMS):
-                yield _slab(name, start, stop)
+                moments = Moments()
+                slab_moments[name].append(moments)
+                yield partial(_slab, name, start, stop, moments)
 
     def opener(fname: str, shard: list[str]) -> Callable[[], SafetensorsWriter]:
         specs = [(n, dtypes[n], shapes[n]) for n in shard]
-        return lambda: SafetensorsWriter(folder / fname, specs, {"format": "pt"})
+        return lambda: SafetensorsWriter(
+            folder / fname, specs, {"format": "pt"}, hash_threads=threads
+        )
 
     with single_thread():
         hashes = write_streams(
@@ -123,8 +139,13 @@ def write_dense_files(
             total_bytes=sum(s for _, s in sizes),
             desc=desc,
             pool=pool,
+            threads=threads,
         )
-    info = {f: {"sha256": sha, "size": size} for f, (sha, size) in zip(files, hashes, strict=True)}
+    book = StatsBook({n: Moments.merged(slab_moments[n]) for n in names})
+    info = {
+        f: {FILE_HASH: digest, "size": size}
+        for f, (digest, size) in zip(files, hashes, strict=True)
+    }
     if len(files) > 1:
         weight_map = {n: f for f, shard in zip(files, shards, strict=True) for n in shard}
         index = {"metadata": {"total_size": sum(s for _, s in sizes)}, "weight_map": weight_map}

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..constants import SLAB_ELEMS, SPARSE_WORTH_IT, VECTOR_FILE
 from ..errors import InputError, IntegrityError
+from ..io.hashing import FILE_HASH
 from ..io.kernels import Scratch
 from ..io.progress import bar
 from ..io.safetensors import (
@@ -280,7 +281,7 @@ class SparseEncoding:
                 view = memoryview(buf)
                 while n := spool.readinto(buf):
                     writer.write(view[:n])
-            sha, size = writer.close()
+            digest, size = writer.close()
         except BaseException:
             writer.abort()
             raise
@@ -298,7 +299,7 @@ class SparseEncoding:
             "lossless": True,
         }
         return Encoded(
-            files={VECTOR_FILE: {"sha256": sha, "size": size}},
+            files={VECTOR_FILE: {FILE_HASH: digest, "size": size}},
             tensors=tensors,
             stats=norm_summary({n: i["norm"] ** 2 for n, i in tensors.items()}),
             dtypes=[dtype_name(options.dtype or source.dtypes[n]) for n in names],

@@ -17,7 +17,7 @@ from ..card.render import Card, card_extra_files, render_card
 from ..card.scores import Scores
 from ..constants import CARD_NAME, MANIFEST_NAME
 from ..errors import HubError, InputError, RvhubError
-from ..manifest import artifact_file, load_manifest, verify_artifact
+from ..manifest import artifact_file, file_digest, load_manifest, verify_artifact
 from .download import _hub_error, _network_errors, _transport_errors
 from .resolve import parse_hub_id
 
@@ -177,15 +177,19 @@ def build_card(
 def _upload_operations(folder: Path, manifest: dict[str, Any], card: Card) -> list[Any]:
     """One CommitOperationAdd per artifact file, the manifest and the card files.
 
-    The sha256 of every listed file was just checked against the manifest, so it is handed to
-    huggingface_hub instead of being computed a second time.
+    A format-1 manifest's sha256 of every file was just checked, so it is handed to
+    huggingface_hub instead of being computed a second time; for format 2 (BLAKE3)
+    huggingface_hub 2.x computes the LFS sha256 itself, once, lazily and on parallel threads
+    (``_commit_api._compute_missing_sha256s``).
     """
     from huggingface_hub import CommitOperationAdd
 
     ops = []
-    for name, info in manifest["files"].items():
+    for name in manifest["files"]:
         op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(artifact_file(folder, name)))
-        op.upload_info.sha256 = bytes.fromhex(info["sha256"])
+        algorithm, hexdigest = file_digest(manifest, name)
+        if algorithm == "sha256":
+            op.upload_info.sha256 = bytes.fromhex(hexdigest)
         ops.append(op)
     ops.append(
         CommitOperationAdd(
@@ -216,7 +220,7 @@ def push_vector(
 ) -> PushResult:
     """Publish the artifact ``folder`` to the Hub repo ``repo_id`` in one commit.
 
-    Checks every file against its sha256 in ``rvhub.json`` (and refuses the push on a
+    Checks every file against its digest in ``rvhub.json`` (and refuses the push on a
     mismatch) before talking to the Hub, renders the model card (``README.md`` + the norm
     plot; ``card=`` uploads a ready README instead), creates the repo if missing
     (``private``), the branch ``revision`` if missing, and commits the manifest, every listed

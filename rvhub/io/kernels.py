@@ -3,15 +3,17 @@
 A 1.5B model is 1.5 G elements; the float32 math per element is a handful of passes. Done on
 32 MB buffers each pass goes to main memory; done on cache-sized blocks the same passes run
 several times faster on one core. So callers hand over a slab (a few MB read with one
-``preadv``) and these functions walk it in blocks into preallocated scratch buffers, with one
-thread, leaving the other core to the writer and its sha256.
+``preadv``) and these functions walk it in blocks into preallocated scratch buffers (one set
+per thread), each call on one torch thread: the parallelism is across slabs
+(:func:`rvhub.io.stream.ordered`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +52,20 @@ class Scratch:
         self.bufs = [torch.empty(block, dtype=torch.float32) for _ in range(count)]
 
 
+class ThreadScratch:
+    """One :class:`Scratch` per thread, for kernels run on several threads at once."""
+
+    def __init__(self, count: int = 3, block: int = BLOCK) -> None:
+        self.count, self.block = count, block
+        self._local = threading.local()
+
+    def get(self) -> Scratch:
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = Scratch(self.count, self.block)
+        return scratch
+
+
 @dataclass
 class Moments:
     """Accumulated sums over blocks (float64 on the Python side)."""
@@ -57,6 +73,17 @@ class Moments:
     sumsq: float = 0.0
     err_sumsq: float = 0.0
     nonfinite: int = 0
+
+    @classmethod
+    def merged(cls, parts: Iterable[Moments]) -> Moments:
+        """The sums of ``parts`` added in the order given (slab order: the same floats
+        whichever thread computed each part)."""
+        out = cls()
+        for m in parts:
+            out.sumsq += m.sumsq
+            out.err_sumsq += m.err_sumsq
+            out.nonfinite += m.nonfinite
+        return out
 
     def add_sumsq(self, d: torch.Tensor) -> None:
         sq = float(torch.dot(d, d))

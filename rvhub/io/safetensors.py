@@ -11,17 +11,18 @@ them; unlike ``save_file`` it keeps the caller's tensor order instead of sorting
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import InputError
+from .hashing import new_hasher
 
 if TYPE_CHECKING:
     import torch
@@ -224,21 +225,27 @@ def read_tensor(entry: TensorEntry, fd: int | None = None) -> torch.Tensor:
 
 
 class FileHandles:
-    """Open file descriptors by path, shared by all reads of one source."""
+    """Open file descriptors by path, shared by all reads of one source (from any thread:
+    reads are positional)."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __del__(self) -> None:
         self.close()
@@ -330,7 +337,8 @@ WRITEBACK_BYTES = 64 << 20  # start the disk on each 64 MB as soon as it is writ
 class SafetensorsWriter:
     """Write a safetensors file sequentially: header first, then each tensor's bytes in order.
 
-    The file is hashed (sha256) as it is written and fsynced on :meth:`close`.
+    The file is hashed (BLAKE3, on up to ``hash_threads`` threads) as it is written and
+    fsynced on :meth:`close`.
     """
 
     def __init__(
@@ -340,12 +348,13 @@ class SafetensorsWriter:
         metadata: dict[str, str] | None = None,
         *,
         hash_contents: bool = True,
+        hash_threads: int = 1,
     ) -> None:
         self.path = path
         header, self.ranges = build_header(specs, metadata)
         self._order = [s[0] for s in specs]
         self._file: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._sha = hashlib.sha256() if hash_contents else None
+        self._hash = new_hasher(threads=hash_threads) if hash_contents else None
         self._written = 0
         self._kicked = 0
         self._write(memoryview(header))
@@ -353,8 +362,8 @@ class SafetensorsWriter:
 
     def _write(self, data: memoryview) -> None:
         self._file.write(data)
-        if self._sha is not None:
-            self._sha.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
         self._written += len(data)
         if self._written - self._kicked >= WRITEBACK_BYTES and _sync_file_range is not None:
             # Start writing back what is written so far, without waiting: the disk works
@@ -371,14 +380,14 @@ class SafetensorsWriter:
         self._write(tensor_bytes(t))
 
     def close(self) -> tuple[str, int]:
-        """Flush, fsync and close; returns (sha256 hex, or "" when not hashing, size)."""
+        """Flush, fsync and close; returns (BLAKE3 hex, or "" when not hashing, size)."""
         expected = self._data_start + (self.ranges[self._order[-1]][1] if self._order else 0)
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         if self._written != expected:
             raise RuntimeError(f"wrote {self._written} bytes to {self.path}, expected {expected}")
-        return (self._sha.hexdigest() if self._sha is not None else ""), self._written
+        return (self._hash.hexdigest() if self._hash is not None else ""), self._written
 
     def abort(self) -> None:
         self._file.close()
@@ -392,16 +401,6 @@ def file_stamp(path: Path) -> FileStamp:
     ``touch`` to hide one, changes its ctime, which user code cannot set."""
     st = path.stat()
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def sha256_file(path: Path, bufsize: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        buf = bytearray(bufsize)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 def iter_chunks(numel: int, chunk: int) -> Iterable[tuple[int, int]]:

@@ -1,15 +1,21 @@
-"""The slab pipeline: recycled buffers, a writer thread, and streams of blobs into files.
+"""The slab pipeline: recycled buffers, compute threads, a writer thread, and streams of blobs
+into files.
 
-Producers (the compute thread) read and compute one slab at a time; a background thread
-writes and hashes each finished slab, so I/O and hashing overlap the compute.
+Each slab is a task (read, compute, return the bytes to write); tasks run on ``threads``
+compute threads (:func:`ordered`), their results come back in order, and one background
+thread writes and hashes them, so reads, compute, I/O and hashing overlap. Element-wise work
+gives the same bytes on any number of threads; statistics are summed per slab and merged in
+slab order by the callers, so they do too.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 
@@ -30,10 +36,50 @@ def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]
     return shards
 
 
+def pool_limit(threads: int) -> int:
+    """Pooled buffers per element size for ``threads`` compute threads: the slabs in flight
+    (two tasks ahead per thread, each holding its output and its two inputs) plus the
+    writer's queue."""
+    return QUEUE_SLABS + 2 + 6 * threads
+
+
 def shard_file_names(count: int, stem: str = VECTOR_STEM) -> list[str]:
     if count == 1:
         return [f"{stem}.safetensors"]
     return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+T = TypeVar("T")
+
+
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def ordered(tasks: Iterable[Callable[[], T]], threads: int) -> Generator[T, None, None]:
+    """The results of ``tasks``, in order, computed on ``threads`` threads (in the calling
+    thread when 1). At most ``2 × threads`` tasks run or wait ahead of the consumer, so
+    memory stays at a few slabs per thread. Each thread runs torch on one intra-op thread: the
+    parallelism is across slabs. An error is raised at its task's turn; stopping early (or
+    an error) cancels what has not started and waits for what has.
+    """
+    if threads <= 1:
+        for task in tasks:
+            yield task()
+        return
+    window: deque[Future[T]] = deque()
+    pool = ThreadPoolExecutor(threads, "rvhub-slab", initializer=_one_torch_thread)
+    try:
+        for task in tasks:
+            window.append(pool.submit(task))
+            if len(window) >= 2 * threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        for future in window:
+            future.cancel()
+        pool.shutdown(wait=True)
 
 
 class SlabPool:
@@ -119,31 +165,53 @@ class BackgroundWriter:
             raise self.error
 
 
+Blob = Callable[[], torch.Tensor]  # one slab's task: computes the bytes to write
+
+
 def write_streams(
-    streams: Iterable[tuple[Callable[[], SafetensorsWriter], Iterable[torch.Tensor]]],
+    streams: Iterable[tuple[Callable[[], SafetensorsWriter], Iterable[Blob]]],
     *,
     total_bytes: int,
     desc: str,
     pool: SlabPool | None = None,
+    threads: int = 1,
 ) -> list[tuple[str, int]]:
     """Write each stream's blobs to its file from a background thread; fsync and close them all.
 
-    ``streams`` pairs a function that opens a :class:`SafetensorsWriter` with the blobs for it,
-    produced lazily (the caller's compute overlaps the previous blob's write and hashing).
+    ``streams`` pairs a function that opens a :class:`SafetensorsWriter` with the tasks that
+    compute its blobs, in file order. Tasks run on ``threads`` threads (:func:`ordered`,
+    across file boundaries) while the writer thread writes and hashes earlier blobs.
     Buffers of each blob that came from ``pool`` go back to it once written and hashed.
-    Returns ``(sha256, size)`` per file; on any error every file is closed unfinished and the
+    Returns ``(digest, size)`` per file; on any error every file is closed unfinished and the
     error re-raised (callers write inside :func:`rvhub.io.atomic.atomic_dir`).
     """
     progress = bar(total_bytes, desc)
     bg = BackgroundWriter(pool)
+    openers: list[Callable[[], SafetensorsWriter]] = []
     writers: list[SafetensorsWriter] = []
-    try:
+
+    def tagged() -> Iterator[tuple[int, Blob]]:
         for open_writer, blobs in streams:
-            writer = open_writer()
-            writers.append(writer)
+            openers.append(open_writer)
+            index = len(openers) - 1
             for blob in blobs:
-                bg.put(writer, blob)
+                yield index, blob
+
+    def run(index: int, blob: Blob) -> Callable[[], tuple[int, torch.Tensor]]:
+        return lambda: (index, blob())
+
+    try:
+        results = ordered((run(i, b) for i, b in tagged()), threads)
+        try:
+            for index, blob in results:
+                while len(writers) <= index:  # files open in order, empty ones too
+                    writers.append(openers[len(writers)]())
+                bg.put(writers[index], blob)
                 progress.update(blob.numel() * blob.element_size())
+        finally:
+            results.close()
+        while len(writers) < len(openers):
+            writers.append(openers[len(writers)]())
         bg.finish()
         return [w.close() for w in writers]
     except BaseException:

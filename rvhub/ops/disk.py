@@ -11,7 +11,9 @@ import json
 import math
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,9 @@ from ..checkpoint import Checkpoint
 from ..constants import APPLIED_RECORD, CARD_NAME, SAFE_INDEX, SLAB_ELEMS
 from ..errors import InputError
 from ..io.atomic import atomic_dir, check_output
+from ..io.cores import resolve_threads
 from ..io.device import resolve_device
-from ..io.kernels import APPLY_BLOCK, Scratch, axpy_into, single_thread
+from ..io.kernels import APPLY_BLOCK, ThreadScratch, axpy_into, single_thread
 from ..io.progress import logger
 from ..io.safetensors import (
     FileHandles,
@@ -33,7 +36,7 @@ from ..io.safetensors import (
     read_header,
     read_range,
 )
-from ..io.stream import SlabPool, write_streams
+from ..io.stream import Blob, SlabPool, pool_limit, write_streams
 from ..sources import VectorSource, split_excluded
 from .lineage import check_change_size, checkpoint_lineage, enforce
 from .plan import ApplyReport, check_finite, check_scale, plan_apply, zero_scale_note
@@ -58,6 +61,7 @@ def apply_to_checkpoint_files(
     allow_unrelated: bool = False,
     device: str = "cpu",
     dtype: str | None = None,
+    threads: int | None = None,
 ) -> ApplyReport:
     """Write a new model folder ``out`` = ``ckpt + scale · v``; see :func:`rvhub.apply_to_checkpoint`.
 
@@ -65,9 +69,12 @@ def apply_to_checkpoint_files(
     and the config's quantization_config dropped); by default FP8 stays FP8, requantized.
 
     ``provenance`` (the vector's origin and sources) is recorded in ``rvhub_applied.json``.
+    Slabs are computed on ``threads`` threads (default: every core this process may use);
+    the output's bytes are the same on any number.
     """
     given, scale = scale, check_scale(scale)
     dev = resolve_device(device)
+    workers = resolve_threads(threads)
     if dtype not in (None, "bfloat16"):
         raise InputError(f"--dtype must be bfloat16 (to dequantize an FP8 target), not {dtype!r}")
     if dtype is not None and not ckpt.fp8_scales:
@@ -103,8 +110,8 @@ def apply_to_checkpoint_files(
     handles = FileHandles()
     total = ckpt.nbytes
 
-    scratch = Scratch(count=2, block=APPLY_BLOCK)
-    pool = SlabPool(SLAB_ELEMS)
+    scratch = ThreadScratch(count=2, block=APPLY_BLOCK)
+    pool = SlabPool(SLAB_ELEMS, limit=pool_limit(workers))
 
     def _slab(entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
         raw = read_range(entry, start, stop, handles, pool.take(stop - start, entry.torch_dtype))
@@ -122,7 +129,7 @@ def apply_to_checkpoint_files(
             result = t.to(raw.dtype).cpu()
         else:
             result = pool.take(raw.numel(), raw.dtype)
-            axpy_into(raw, d, scale, result, scratch)
+            axpy_into(raw, d, scale, result, scratch.get())
         pool.give(raw, d)  # the writer gives ``result`` back once written
         # float16 overflows at ordinary scales; wider dtypes only where |α| is large
         may_overflow = raw.dtype == torch.float16 or abs(scale) > 1.0
@@ -138,24 +145,23 @@ def apply_to_checkpoint_files(
     fp8 = _Fp8Requantizer(ckpt, plan.targets, source, scale, handles)
     scale_names = {e.name: w for w, e in ckpt.fp8_scales.items()}
 
-    def blobs(entries: list[TensorEntry]) -> Iterator[torch.Tensor]:
+    def blobs(entries: list[TensorEntry]) -> Iterator[Blob]:
         for e in entries:
             weight = scale_names.get(e.name, e.name if e.name in ckpt.fp8_scales else None)
             if dequant and weight is not None:
                 if weight != e.name:
                     continue  # the scales are folded into the bfloat16 weight
-                values = fp8.dequantized(weight).reshape(-1)
-                for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
-                    yield values[start:stop]
-                continue
-            if weight is not None and weight in plan.targets:
+                kind, index = "bf16", 0
+            elif weight is not None and weight in plan.targets:
                 # an FP8 weight and its scales: θ + α·v requantized block by block, whole
-                values = fp8.result(weight)[0 if weight == e.name else 1].reshape(-1)
+                kind, index = "q", 0 if weight == e.name else 1
+            else:
                 for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
-                    yield values[start:stop]
+                    yield partial(_slab, e, start, stop)
                 continue
+            # the first slab's task computes the whole tensor once; later slabs slice it
             for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
-                yield _slab(e, start, stop)
+                yield partial(fp8.slab, kind, index, weight, start, stop)
 
     def opener(path: Path, entries: list[TensorEntry]) -> Callable[[], SafetensorsWriter]:
         _, metadata = read_header(path)
@@ -176,7 +182,9 @@ def apply_to_checkpoint_files(
             entries = sorted((e for e in stored if e.path == path), key=lambda e: e.start)
             streams.append((opener(path, entries), blobs(entries)))
         try:
-            write_streams(streams, total_bytes=total, desc="applying vector", pool=pool)
+            write_streams(
+                streams, total_bytes=total, desc="applying vector", pool=pool, threads=workers
+            )
         finally:
             handles.close()
         _copy_side_files(ckpt, tmp)
@@ -228,8 +236,34 @@ class _Fp8Requantizer:
     ) -> None:
         self.ckpt, self.targets, self.source, self.scale = ckpt, targets, source, scale
         self.handles = handles
-        self._held: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        # results by weight name, each computed once under its own lock (slab tasks of one
+        # tensor may run on several threads); dropped once both of its tensors are written
+        self._results: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
         self.tensors: dict[str, dict[str, float]] = {}
+
+        self._left: dict[str, int] = {}  # slabs not yet taken, by result
+
+    def slab(self, kind: str, index: int, name: str, start: int, stop: int) -> torch.Tensor:
+        """Flat elements ``[start, stop)`` of tensor ``index`` of a result of weight ``name``:
+        ``kind`` "q" is ``(Q, S)`` requantized (:meth:`result`), "bf16" the dequantized
+        weight (:meth:`dequantized`). Each result is computed once, by whichever slab's task
+        comes first, and dropped when its last slab has been taken."""
+        key = f"{kind}:{name}"
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            held = self._results.get(key)
+            if held is None:
+                held = self._results[key] = (
+                    self._requantize(name) if kind == "q" else (self._dequantize(name),)
+                )
+                self._left[key] = sum(-(-t.numel() // SLAB_ELEMS) for t in held)
+            self._left[key] -= 1
+            if not self._left[key]:
+                del self._results[key]
+        return held[index].reshape(-1)[start:stop]
 
     def _row_blocks(self, name: str) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """``(r0, r1, θ rows, α·v rows)`` for each row of blocks of ``name``, in float32."""
@@ -254,10 +288,8 @@ class _Fp8Requantizer:
                 delta.mul_(self.scale)
             yield r0, r1, theta, delta
 
-    def result(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Q, S)`` of weight ``name`` after the add (computed once, for both tensors)."""
-        if self._held is not None and self._held[0] == name:
-            return self._held[1]
+    def _requantize(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q, S)`` of weight ``name`` after the add."""
         from ..io.fp8 import dequantize, quantize
 
         block = self.ckpt.fp8_block
@@ -273,10 +305,9 @@ class _Fp8Requantizer:
             want += float(torch.dot(delta.reshape(-1), delta.reshape(-1)))
             err += float(torch.dot(got.reshape(-1), got.reshape(-1)))
         self.tensors[name] = {"norm": math.sqrt(want), "error": math.sqrt(err)}
-        self._held = (name, (new_q, new_s))
-        return self._held[1]
+        return new_q, new_s
 
-    def dequantized(self, name: str) -> torch.Tensor:
+    def _dequantize(self, name: str) -> torch.Tensor:
         """``θ + α·v`` of FP8 weight ``name`` (θ alone when the vector lacks it), in bfloat16."""
         out = torch.empty(self.ckpt.entries[name].shape, dtype=torch.bfloat16)
         for r0, r1, theta, delta in self._row_blocks(name):

@@ -12,6 +12,7 @@ from ..constants import ADAPTER_CONFIG_NAME
 from ..encodings.lora import engine_reports
 from ..engines import get_engine
 from ..errors import InputError
+from ..manifest import file_digest
 
 BAR_WIDTH = 30
 
@@ -94,7 +95,7 @@ def summary(
         "tensors": len(tensors),
         "parameters": sum(math.prod(t["shape"]) for t in tensors.values()),
         "bytes": sum(int(f.get("size", 0)) for f in files.values()),
-        "files": {k: v.get("sha256") for k, v in files.items()},
+        "files": {k: ":".join(file_digest(manifest, k)) for k in files},
         "excluded": manifest.get("excluded", []),
         "stats": manifest.get("stats", {}),
         "compression": manifest.get("compression"),
