@@ -2,14 +2,14 @@
 
     python benchmarks/extract_budget.py [--pair DIR] [--repeat 3] [--dir DIR]
 
-Extraction must import torch, read A and B, checksum them (the manifest's content
-fingerprint of local sources), compute ``round(A − B)`` with its norms and round-trip error,
-sha256 the output (the manifest's file hashes), and write it. This script times each of
+Extraction must import torch, read A and B, hash them (xxh3-128 per slab: the manifest's
+content fingerprint of local sources), compute ``round(A − B)`` with its norms and round-trip
+error, hash the output (BLAKE3: the manifest's file digests), and write it. This script times each of
 those on one thread, in the same 2 MB slabs rvhub uses, on the Qwen2.5-1.5B-shaped pair
 (built here unless ``--pair`` names a folder holding ``grpo/`` and ``sft/``), and the I/O floor
 of ``benchmarks/extract_apply.py`` in the same run. With C cores no schedule can finish before
 
-    import + (read + crc + kernel + sha256 + write) / C
+    import + (read + xxh3 + kernel + blake3 + write) / C
 
 (fsync's wait for the disk not counted), which it prints against the floor and the 1.3× target,
 next to ``rvhub extract`` itself, timed in the same rounds.
@@ -18,13 +18,11 @@ next to ``rvhub extract`` itself, timed in the same rounds.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import statistics
 import sys
 import time
-import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -41,20 +39,20 @@ from common import (
 
 from rvhub import open_checkpoint
 from rvhub.constants import SLAB_ELEMS
+from rvhub.io.cores import available_cores
+from rvhub.io.hashing import new_hasher, piece_digest
 from rvhub.io.kernels import Moments, Scratch, diff_into
 from rvhub.io.safetensors import FileHandles, iter_chunks, read_range, tensor_bytes
 from rvhub.io.stream import SlabPool
 
-STAGES = ("read", "crc", "kernel", "sha256", "write")
+STAGES = ("read", "xxh3", "kernel", "blake3", "write")
 
 
 def stage_seconds(a_dir: Path, b_dir: Path, out: Path) -> dict[str, float]:
     """One pass over the pair, slab by slab, timing each stage on this thread."""
     a, b = open_checkpoint(a_dir), open_checkpoint(b_dir)
     handles, pool, scratch = FileHandles(), SlabPool(SLAB_ELEMS), Scratch()
-    crc_a: dict[str, int] = {}
-    crc_b: dict[str, int] = {}
-    sha = hashlib.sha256()
+    digest = new_hasher()
     spent = dict.fromkeys(STAGES, 0.0)
     clock = time.perf_counter
     with open(out, "wb", buffering=0) as f:
@@ -67,13 +65,13 @@ def stage_seconds(a_dir: Path, b_dir: Path, out: Path) -> dict[str, float]:
                 )
                 xb = read_range(eb, start, stop, handles, pool.take(stop - start, eb.torch_dtype))
                 t1 = clock()
-                crc_a[entry.name] = zlib.crc32(tensor_bytes(xa), crc_a.get(entry.name, 0))
-                crc_b[entry.name] = zlib.crc32(tensor_bytes(xb), crc_b.get(entry.name, 0))
+                piece_digest(tensor_bytes(xa))
+                piece_digest(tensor_bytes(xb))
                 t2 = clock()
                 stored = pool.take(stop - start, entry.torch_dtype)
                 diff_into(xa, xb, stored, Moments(), scratch)
                 t3 = clock()
-                sha.update(tensor_bytes(stored))
+                digest.update(tensor_bytes(stored))
                 t4 = clock()
                 f.write(tensor_bytes(stored))
                 t5 = clock()
@@ -102,7 +100,7 @@ def main() -> None:
         a, b = pair / "grpo", pair / "sft"
         a_w, b_w = a / "model.safetensors", b / "model.safetensors"
         out = root / "out.bin"
-        cores = os.cpu_count() or 1
+        cores = available_cores()
 
         vec = root / "vec"
         imports, floors, stages, extracts = [], [], [], []

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 # Elements per inner block of extract: small blocks pay in torch dispatch what they win in
-# cache; 256 K (3 MB of float32 scratch) stays in L3 (docs/design.md has the measurements).
-BLOCK = 256 * 1024
+# cache; 64 K (768 KB of float32 scratch) stays in a 2 MB L2 with the slab's inputs, and each
+# compute thread has its own core's L2 (docs/design.md has the measurements).
+BLOCK = 64 * 1024
 
 
 @contextlib.contextmanager
@@ -41,7 +42,7 @@ def single_thread() -> contextlib.AbstractContextManager[None]:
 
 
 # Elements per block of apply's float32 loop (α other than ±1): 4 torch calls per block.
-APPLY_BLOCK = 512 * 1024
+APPLY_BLOCK = 64 * 1024
 
 
 class Scratch:

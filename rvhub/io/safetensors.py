@@ -11,6 +11,7 @@ them; unlike ``save_file`` it keeps the caller's tensor order instead of sorting
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -248,7 +249,8 @@ class FileHandles:
             self._fds.clear()
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter exit os may be gone already
+            self.close()
 
 
 def read_range(
