@@ -184,7 +184,10 @@ def main() -> None:
     def label(n: int) -> str:
         return f"rvhub --threads {n}" if n else "rvhub"
 
-    root = work_dir("rvhub-bench-", args.dir)
+    root = work_dir("rvhub-bench-", args.dir).resolve()
+    # Run every command from the work folder: `python -c` and `-m` put the working directory
+    # first on sys.path, so from a checkout they would import its rvhub, not the baseline's.
+    os.chdir(root)
     try:
         a, b = build_pair(root, args.layers)
         size = (a / "model.safetensors").stat().st_size
