@@ -176,3 +176,20 @@ def test_verify_against_fp8_sources(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "B + v reproduces A" in r.output, r.output
     r = run("verify", vec, "--against", fam["target"], fam["b"])
     assert r.exit_code != 0
+
+
+def test_e4m3_decoding_matches_torch_for_every_byte_length_and_alignment() -> None:
+    import numpy as np
+
+    from rvhub.io.fp8 import decode_e4m3
+
+    codes = torch.arange(256, dtype=torch.uint8).repeat(9)[:2049]  # every byte, odd length
+    expected = codes.view(torch.float8_e4m3fn).to(torch.float32)  # torch's own conversion
+    for lo, hi in ((0, 2049), (0, 2048), (1, 2049), (1, 2000), (3, 4)):
+        out = torch.full((hi - lo,), 7.0)
+        decode_e4m3(codes.numpy()[lo:hi], out.numpy())
+        assert torch.equal(out.isnan(), expected[lo:hi].isnan())
+        assert torch.equal(out.nan_to_num(), expected[lo:hi].nan_to_num()), (lo, hi)
+        unaligned = torch.empty(hi - lo + 1)[1:]  # a float32 buffer 4 bytes off an 8-byte line
+        decode_e4m3(codes.numpy()[lo:hi], unaligned.numpy())
+        assert np.array_equal(unaligned.numpy(), out.numpy(), equal_nan=True)

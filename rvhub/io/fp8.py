@@ -9,6 +9,7 @@ A weight ``W`` of shape ``[out, in]`` is stored as ``float8_e4m3fn`` values ``Q`
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,9 +60,10 @@ def dequantize_flat(
     """Float32 values of the flat FP8 elements ``q`` = ``W.flat[start : start + len(q)]``
     (into ``out``, a flat float32 tensor of that length, when given).
 
-    The bytes go through a 256-entry table (numpy's ``take`` on the uint8 codes: 1.6× faster
-    than ``.to(float32)`` here, with no int64 index copy); whole rows are then scaled one
-    column block at a time in place, and the partial rows at either end element by element.
+    The bytes go through a table (:func:`decode_e4m3`: numpy's ``take``, 3× faster than
+    ``.to(float32)`` here); whole rows are then scaled in place, every whole column block in
+    one broadcast multiply and a ragged last one apart, and the partial rows at either end
+    element by element.
     """
     import torch
 
@@ -69,7 +71,7 @@ def dequantize_flat(
     n = q.numel()
     if out is None:
         out = torch.empty(n, dtype=torch.float32)
-    np.take(_table(), q.reshape(-1).view(torch.uint8).numpy(), out=out.numpy())
+    decode_e4m3(q.reshape(-1).view(torch.uint8).numpy(), out.numpy())
     stop = start + n
     first_full = -(-start // columns) * columns  # the first row start at or after ``start``
     last_full = stop // columns * columns
@@ -79,11 +81,14 @@ def dequantize_flat(
     else:
         partial = [(start, first_full), (last_full, stop)]
         r0, r1 = first_full // columns, last_full // columns
-        if r0 < r1:  # whole rows, one column block at a time
+        if r0 < r1:  # whole rows: whole column blocks in one broadcast, then a ragged one
             rows = out[first_full - start : last_full - start].view(r1 - r0, columns)
             per_row = scale[torch.arange(r0, r1) // bh]  # [rows, column blocks]
-            for j in range(per_row.shape[1]):
-                rows[:, j * bw : (j + 1) * bw].mul_(per_row[:, j : j + 1])
+            whole = columns // bw
+            if whole:
+                rows[:, : whole * bw].view(r1 - r0, whole, bw).mul_(per_row[:, :whole, None])
+            if whole * bw < columns:
+                rows[:, whole * bw :].mul_(per_row[:, whole:])
     for lo, hi in partial:
         if lo < hi:
             row = lo // columns
@@ -101,6 +106,37 @@ def _table() -> np.ndarray:
     return _TABLE[0]
 
 
+_PAIRS: list[np.ndarray] = []
+
+
+def _pair_table() -> np.ndarray:
+    """The two float32 values of every pair of e4m3 bytes, as one uint64 per little-endian
+    uint16 (512 KB: it stays in L2)."""
+    if not _PAIRS:
+        values = _table()
+        pairs = np.arange(65536)
+        both = np.stack([values[pairs & 0xFF], values[pairs >> 8]], axis=1)
+        _PAIRS.append(np.ascontiguousarray(both, dtype="<f4").view(np.uint64).reshape(-1))
+    return _PAIRS[0]
+
+
+def decode_e4m3(codes: np.ndarray, out: np.ndarray) -> None:
+    """``out[i]`` = the float32 value of e4m3 byte ``codes[i]`` (NaN codes give NaN).
+
+    Two bytes at a time through a 65536-entry table of value pairs (1.2 ns per element here,
+    against 1.55 ns for one byte at a time through 256 entries); an odd last byte, or buffers
+    that are not aligned for 2- and 8-byte views, go through the 256-entry table."""
+    n = codes.shape[0]
+    even = n - n % 2
+    aligned = codes.ctypes.data % 2 == 0 and out.ctypes.data % 8 == 0 and sys.byteorder == "little"
+    if even and aligned:
+        np.take(_pair_table(), codes[:even].view(np.uint16), out=out[:even].view(np.uint64))
+        if even < n:
+            np.take(_table(), codes[even:], out=out[even:])
+        return
+    np.take(_table(), codes, out=out)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """The float32 weight of a whole FP8 tensor."""
     import torch
@@ -109,7 +145,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> 
     if out % bh == 0 and inp % bw == 0:  # whole blocks: one broadcast multiply
         x = torch.empty(out, inp, dtype=torch.float32)
         codes = q.contiguous().view(torch.uint8).numpy().reshape(-1)
-        np.take(_table(), codes, out=x.numpy().reshape(-1))
+        decode_e4m3(codes, x.numpy().reshape(-1))
         x.view(out // bh, bh, inp // bw, bw).mul_(scale[:, None, :, None])
         return x
     return dequantize_flat(q.reshape(-1), scale, tuple(q.shape), block, 0).reshape(q.shape)

@@ -113,12 +113,14 @@ def diff_into(
     fa, fb, fr = scratch.bufs[:3]
     n = a.numel()
     exact_out = out.dtype == torch.float32
+    wide_a, wide_b = a.dtype == torch.float32, b.dtype == torch.float32
     for s in range(0, n, scratch.block):
         e = min(n, s + scratch.block)
         k = e - s
-        va, vb, vr = fa[:k], fb[:k], fr[:k]
-        va.copy_(a[s:e])
-        vb.copy_(b[s:e])
+        vr = fr[:k]
+        # float32 inputs (FP8 sources arrive dequantized) are read in place, never modified
+        va = a[s:e] if wide_a else fa[:k].copy_(a[s:e])
+        vb = b[s:e] if wide_b else fb[:k].copy_(b[s:e])
         torch.sub(va, vb, out=vr)
         moments.add_sumsq(vr)
         out[s:e].copy_(vr)
