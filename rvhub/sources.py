@@ -21,15 +21,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from .checkpoint import Checkpoint
 from .errors import CompatibilityError, InputError
-from .io.cores import available_cores
-from .io.fp8 import dequantize_flat
+from .io.fp8 import BlockScales, Fp8Slab, dequantize_flat
 from .io.kernels import Moments, Scratch, diff_into, store_into
 from .io.safetensors import FileHandles, TensorEntry, read_range, tensor_bytes
 from .io.stream import SlabPool
@@ -131,16 +129,6 @@ class VectorSource:
         return {}
 
 
-_DECODER: list[ThreadPoolExecutor] = []
-
-
-def _decoder() -> ThreadPoolExecutor:
-    """Helper threads for decoding FP8 slabs (one per core), started on first use."""
-    if not _DECODER:
-        _DECODER.append(ThreadPoolExecutor(available_cores(), thread_name_prefix="rvhub-fp8"))
-    return _DECODER[0]
-
-
 class DifferenceSource(VectorSource):
     """``A − B`` computed in float32, one flat chunk at a time."""
 
@@ -154,45 +142,52 @@ class DifferenceSource(VectorSource):
         self.a, self.b = a, b
         self._handles = FileHandles()
         self._fingerprints: dict[str, SourceFingerprint] = {}
-        self._scales: dict[str, tuple[str, torch.Tensor]] = {}  # role -> (name, scales)
+        self._scales: dict[str, tuple[str, BlockScales]] = {}  # role -> (name, scales)
 
     def parts(
         self, name: str, start: int, stop: int, take: Take | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The raw A and B chunks (source dtypes), in buffers from ``take(numel, dtype)``
-        when given (e.g. :meth:`rvhub.io.stream.SlabPool.take`)."""
+        """The raw A and B chunks (source dtypes; FP8 weights dequantized to float32), in
+        buffers from ``take(numel, dtype)`` when given (e.g.
+        :meth:`rvhub.io.stream.SlabPool.take`)."""
+        a, b = self._parts(name, start, stop, take, encoded=False)
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        return a, b
+
+    def _parts(
+        self, name: str, start: int, stop: int, take: Take | None, *, encoded: bool
+    ) -> tuple[torch.Tensor | Fp8Slab, torch.Tensor | Fp8Slab]:
+        """:meth:`parts`, or with ``encoded`` FP8 weights as their codes and scales
+        (:class:`Fp8Slab`), for a kernel that decodes them block by block."""
         n = stop - start
-        out: list[torch.Tensor | Future[torch.Tensor]] = []
+        out: list[torch.Tensor | Fp8Slab] = []
         for role, ckpt in (("a", self.a), ("b", self.b)):
             entry = ckpt.entries[name]
-            fp8 = name in ckpt.fp8_scales  # the codes are read, the float32 values pooled
-            buf = take(n, entry.torch_dtype) if take is not None and not fp8 else None
+            fp8 = name in ckpt.fp8_scales
+            buf = take(n, entry.torch_dtype) if take is not None and (encoded or not fp8) else None
             part = read_range(entry, start, stop, self._handles, buf)
             fingerprint = self._fingerprints.get(role)
             if fingerprint is not None:
                 # Here, while the bytes are in cache, and on the compute thread: with the
                 # output's write and hash the writer thread is the busier one.
                 fingerprint.update(name, start, stop, entry.numel, tensor_bytes(part))
-            if fp8:  # dequantized block by block, in float32
-                assert ckpt.fp8_block is not None
-                args = (part, self._scale(role, ckpt, name), entry.shape, ckpt.fp8_block, start)
+            if not fp8:
+                out.append(part)
+            elif encoded:
+                out.append(Fp8Slab(part, self._scales_of(role, ckpt, name), start))
+            else:  # dequantized block by block, in float32
                 into = take(n, torch.float32) if take is not None else None
-                if role == "a" and name in self.b.fp8_scales:
-                    # numpy's table lookup releases the GIL: A decodes on a helper thread
-                    # while B is read and decoded here (the writer thread idles meanwhile).
-                    out.append(_decoder().submit(dequantize_flat, *args, into))
-                    continue
-                part = dequantize_flat(*args, into)
-            out.append(part)
-        a, b = (p.result() if isinstance(p, Future) else p for p in out)
-        return a, b
+                out.append(dequantize_flat(part, self._scales_of(role, ckpt, name), start, into))
+        return out[0], out[1]
 
-    def _scale(self, role: str, ckpt: Checkpoint, name: str) -> torch.Tensor:
+    def _scales_of(self, role: str, ckpt: Checkpoint, name: str) -> BlockScales:
         held = self._scales.get(role)
         if held is None or held[0] != name:  # one tensor's scales per source at a time
             entry = ckpt.fp8_scales[name]
+            assert ckpt.fp8_block is not None
             scales = read_range(entry, 0, entry.numel, self._handles).reshape(entry.shape)
-            held = self._scales[role] = (name, scales)
+            blocks = BlockScales(scales, ckpt.entries[name].shape, ckpt.fp8_block)
+            held = self._scales[role] = (name, blocks)
         return held[1]
 
     def chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -212,9 +207,9 @@ class DifferenceSource(VectorSource):
         return True
 
     def store_slab(self, slab: Slab, scratch: Scratch, pool: SlabPool, roundtrip: bool) -> None:
-        a, b = self.parts(slab.name, slab.start, slab.stop, pool.take)
+        a, b = self._parts(slab.name, slab.start, slab.stop, pool.take, encoded=True)
         diff_into(a, b, slab.out, slab.moments, scratch, roundtrip=roundtrip)
-        pool.give(a, b)
+        pool.give(*(x if isinstance(x, torch.Tensor) else x.codes for x in (a, b)))
 
     def track_fingerprints(self) -> None:
         # Hub sources are identified by their commit sha; only local ones need a fingerprint.

@@ -193,3 +193,26 @@ def test_e4m3_decoding_matches_torch_for_every_byte_length_and_alignment() -> No
         unaligned = torch.empty(hi - lo + 1)[1:]  # a float32 buffer 4 bytes off an 8-byte line
         decode_e4m3(codes.numpy()[lo:hi], unaligned.numpy())
         assert np.array_equal(unaligned.numpy(), out.numpy(), equal_nan=True)
+
+
+def test_any_flat_range_is_dequantized_like_the_whole_weight() -> None:
+    """Slabs and kernel blocks start anywhere: mid-row, mid-band, on a ragged last block."""
+    from rvhub.io.fp8 import BlockScales, Fp8Slab, dequantize_flat
+    from tests.fp8_models import dequantize, quantize
+
+    w = torch.randn(300, 200) * 0.05  # 3 bands of rows (the last 44 rows), 2 of columns (72)
+    q, scale = quantize(w)
+    expected = dequantize(q, scale).reshape(-1)  # the test's own dequantizer
+    scales = BlockScales(scale, (300, 200), (128, 128))
+    gen = torch.Generator().manual_seed(0)
+    ranges = [(0, 60000), (199, 201), (25599, 25601), (128 * 200 - 7, 256 * 200 + 9)]
+    ranges += [
+        tuple(sorted(torch.randint(0, 60001, (2,), generator=gen).tolist())) for _ in range(40)
+    ]
+    for lo, hi in ranges:
+        got = dequantize_flat(q.reshape(-1)[lo:hi], scales, lo)
+        assert torch.equal(got, expected[lo:hi]), (lo, hi)
+        slab = Fp8Slab(q.reshape(-1)[lo:hi], scales, lo)
+        mid = (hi - lo) // 3
+        part = slab.decode(mid, hi - lo, torch.empty(hi - lo - mid))
+        assert torch.equal(part, expected[lo + mid : hi]), (lo, hi)

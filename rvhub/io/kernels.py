@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -97,9 +98,28 @@ class Moments:
         self.sumsq += float(torch.dot(kept, kept))
 
 
+class Encoded(Protocol):
+    """Slab elements stored in a format torch cannot read directly (:class:`rvhub.io.fp8.Fp8Slab`),
+    decoded to float32 one block at a time so the values never leave the cache."""
+
+    def numel(self) -> int: ...
+
+    def decode(self, s: int, e: int, out: torch.Tensor) -> torch.Tensor: ...
+
+
+def _reader(x: torch.Tensor | Encoded, buf: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """Float32 values of ``x[s:e]``: float32 read in place (never modified), other dtypes
+    cast into ``buf``, encoded slabs decoded into it."""
+    if not isinstance(x, torch.Tensor):
+        return lambda s, e: x.decode(s, e, buf[: e - s])
+    if x.dtype == torch.float32:
+        return lambda s, e: x[s:e]
+    return lambda s, e: buf[: e - s].copy_(x[s:e])
+
+
 def diff_into(
-    a: torch.Tensor,
-    b: torch.Tensor,
+    a: torch.Tensor | Encoded,
+    b: torch.Tensor | Encoded,
     out: torch.Tensor,
     moments: Moments,
     scratch: Scratch,
@@ -108,19 +128,17 @@ def diff_into(
 ) -> None:
     """``out = round(a − b)`` in float32 math; accumulates ‖d‖² and ‖b + out − a‖².
 
-    ``a``, ``b``, ``out`` are flat tensors of one length, any float dtypes.
+    ``a``, ``b``, ``out`` are flat, of one length: tensors of any float dtypes, or encoded
+    slabs (FP8) decoded block by block.
     """
     fa, fb, fr = scratch.bufs[:3]
     n = a.numel()
     exact_out = out.dtype == torch.float32
-    wide_a, wide_b = a.dtype == torch.float32, b.dtype == torch.float32
+    read_a, read_b = _reader(a, fa), _reader(b, fb)
     for s in range(0, n, scratch.block):
         e = min(n, s + scratch.block)
-        k = e - s
-        vr = fr[:k]
-        # float32 inputs (FP8 sources arrive dequantized) are read in place, never modified
-        va = a[s:e] if wide_a else fa[:k].copy_(a[s:e])
-        vb = b[s:e] if wide_b else fb[:k].copy_(b[s:e])
+        vr = fr[: e - s]
+        va, vb = read_a(s, e), read_b(s, e)
         torch.sub(va, vb, out=vr)
         moments.add_sumsq(vr)
         out[s:e].copy_(vr)
