@@ -18,7 +18,7 @@ import torch
 
 from ..constants import SLAB_ELEMS, VECTOR_INDEX
 from ..errors import InputError, IntegrityError
-from ..io.cores import resolve_threads
+from ..io.cores import beside_writer, resolve_threads
 from ..io.hashing import FILE_HASH
 from ..io.kernels import Moments, Scratch, ThreadScratch, single_thread
 from ..io.safetensors import (
@@ -103,8 +103,10 @@ def write_dense_files(
 ) -> DenseWrite:
     """Stream the deltas ``names`` of ``source`` into ``vector*.safetensors`` files in ``folder``,
     computing slabs on ``options.threads`` threads (the same bytes and statistics on any
-    number: each slab's sums are kept apart and merged in slab order)."""
+    number: each slab's sums are kept apart and merged in slab order). The writer thread,
+    which writes and hashes, counts as one of them (:func:`rvhub.io.cores.beside_writer`)."""
     threads = resolve_threads(options.threads)
+    workers = beside_writer(threads)
     dtypes = {n: options.dtype or source.dtypes[n] for n in names}
     shapes = {n: tuple(source.shapes[n]) for n in names}
     sizes = [(n, math.prod(shapes[n]) * dtypes[n].itemsize) for n in names]
@@ -112,7 +114,7 @@ def write_dense_files(
     files = shard_file_names(len(shards))
     slab_moments: dict[str, list[Moments]] = {n: [] for n in names}
     scratch = ThreadScratch()
-    pool = SlabPool(SLAB_ELEMS, limit=pool_limit(threads))
+    pool = SlabPool(SLAB_ELEMS, limit=pool_limit(workers))
 
     def _slab(name: str, start: int, stop: int, moments: Moments) -> torch.Tensor:
         stored = pool.take(stop - start, dtypes[name])
@@ -139,7 +141,7 @@ def write_dense_files(
             total_bytes=sum(s for _, s in sizes),
             desc=desc,
             pool=pool,
-            threads=threads,
+            threads=workers,
         )
     book = StatsBook({n: Moments.merged(slab_moments[n]) for n in names})
     info = {
