@@ -185,7 +185,10 @@ threads_option = click.option(
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="CPU threads to use [default: every core this process may run on]; results are identical for any number.",
+    help=(
+        "CPU threads to use, the writer thread included [default: every core this process "
+        "may run on]; results are identical for any number."
+    ),
 )
 
 
