@@ -152,15 +152,6 @@ def decode_e4m3(codes: np.ndarray, out: np.ndarray) -> None:
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """The float32 weight of a whole FP8 tensor."""
-    import torch
-
-    (out, inp), (bh, bw) = q.shape, block
-    if out % bh == 0 and inp % bw == 0:  # whole blocks: one broadcast multiply
-        x = torch.empty(out, inp, dtype=torch.float32)
-        codes = q.contiguous().view(torch.uint8).numpy().reshape(-1)
-        decode_e4m3(codes, x.numpy().reshape(-1))
-        x.view(out // bh, bh, inp // bw, bw).mul_(scale[:, None, :, None])
-        return x
     scales = BlockScales(scale, tuple(q.shape), block)
     return dequantize_flat(q.reshape(-1), scales, 0).reshape(q.shape)
 
