@@ -33,6 +33,7 @@ ENV_CACHE = "RVHUB_CACHE"  # where the integrity cache lives (default ~/.cache/r
 ENV_DEBUG = "RVHUB_DEBUG"  # the CLI prints tracebacks
 ENV_DISABLE_PROGRESS = "RVHUB_DISABLE_PROGRESS_BARS"  # HF_HUB_DISABLE_PROGRESS_BARS works too
 ENV_GPU_PIN_CACHE_GB = "RVHUB_GPU_PIN_CACHE_GB"  # pinned vector files kept for later applies
+ENV_BUFFERED_WRITES = "RVHUB_BUFFERED_WRITES"  # 1: write outputs through the page cache
 
 # -- defaults and sizes -------------------------------------------------------------------------
 DEFAULT_MAX_SHARD = 5 * 1024**3

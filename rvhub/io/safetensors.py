@@ -20,9 +20,10 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
+from . import sink as _sink
 from .hashing import new_hasher
 
 if TYPE_CHECKING:
@@ -316,31 +317,12 @@ def build_header(
     return struct.pack("<Q", len(raw)) + raw, ranges
 
 
-def _libc_sync_file_range() -> Any:
-    """``sync_file_range(2)`` where the C library has it (Linux), else None."""
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _libc_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-WRITEBACK_BYTES = 64 << 20  # start the disk on each 64 MB as soon as it is written
-
-
 class SafetensorsWriter:
     """Write a safetensors file sequentially: header first, then each tensor's bytes in order.
 
-    The file is hashed (BLAKE3, on up to ``hash_threads`` threads) as it is written and
-    fsynced on :meth:`close`.
+    The file is hashed (BLAKE3, on up to ``hash_threads`` threads) as it is written, written
+    through a :mod:`rvhub.io.sink` (``O_DIRECT`` for large files where the file system takes
+    it) and fsynced on :meth:`close`.
     """
 
     def __init__(
@@ -355,24 +337,18 @@ class SafetensorsWriter:
         self.path = path
         header, self.ranges = build_header(specs, metadata)
         self._order = [s[0] for s in specs]
-        self._file: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._data_start = len(header)
+        self._expected = self._data_start + (self.ranges[self._order[-1]][1] if specs else 0)
+        self._sink: _sink.Sink = _sink.open_sink(path, self._expected)
         self._hash = new_hasher(threads=hash_threads) if hash_contents else None
         self._written = 0
-        self._kicked = 0
         self._write(memoryview(header))
-        self._data_start = len(header)
 
     def _write(self, data: memoryview) -> None:
-        self._file.write(data)
+        self._sink.write(data)
         if self._hash is not None:
             self._hash.update(data)
         self._written += len(data)
-        if self._written - self._kicked >= WRITEBACK_BYTES and _sync_file_range is not None:
-            # Start writing back what is written so far, without waiting: the disk works
-            # while we compute, and the fsync in close() finds little left to do.
-            self._file.flush()
-            _sync_file_range(self._file.fileno(), self._kicked, 0, _SYNC_FILE_RANGE_WRITE)
-            self._kicked = self._written
 
     def write(self, data: memoryview | bytes) -> None:
         """Append raw bytes; callers write tensors in ``specs`` order."""
@@ -383,16 +359,16 @@ class SafetensorsWriter:
 
     def close(self) -> tuple[str, int]:
         """Flush, fsync and close; returns (BLAKE3 hex, or "" when not hashing, size)."""
-        expected = self._data_start + (self.ranges[self._order[-1]][1] if self._order else 0)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        if self._written != expected:
-            raise RuntimeError(f"wrote {self._written} bytes to {self.path}, expected {expected}")
+        if self._written != self._expected:
+            self._sink.abort()
+            raise RuntimeError(
+                f"wrote {self._written} bytes to {self.path}, expected {self._expected}"
+            )
+        self._sink.close()
         return (self._hash.hexdigest() if self._hash is not None else ""), self._written
 
     def abort(self) -> None:
-        self._file.close()
+        self._sink.abort()
 
 
 FileStamp = tuple[int, int, int, int, int]
