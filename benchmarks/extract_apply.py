@@ -6,7 +6,8 @@
 Builds two 3.09 GB bf16 checkpoints (hidden 1536, 28 layers, intermediate 8960, vocab
 151936, tied embeddings) in a temp folder, warms the page cache, then times, in one run:
 
-* the I/O floor: reading the inputs and writing + fsyncing the output's bytes;
+* the I/O floor: reading the inputs and writing + fsyncing the output's bytes, through the
+  page cache and (a second floor) with O_DIRECT, as rvhub writes large files;
 * ``rvhub extract A B`` and ``rvhub apply v B`` (the CLI, as users run it);
 * the naive scripts a user writes: load with transformers, subtract/add, save.
 
@@ -200,7 +201,12 @@ def main() -> None:
         env_note = f"median of {args.repeat}"
         print(f"\nextract ({env_note})", flush=True)
         contenders: list[Contender] = [
-            ("I/O floor", lambda: io_floor_cmd([a_w, b_w], floor_out), floor_out)
+            ("I/O floor", lambda: io_floor_cmd([a_w, b_w], floor_out), floor_out),
+            (
+                "I/O floor, O_DIRECT",
+                lambda: io_floor_cmd([a_w, b_w], floor_out, direct=True),
+                floor_out,
+            ),
         ]
         if base_env:
             contenders.append(
@@ -221,9 +227,9 @@ def main() -> None:
                     vec,
                 )
             )
-        floor, *runs = measure(contenders, args.repeat)
-        rows = [("I/O floor (read A+B, write+fsync v)", floor)]
-        rows += [(c[0], r) for c, r in zip(contenders[1:], runs, strict=True)]
+        floor, dfloor, *runs = measure(contenders, args.repeat)
+        rows = [("I/O floor (read A+B, write+fsync v)", floor), ("same, O_DIRECT writes", dfloor)]
+        rows += [(c[0], r) for c, r in zip(contenders[2:], runs, strict=True)]
         extracts = runs[-len(thread_counts) :]
         if not args.skip_naive:
             naive_out = root / "naive"
@@ -248,7 +254,14 @@ def main() -> None:
         v_w = vec / "vector.safetensors"
         drop_cache_hint([vec])
         print(f"\napply ({env_note})", flush=True)
-        contenders = [("I/O floor", lambda: io_floor_cmd([b_w, v_w], floor_out), floor_out)]
+        contenders = [
+            ("I/O floor", lambda: io_floor_cmd([b_w, v_w], floor_out), floor_out),
+            (
+                "I/O floor, O_DIRECT",
+                lambda: io_floor_cmd([b_w, v_w], floor_out, direct=True),
+                floor_out,
+            ),
+        ]
         if base_env:
             run_measured(rvhub_cmd("extract", str(a), str(b), "-o", str(base_vec)), base_env)
             drop_cache_hint([base_vec])
@@ -272,9 +285,9 @@ def main() -> None:
             )
         # every rvhub process pays this before its first byte of work: the floor does not
         contenders.append(("torch import", lambda: [sys.executable, "-c", "import torch"], out))
-        floor2, *runs2, torch_import = measure(contenders, args.repeat)
-        rows = [("I/O floor (read θ+v, write+fsync)", floor2)]
-        rows += [(c[0], r) for c, r in zip(contenders[1:], [*runs2, torch_import], strict=True)]
+        floor2, dfloor2, *runs2, torch_import = measure(contenders, args.repeat)
+        rows = [("I/O floor (read θ+v, write+fsync)", floor2), ("same, O_DIRECT writes", dfloor2)]
+        rows += [(c[0], r) for c, r in zip(contenders[2:], [*runs2, torch_import], strict=True)]
         applies = runs2[-len(thread_counts) :]
         app = applies[-1]
         if not args.skip_naive:
@@ -329,6 +342,10 @@ def main() -> None:
                 f"{ext.peak_rss_mb:.0f} MB; apply {ap_run.seconds / floor2.seconds:.2f}× floor at "
                 f"{ap_run.peak_rss_mb:.0f} MB (targets: ≤ 1.6×, ≤ 1.1×); apply without "
                 f"the torch import {(ap_run.seconds - torch_import.seconds) / floor2.seconds:.2f}×"
+            )
+            print(
+                f"  against the O_DIRECT floor: extract {ext.seconds / dfloor.seconds:.2f}×, "
+                f"apply {ap_run.seconds / dfloor2.seconds:.2f}×"
             )
     finally:
         shutil.rmtree(root, ignore_errors=True)
