@@ -9,8 +9,9 @@ with ``O_DIRECT`` from two page-aligned staging buffers: the caller's thread cop
 hashes into one while a helper thread writes the other to the disk. The last block is padded
 to the alignment and the file then truncated to its size.
 
-Where ``O_DIRECT`` is missing (macOS, Windows), refused (tmpfs, some FUSE file systems), or
-turned off (``RVHUB_BUFFERED_WRITES=1``), and for files under :data:`DIRECT_MIN_BYTES`,
+Where ``O_DIRECT`` is missing (macOS, Windows) or refused (the first aligned write is a
+probe; some FUSE file systems refuse it, while tmpfs on this project's Linux 6.18 takes it),
+or turned off (``RVHUB_BUFFERED_WRITES=1``), and for files under :data:`DIRECT_MIN_BYTES`,
 writes go through the page cache with early writeback (``sync_file_range``), as before.
 The bytes are the same either way (tests/test_sink.py).
 """
