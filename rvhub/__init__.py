@@ -21,6 +21,11 @@ from ._version import __version__
 
 # public name -> the module that defines it
 _LAZY = {
+    "ApplyOptions": "rvhub.options",
+    "HubOptions": "rvhub.options",
+    "LoraOptions": "rvhub.options",
+    "WriteOptions": "rvhub.options",
+    "Manifest": "rvhub.manifest",
     "ApplyReport": "rvhub.ops.plan",
     "Checkpoint": "rvhub.checkpoint",
     "CompatibilityError": "rvhub.errors",
@@ -44,16 +49,21 @@ _LAZY = {
 }
 
 __all__ = [
+    "ApplyOptions",
     "ApplyReport",
     "Checkpoint",
     "CompatibilityError",
     "HubError",
+    "HubOptions",
     "InputError",
     "IntegrityError",
+    "LoraOptions",
+    "Manifest",
     "PushResult",
     "ReasoningVector",
     "RvhubError",
     "Scores",
+    "WriteOptions",
     "__version__",
     "apply_to_checkpoint",
     "check_target",
@@ -89,7 +99,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .errors import CompatibilityError, HubError, InputError, IntegrityError, RvhubError
     from .hub.push import PushResult, push_vector
     from .hub.resolve import open_checkpoint
+    from .manifest import Manifest
     from .ops.plan import ApplyReport
+    from .options import ApplyOptions, HubOptions, LoraOptions, WriteOptions
     from .vector import (
         ReasoningVector,
         apply_to_checkpoint,

@@ -1,8 +1,9 @@
 """``check_target``: does a vector fit a model, and does the model descend from its base?
 
-Reads only what that needs (the manifest, the hash-checked lineage fingerprint, the target's
-safetensors headers and a few values per tensor) and imports no torch, so ``rvhub check``
-answers in well under a second.
+Runs the pre-flight every apply runs (:func:`rvhub.ops.prepare.prepare_apply`, the same
+checks in the same order with the same messages), reading only what that needs: the manifest,
+the hash-checked lineage fingerprint, the target's safetensors headers and a few values per
+tensor. It imports no torch, so ``rvhub check`` answers in well under a second.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from .checkpoint import Checkpoint, check_config
 from .constants import LINEAGE_FILE
 from .hub.resolve import open_checkpoint, resolve_artifact
 from .lineage import LineageReport, read_lineage
-from .manifest import load_manifest, verify_artifact
-from .ops.lineage import checkpoint_lineage
-from .ops.plan import ApplyPlan, plan_apply
+from .manifest import Manifest, verify_artifact
+from .ops.plan import ApplyPlan
+from .ops.prepare import ApplyTarget, VectorFacts, prepare_apply
+from .options import ApplyOptions
 
 
 def check_target(
@@ -27,24 +29,24 @@ def check_target(
     target_revision: str | None = None,
     vocab: str = "strict",
     config_check: bool = True,
+    allow_unrelated: bool = False,
+    options: ApplyOptions | None = None,
 ) -> CheckResult:
-    """Whether ``vector`` fits ``target``, reading only what that needs: the manifest, the
-    lineage fingerprint (hash-checked), the target's headers and a few values per tensor.
+    """Whether ``vector`` fits ``target``: raises exactly what an apply would raise before
+    writing (model type, shapes, vocabulary, lineage, non-finite deltas), else returns the
+    plan and the lineage figures.
 
-    Raises :class:`~rvhub.CompatibilityError` where an apply would refuse for shapes, model
-    type or vocabulary; the lineage verdict is in the result (``result.lineage.verdict``).
+    ``options`` (an :class:`~rvhub.options.ApplyOptions`) replaces ``vocab`` and
+    ``allow_unrelated`` to check one particular apply.
 
     Example:
         >>> check_target("user/vector", "./my-instruct-model").lineage.describe()
     """
+    options = options or ApplyOptions(vocab=vocab, allow_unrelated=allow_unrelated)
     folder, _ = resolve_artifact(vector, revision=revision, only=[LINEAGE_FILE])
-    manifest = load_manifest(folder)
-    if LINEAGE_FILE in manifest["files"]:  # the only artifact file the check reads
-        one = {
-            "format_version": manifest["format_version"],
-            "files": {LINEAGE_FILE: manifest["files"][LINEAGE_FILE]},
-        }
-        verify_artifact(folder, one)
+    manifest = Manifest.read(folder)
+    if LINEAGE_FILE in manifest.files:  # the only artifact file the check reads
+        verify_artifact(folder, manifest.only([LINEAGE_FILE]))
     ckpt = (
         target
         if isinstance(target, Checkpoint)
@@ -52,17 +54,11 @@ def check_target(
     )
     if config_check:
         check_config(ckpt)
-    shapes = {n: tuple(i["shape"]) for n, i in manifest["tensors"].items()}
-    plan = plan_apply(
-        shapes,
-        manifest.get("model") or {},
-        {n: e.shape for n, e in ckpt.entries.items()},
-        ckpt.config,
-        vocab=vocab,
-        target_tied=ckpt.tie_word_embeddings and "lm_head.weight" not in ckpt.entries,
+    facts = VectorFacts(
+        manifest.shapes, manifest.model, manifest, read_lineage(folder, manifest), source=None
     )
-    report = checkpoint_lineage(read_lineage(folder, manifest), shapes, ckpt)
-    return CheckResult(plan=plan, lineage=report)
+    prepared = prepare_apply(facts, ApplyTarget.of_checkpoint(ckpt), options)
+    return CheckResult(plan=prepared.plan, lineage=prepared.lineage)
 
 
 @dataclass

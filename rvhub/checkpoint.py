@@ -255,7 +255,7 @@ def check_config(ckpt: Checkpoint) -> None:
         raise InputError(
             f"{ckpt.path}: {ckpt.config_problem}, so rvhub cannot check the architecture, the "
             "tied embeddings or the vocabulary; add the model's config.json, or pass "
-            "--no-config-check if you know the checkpoints match"
+            "`config_check=False` if you know the checkpoints match"
         )
 
 

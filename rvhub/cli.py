@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -26,10 +27,69 @@ from .constants import ENV_DEBUG
 from .engines import ENGINE_NAMES
 from .errors import RvhubError
 from .io.progress import human_bytes
+from .options import ApplyOptions
 
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+# The library's errors name Python parameters in backticks (`rank`, `vocab='overlap'`,
+# `allow_unrelated=True`); this is the one place they become the flags a shell user types.
+FLAGS: dict[str, str] = {
+    "allow_nonfinite": "--allow-nonfinite",
+    "allow_unrelated": "--allow-unrelated",
+    "base_model": "--base-model",
+    "card": "--card",
+    "batch_size": "--batch-size",
+    "device": "--device",
+    "dtype": "--dtype",
+    "encoding": "--encoding",
+    "energy": "--energy",
+    "engine": "--for",
+    "eval_dir": "--eval",
+    "exclude": "--exclude",
+    "include_path": "--include-path",
+    "license": "--license",
+    "limit": "--limit",
+    "max_error": "--max-error",
+    "max_shard_size": "--max-shard-size",
+    "num_fewshot": "--num-fewshot",
+    "overwrite": "--overwrite",
+    "private": "--private",
+    "rank": "--rank",
+    "revision": "--revision",
+    "scale": "--scale",
+    "scales": "--scales",
+    "svd": "--svd",
+    "tasks": "--tasks",
+    "threads": "--threads",
+    "vocab": "--vocab",
+}
+NEGATED_FLAGS: dict[str, str] = {"config_check": "--no-config-check"}
+_PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
+_PLAIN_VALUE = re.compile(r"[\w.:+-]+")
+
+
+def flag_message(message: str) -> str:
+    """A library message as a shell user should read it: `rank` -> --rank,
+    `vocab='overlap'` -> --vocab overlap, `allow_unrelated=True` -> --allow-unrelated,
+    `config_check=False` -> --no-config-check; other backticked text is left as it is."""
+
+    def flag(m: re.Match[str]) -> str:
+        name, value = m.group(1), m.group(2)
+        if value == "False" and name in NEGATED_FLAGS:
+            return NEGATED_FLAGS[name]
+        if name not in FLAGS:
+            return m.group(0)
+        if value is None or value == "True":
+            return FLAGS[name]
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        if quoted and _PLAIN_VALUE.fullmatch(value[1:-1]):
+            value = value[1:-1]
+        return f"{FLAGS[name]} {value}"
+
+    return _PARAMETER.sub(flag, message)
 
 
 class Terminated(BaseException):
@@ -72,7 +132,7 @@ class RvhubGroup(click.Group):
         except RvhubError as e:
             if os.environ.get(ENV_DEBUG):
                 traceback.print_exc()
-            click.echo(f"Error: {_one_line(str(e))}", err=True)
+            click.echo(f"Error: {_one_line(flag_message(str(e)))}", err=True)
             code = e.exit_code
         except KeyboardInterrupt:
             click.echo("Interrupted; the output path was left as it was.", err=True)
@@ -107,15 +167,6 @@ def _setup_logging(verbose: bool) -> None:
         # huggingface_hub logs retries and "no files have been modified" itself; the CLI says
         # what happened in one line (rvhub -v shows them).
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-
-
-def _float_arg(value: str, what: str) -> float:
-    from .ops.plan import check_scale
-
-    try:
-        return check_scale(value)
-    except RvhubError as e:
-        raise click.UsageError(str(e).replace("scale", what, 1)) from None
 
 
 @click.group(cls=RvhubGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -257,49 +308,38 @@ def _encoding_options(func: Any) -> Any:
     return func
 
 
-def _write_encoded(vec: Any, output: Path, options: dict[str, Any]) -> Path:
-    """Save ``vec`` with the encoding options of ``extract``/``compress`` (see
-    ``_encoding_options``), refusing LoRA options without ``--encoding lora``."""
-    from .vector import compress_vector
+def _write_options(options: dict[str, Any], **more: Any) -> Any:
+    """:class:`~rvhub.options.WriteOptions` from the ``_encoding_options`` flags (and ``more``)."""
+    from .options import WriteOptions
 
-    lora_only = [options[k] for k in ("rank", "energy", "max_error", "base_model")]
-    if options["encoding"] != "lora" and (
-        any(x is not None for x in lora_only) or options["engine"] != "peft"
-    ):
-        raise click.UsageError(
-            "--rank/--energy/--max-error/--for/--base-model need --encoding lora"
-        )
-    return compress_vector(vec, output, **options)
+    return WriteOptions.build(**options, **more)
 
 
 def _report_written(path: Path) -> None:
-    from .manifest import load_manifest
+    from .manifest import Manifest
 
-    manifest = load_manifest(path)
-    stats = manifest["stats"]
-    size = human_bytes(sum(f["size"] for f in manifest["files"].values()))
-    comp = manifest.get("compression")
-    if comp:
-        extra = f"{comp['ratio']:.1%} of dense"
-        if comp.get("encoding") == "lora":
+    manifest = Manifest.read(path)
+    size = human_bytes(manifest.nbytes)
+    comp = manifest.compression
+    head = f"wrote {path} ({manifest.encoding}, {len(manifest.tensors)} tensors, {size}, "
+    if comp is not None:
+        figures = comp.figures
+        extra = f"{figures['ratio']:.1%} of dense"
+        if comp.encoding == "lora":
             extra += (
-                f", LoRA error {comp['overall_rel_error']:.3f} relative, "
-                f"ranks {comp['ranks']['min']}–{comp['ranks']['max']}"
+                f", LoRA error {figures['overall_rel_error']:.3f} relative, "
+                f"ranks {figures['ranks']['min']}–{figures['ranks']['max']}"
             )
-        click.echo(
-            f"wrote {path} ({manifest['encoding']}, {len(manifest['tensors'])} tensors, {size}, {extra})"
-        )
-        if comp.get("encoding") == "lora":
+        click.echo(head + extra + ")")
+        report = comp.engines.get(comp.profile) if comp.encoding == "lora" else None
+        if report and (report["share"] < 0.99 or not report["loads"] or report["server"]):
             from .ops.summary import engine_line
 
-            engine = comp.get("profile", "peft")
-            report = (comp.get("engines") or {}).get(engine)
-            if report and (report["share"] < 0.99 or not report["loads"] or report["server"]):
-                click.echo(engine_line(engine, report))
+            click.echo(engine_line(comp.profile, report))
         return
-    err = stats.get("roundtrip_error", {})
+    err = manifest.stats.roundtrip_error or {}
     click.echo(
-        f"wrote {path} ({len(manifest['tensors'])} tensors, {size}, ‖v‖ = {stats['norm']:.4g}, "
+        f"wrote {path} ({len(manifest.tensors)} tensors, {size}, ‖v‖ = {manifest.stats.norm:.4g}, "
         f"round-trip error {err.get('rel', 0):.2e} relative)"
     )
 
@@ -349,11 +389,15 @@ def extract(
     computed in float32, streamed tensor by tensor, and written atomically.
     """
     from .io.atomic import check_output
-    from .io.safetensors import parse_dtype
-    from .vector import extract_vector, parse_size
+    from .vector import extract_vector
 
+    options = _write_options(
+        encoding_options,
+        dtype=dtype,
+        allow_nonfinite=allow_nonfinite,
+        max_shard_size=max_shard_size,
+    )
     check_output(output, overwrite=overwrite)
-    torch_dtype = parse_dtype(dtype) if dtype else None
     vec = extract_vector(
         a,
         b,
@@ -362,15 +406,7 @@ def extract(
         exclude=exclude,
         config_check=not no_config_check,
     )
-    options = dict(
-        encoding_options,
-        dtype=torch_dtype,
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
-        max_shard_size=parse_size(max_shard_size),
-    )
-    path = _write_encoded(vec, output, options)
-    _report_written(path)
+    _report_written(vec.save(output, options=options, overwrite=overwrite))
 
 
 @cli.command()
@@ -469,24 +505,26 @@ def apply(
     from .io.atomic import check_output
     from .vector import apply_to_checkpoint, load_vector
 
-    alpha = _float_arg(scale, "--scale")
+    options = ApplyOptions(
+        scale=scale,
+        exclude=exclude,
+        vocab=vocab,
+        allow_nonfinite=allow_nonfinite,
+        allow_unrelated=allow_unrelated,
+        dtype=dtype,
+        device=device,
+        threads=threads,
+    )
     check_output(output, overwrite=overwrite)
     vec = load_vector(vector, revision=revision)
     report = apply_to_checkpoint(
         vec,
         target,
         output,
-        scale=alpha,
-        exclude=list(exclude),
-        vocab=vocab,
+        options=options,
         overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
-        allow_unrelated=allow_unrelated,
         revision=target_revision,
-        device=device,
         config_check=not no_config_check,
-        dtype=dtype,
-        threads=threads,
     )
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
@@ -508,14 +546,13 @@ def verify(
     vector: str, revision: str | None, against: tuple[str, str] | None, tolerance: float | None
 ) -> None:
     """Check a vector's files against their hashes in rvhub.json (and optionally B + v ≈ A)."""
-    from .manifest import file_hash_of, verify_artifact
+    from .manifest import verify_artifact
     from .vector import load_vector
 
     vec = load_vector(vector, revision=revision, verify=False)
     assert vec.path is not None and vec.manifest is not None
     files = verify_artifact(vec.path, vec.manifest, full=True)
-    algorithm = file_hash_of(vec.manifest["format_version"])
-    click.echo(f"ok: {len(files)} files match their {algorithm} in rvhub.json")
+    click.echo(f"ok: {len(files)} files match their {vec.manifest.file_hash} in rvhub.json")
     if against:
         result = vec.verify_against(against[0], against[1], tolerance=tolerance)
         click.echo(
@@ -545,7 +582,6 @@ def check(
     Exits 0 when an apply would go ahead, 3 when it would refuse.
     """
     from .check import check_target
-    from .errors import CompatibilityError
 
     result = check_target(
         vector,
@@ -558,16 +594,11 @@ def check(
     lineage = result.lineage
     if as_json:
         click.echo(json.dumps({"lineage": lineage.as_json(), "applies": len(result.plan.targets)}))
-    else:
-        click.echo(f"fits: {len(result.plan.targets)} tensors would be applied")
-        click.echo(lineage.describe())
-        for name, dist in sorted(lineage.tensors.items(), key=lambda kv: -kv[1])[:10]:
-            click.echo(f"  {dist:8.4f}  {name}")
-    if lineage.verdict == "unrelated":
-        raise CompatibilityError(
-            f"the target is not of the vector's lineage (relative distance {lineage.overall:.2f}"
-            "); `rvhub apply` would refuse it without --allow-unrelated"
-        )
+        return
+    click.echo(f"fits: {len(result.plan.targets)} tensors would be applied")
+    click.echo(lineage.describe())
+    for name, dist in sorted(lineage.tensors.items(), key=lambda kv: -kv[1])[:10]:
+        click.echo(f"  {dist:8.4f}  {name}")
 
 
 @cli.command("eval")
@@ -655,25 +686,13 @@ def eval_(
     \b
     rvhub eval ./vec Qwen/Qwen2.5-1.5B-Instruct --tasks gsm8k --scales -1,0,0.5,1 -o eval-out
     """
-    from .errors import InputError
+    from .evaluation import load_eval_target, metric_values, require_lm_eval
     from .io.atomic import check_output
-    from .ops.evaluate import parse_scales, parse_tasks, require_lm_eval
+    from .vector import load_vector
 
-    task_list, alpha = parse_tasks(tasks), parse_scales(scales)
+    options = ApplyOptions(exclude=exclude, vocab=vocab, allow_unrelated=allow_unrelated)
     require_lm_eval()
     check_output(output, overwrite=overwrite)
-    count: int | float | None = None
-    if limit is not None:
-        if limit <= 0:
-            raise InputError(f"--limit must be positive, not {limit:g}")
-        count = int(limit) if limit >= 1 and float(limit).is_integer() else limit
-    batch: int | str = batch_size
-    if batch_size != "auto" and not batch_size.startswith("auto:"):
-        if not batch_size.isdigit() or int(batch_size) < 1:
-            raise InputError(f"--batch-size must be a positive integer or auto, not {batch_size!r}")
-        batch = int(batch_size)
-    from .vector import load_eval_target, load_vector
-
     vec = load_vector(vector, revision=revision)
     model, tokenizer, name = load_eval_target(
         target,
@@ -684,8 +703,6 @@ def eval_(
     )
 
     def done(point: Any) -> None:
-        from .ops.evaluate import metric_values
-
         shown = ", ".join(f"{m.task} {m.label} {m.value:.4g}" for m in metric_values(point.results))
         click.echo(
             f"α = {point.scale:+g}: {shown} (set in {point.switch_seconds:.2f} s, evaluated in {point.eval_seconds:.1f} s)"
@@ -694,17 +711,15 @@ def eval_(
     sweep = vec.evaluate(
         model,
         tokenizer,
-        tasks=task_list,
-        scales=alpha,
+        tasks=tasks,
+        scales=scales,
         output_dir=output,
         target=name,
         include_path=include_path,
-        limit=count,
-        batch_size=batch,
+        limit=limit,
+        batch_size=batch_size,
         num_fewshot=num_fewshot,
-        exclude=list(exclude),
-        vocab=vocab,
-        allow_unrelated=allow_unrelated,
+        options=options,
         overwrite=overwrite,
         on_point=done,
     )
@@ -819,11 +834,11 @@ def card(
     """
     from .hub.push import build_card
     from .hub.resolve import resolve_artifact
-    from .manifest import load_manifest
+    from .manifest import Manifest
 
     card_args = _card_arguments(card_options)
     folder, origin = resolve_artifact(vector, revision=revision)
-    manifest = load_manifest(folder)
+    manifest = Manifest.read(folder)
     if repo_id is None and origin.get("kind") == "hub":
         repo_id = origin["repo_id"]
     rendered = build_card(
@@ -926,17 +941,10 @@ def compress(
     from .io.atomic import check_output
     from .vector import load_vector
 
+    options = _write_options(encoding_options, dtype=dtype, allow_nonfinite=allow_nonfinite)
     check_output(output, overwrite=overwrite)
     vec = load_vector(vector, revision=revision)
-    options = dict(
-        encoding_options,
-        dtype=dtype,
-        exclude=list(exclude),
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
-    )
-    path = _write_encoded(vec, output, options)
-    _report_written(path)
+    _report_written(vec.save(output, options=options, exclude=exclude, overwrite=overwrite))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

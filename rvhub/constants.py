@@ -36,7 +36,7 @@ ENV_GPU_PIN_CACHE_GB = "RVHUB_GPU_PIN_CACHE_GB"  # pinned vector files kept for 
 ENV_BUFFERED_WRITES = "RVHUB_BUFFERED_WRITES"  # 1: write outputs through the page cache
 
 # -- defaults and sizes -------------------------------------------------------------------------
-DEFAULT_MAX_SHARD = 5 * 1024**3
+DEFAULT_MAX_SHARD = "5GB"  # decimal, like transformers' max_shard_size
 # Elements per read/compute/write unit (2 MB of bf16) and how many finished slabs may wait for
 # the writer thread (docs/design.md says why these values).
 SLAB_ELEMS = 1024 * 1024
@@ -67,11 +67,13 @@ LAYERS: dict[str, int] = {
     "lineage": 1,
     "checkpoint": 1,
     "manifest": 1,
+    "options": 1,
     "sources": 2,
     "encodings": 2,
     "ops": 3,
     "hub": 4,
     "card": 4,
+    "evaluation": 4,
     "vector": 5,
     "check": 5,
     "cli": 6,

@@ -142,7 +142,7 @@ ENGINE_NAMES = tuple(ENGINES)
 def get_engine(name: str) -> Engine:
     """The rules of ``name``; an unknown name is a ``ValueError`` listing the known ones."""
     if name not in ENGINES:
-        raise ValueError(f"--for must be one of {', '.join(ENGINES)}, not {name!r}")
+        raise ValueError(f"`engine` must be one of {', '.join(ENGINES)}, not {name!r}")
     return ENGINES[name]
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from .constants import LINEAGE_FILE, LINEAGE_REFUSE, LINEAGE_RUN_LENGTH, LINEAGE_RUNS, LINEAGE_WARN
 from .errors import IntegrityError
 from .io.safetensors import FileHandles, SafetensorsWriter, TensorEntry, read_header
-from .manifest import artifact_file
+from .manifest import Manifest, artifact_file
 
 if TYPE_CHECKING:
     import torch
@@ -153,14 +153,14 @@ class Lineage:
         return LINEAGE_FILE
 
 
-def read_lineage(folder: Path, manifest: Mapping[str, Any]) -> Lineage | None:
+def read_lineage(folder: Path, manifest: Manifest) -> Lineage | None:
     """The fingerprint an artifact recorded, or None for one made before it existed."""
-    if LINEAGE_FILE not in manifest["files"]:
+    if LINEAGE_FILE not in manifest.files:
         return None
     path = artifact_file(folder, LINEAGE_FILE)
     entries, _ = read_header(path)
     out: dict[str, dict[str, np.ndarray]] = {"a": {}, "b": {}}
-    shapes = {n: tuple(i["shape"]) for n, i in manifest["tensors"].items()}
+    shapes = manifest.shapes
     with open(path, "rb") as f:
         for key, entry in entries.items():
             role, _, name = key.partition("::")

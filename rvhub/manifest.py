@@ -156,29 +156,23 @@ def file_hash_of(format_version: int) -> str:
     return "sha256" if format_version < 2 else FILE_HASH
 
 
-def file_digest(manifest: Mapping[str, Any], name: str) -> tuple[str, str]:
-    """``(algorithm, hex digest)`` the manifest records for its file ``name``."""
-    algorithm = file_hash_of(manifest["format_version"])
-    return algorithm, manifest["files"][name][algorithm]
-
-
-def check_files_present(folder: Path, manifest: dict[str, Any]) -> list[str]:
+def check_files_present(folder: Path, manifest: Manifest) -> list[str]:
     """Check that every file the manifest lists exists with its recorded size; returns names.
 
     Raises :class:`IntegrityError` naming the first file that fails (hashes are
     :func:`verify_artifact`'s job).
     """
     checked = []
-    for name, info in manifest["files"].items():
+    for name, info in manifest.files.items():
         path = artifact_file(folder, name)
         if not path.is_file():
             raise IntegrityError(
                 f"{folder}: {name} is missing; re-download or re-create the vector"
             )
         size = path.stat().st_size
-        if size != info["size"]:
+        if size != info.size:
             raise IntegrityError(
-                f"{name} is {size} bytes, the manifest says {info['size']}: the file was "
+                f"{name} is {size} bytes, the manifest says {info.size}: the file was "
                 "modified or truncated; re-download the vector"
             )
         checked.append(name)
@@ -276,8 +270,38 @@ class SourceFingerprint:
         return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Where a vector's deltas come from, as its manifest records it: the sources (by role),
+    the model identity and config, what was excluded or skipped, and for a combination of
+    vectors its terms."""
+
+    sources: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    model: Mapping[str, Any] = field(default_factory=dict)
+    model_config: Mapping[str, Any] = field(default_factory=dict)
+    excluded: tuple[str, ...] = ()
+    exclude_patterns: tuple[str, ...] = ()
+    skipped_non_float: tuple[str, ...] = ()
+    combination: tuple[Mapping[str, Any], ...] | None = None
+
+    @classmethod
+    def of_manifest(cls, manifest: Manifest) -> Provenance:
+        return cls(
+            sources={r: s.to_json() for r, s in manifest.sources.items()},
+            model=manifest.model,
+            model_config=manifest.model_config,
+            excluded=manifest.excluded,
+            exclude_patterns=manifest.exclude_patterns,
+            skipped_non_float=manifest.skipped_non_float,
+            combination=manifest.combination or None,
+        )
+
+    def source(self, role: str) -> SourceRecord:
+        return SourceRecord.from_json(self.sources.get(role))
+
+
 def build_manifest(
-    meta: Mapping[str, Any],
+    provenance: Provenance,
     encoding: str,
     *,
     excluded: list[str],
@@ -291,7 +315,7 @@ def build_manifest(
 ) -> dict[str, Any]:
     """The whole manifest of a new artifact, the same provenance fields for every encoding.
 
-    ``meta`` is the vector's provenance (sources, model, earlier exclusions, combination);
+    ``provenance`` is the vector's (sources, model, earlier exclusions, combination);
     ``fingerprints`` the content fingerprints of local sources by role (``a``, ``b``).
     """
     sources = {
@@ -301,8 +325,8 @@ def build_manifest(
             "fingerprint_algorithm": SourceFingerprint.algorithm,
         }
         if role in fingerprints
-        else info
-        for role, info in (meta.get("sources") or {}).items()
+        else dict(info)
+        for role, info in provenance.sources.items()
     }
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -311,13 +335,17 @@ def build_manifest(
         "rvhub_version": __version__,
         "created_at": now_iso(),
         "sources": sources,
-        "model": meta.get("model") or {},
-        **({"model_config": meta["model_config"]} if meta.get("model_config") else {}),
+        "model": dict(provenance.model),
+        **({"model_config": dict(provenance.model_config)} if provenance.model_config else {}),
         "math_dtype": "float32",
-        "excluded": list(meta.get("excluded") or []) + excluded,
-        "exclude_patterns": list(meta.get("exclude_patterns") or []) + exclude_patterns,
-        "skipped_non_float": list(meta.get("skipped_non_float") or []),
-        **({"combination": meta["combination"]} if "combination" in meta else {}),
+        "excluded": [*provenance.excluded, *excluded],
+        "exclude_patterns": [*provenance.exclude_patterns, *exclude_patterns],
+        "skipped_non_float": list(provenance.skipped_non_float),
+        **(
+            {"combination": list(provenance.combination)}
+            if provenance.combination is not None
+            else {}
+        ),
         "dtype": sorted(set(dtypes)),
         "files": files,
         "tensors": tensors,
@@ -348,7 +376,7 @@ def _cache_path() -> Path:
 _verified_here: dict[str, tuple[list[int], str]] = {}  # this process's checks, by path
 
 
-def verify_artifact(folder: Path, manifest: dict[str, Any], *, full: bool = False) -> list[str]:
+def verify_artifact(folder: Path, manifest: Manifest, *, full: bool = False) -> list[str]:
     """Check every listed file's size and digest (BLAKE3, or sha256 in a format-1 manifest).
 
     A file whose identity stamp (:func:`rvhub.io.safetensors.file_stamp`) matches a previous
@@ -358,17 +386,17 @@ def verify_artifact(folder: Path, manifest: dict[str, Any], *, full: bool = Fals
     """
     check_files_present(folder, manifest)  # sizes and presence first: cheap, clear errors
     todo = []
-    for name in manifest["files"]:
+    for name, record in manifest.files.items():
         path = artifact_file(folder, name)
         key = str(path.resolve())
         stamp = list(file_stamp(path))
-        algorithm, hexdigest = file_digest(manifest, name)
+        algorithm, hexdigest = record.algorithm, record.digest
         want = f"{algorithm}:{hexdigest}"
         if not full and _verified_here.get(key) == (stamp, want):
             continue
         todo.append((name, algorithm, hexdigest, path, key, stamp))
     if not todo:
-        return list(manifest["files"])
+        return list(manifest.files)
     cache = _load_cache()
     changed = False
     for name, algorithm, hexdigest, path, key, stamp in todo:
@@ -390,7 +418,7 @@ def verify_artifact(folder: Path, manifest: dict[str, Any], *, full: bool = Fals
         _verified_here[key] = (stamp, want)
     if changed:
         _save_cache(cache)
-    return list(manifest["files"])
+    return list(manifest.files)
 
 
 def _load_cache() -> dict[str, Any]:
@@ -430,3 +458,210 @@ def remember_written(
         cache[key] = {"stamp": list(stamps[name]), "digest": want}
         _verified_here[key] = (list(stamps[name]), want)
     _save_cache(cache)
+
+
+# -- the typed view -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One source of a vector (role ``a`` or ``b``): a Hub repo at a commit, a local folder
+    with its content fingerprint, or a model in memory."""
+
+    kind: str = "local"
+    repo_id: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    content_fingerprint: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> SourceRecord:
+        data = data if isinstance(data, dict) else {}
+        text = {k: data.get(k) for k in ("repo_id", "revision", "path", "content_fingerprint")}
+        return cls(
+            kind=str(data.get("kind") or "local"),
+            **{k: (str(v) if v is not None else None) for k, v in text.items()},
+            raw=data,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.raw)
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One tensor of the vector: its shape and storage dtype, ‖Δ‖, NaN/Inf count, and for
+    compressed encodings how it is stored (``dense``, ``lora`` with its rank and error,
+    ``sparse``)."""
+
+    shape: tuple[int, ...]
+    dtype: str | None = None
+    norm: float = 0.0
+    nonfinite: int = 0
+    stored: str = "dense"
+    rank: int = 0
+    rel_error: float = 0.0
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorRecord:
+        return cls(
+            shape=tuple(data["shape"]),
+            dtype=data.get("dtype"),
+            norm=float(data.get("norm") or 0.0),
+            nonfinite=int(data.get("nonfinite") or 0),
+            stored=str(data.get("stored") or "dense"),
+            rank=int(data.get("rank") or 0),
+            rel_error=float(data.get("rel_error") or 0.0),
+        )
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of the artifact: its size and digest (``algorithm``: blake3, or sha256 in
+    format 1)."""
+
+    size: int
+    algorithm: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class Stats:
+    """‖v‖, per-block norms and, for an extracted vector, the round-trip error ‖B + v − A‖."""
+
+    norm: float | None = None
+    layer_norms: Mapping[str, float] = field(default_factory=dict)
+    roundtrip_error: Mapping[str, Any] | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Stats:
+        data = data if isinstance(data, dict) else {}
+        norm = data.get("norm")
+        return cls(
+            norm=float(norm) if isinstance(norm, (int, float)) else None,
+            layer_norms=dict(data.get("layer_norms") or {}),
+            roundtrip_error=data.get("roundtrip_error") or None,
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How a compressed artifact holds the vector: the encoding's own figures (``figures``:
+    sizes, ranks, errors) and, for LoRA, the engine profile it was written for and what each
+    serving engine applies of it (``engines``)."""
+
+    encoding: str
+    profile: str = "peft"
+    engines: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    figures: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Compression | None:
+        if not isinstance(data, dict):
+            return None
+        return cls(
+            encoding=str(data.get("encoding") or ""),
+            profile=str(data.get("profile") or "peft"),
+            engines=dict(data.get("engines") or {}),
+            figures=data,
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``rvhub.json``, validated and typed: what every module outside this one reads.
+
+    Build it with :meth:`from_json` (validates, like :func:`load_manifest`) or :meth:`read`;
+    :meth:`to_json` gives back the document as stored.
+    """
+
+    format_version: int
+    encoding: str
+    files: Mapping[str, FileRecord]
+    tensors: Mapping[str, TensorRecord]
+    sources: Mapping[str, SourceRecord] = field(default_factory=dict)
+    model: Mapping[str, Any] = field(default_factory=dict)
+    model_config: Mapping[str, Any] = field(default_factory=dict)
+    dtype: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()
+    exclude_patterns: tuple[str, ...] = ()
+    skipped_non_float: tuple[str, ...] = ()
+    stats: Stats = field(default_factory=Stats)
+    compression: Compression | None = None
+    lineage: Mapping[str, Any] | None = None
+    combination: tuple[Mapping[str, Any], ...] = ()
+    rvhub_version: str | None = None
+    created_at: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Manifest:
+        validate_manifest(data)
+        algorithm = file_hash_of(data["format_version"])
+        files = {
+            n: FileRecord(int(f["size"]), algorithm, str(f[algorithm]))
+            for n, f in data["files"].items()
+        }
+
+        def names(key: str) -> tuple[str, ...]:
+            return tuple(str(x) for x in (data.get(key) or []))
+
+        return cls(
+            format_version=int(data["format_version"]),
+            encoding=str(data["encoding"]),
+            files=files,
+            tensors={n: TensorRecord.from_json(t) for n, t in data["tensors"].items()},
+            sources={r: SourceRecord.from_json(s) for r, s in (data.get("sources") or {}).items()},
+            model=dict(data.get("model") or {}),
+            model_config=dict(data.get("model_config") or {}),
+            dtype=names("dtype"),
+            excluded=names("excluded"),
+            exclude_patterns=names("exclude_patterns"),
+            skipped_non_float=names("skipped_non_float"),
+            stats=Stats.from_json(data.get("stats")),
+            compression=Compression.from_json(data.get("compression")),
+            lineage=data.get("lineage") or None,
+            combination=tuple(data.get("combination") or ()),
+            rvhub_version=data.get("rvhub_version"),
+            created_at=data.get("created_at"),
+            raw=data,
+        )
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        """``folder``'s ``rvhub.json``, validated (see :func:`load_manifest`)."""
+        return cls.from_json(load_manifest(folder))
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.raw))
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: t.shape for n, t in self.tensors.items()}
+
+    @property
+    def records_nonfinite(self) -> bool:
+        """Whether any delta holds NaN/Inf (as recorded when the files were written)."""
+        return any(t.nonfinite for t in self.tensors.values())
+
+    @property
+    def file_hash(self) -> str:
+        return file_hash_of(self.format_version)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    def digest(self, name: str) -> str:
+        """``algorithm:hex`` of the artifact file ``name``."""
+        f = self.files[name]
+        return f"{f.algorithm}:{f.digest}"
+
+    def only(self, names: Iterable[str]) -> Manifest:
+        """The same manifest listing only the files ``names`` (to verify just those)."""
+        keep = set(names)
+        raw = {**self.raw, "files": {n: f for n, f in self.raw["files"].items() if n in keep}}
+        return Manifest.from_json(raw)

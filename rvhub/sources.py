@@ -57,7 +57,7 @@ def compile_excludes(patterns: Iterable[str]) -> list[re.Pattern[str]]:
         try:
             out.append(re.compile(p))
         except re.error as e:
-            raise InputError(f"--exclude {p!r} is not a valid regular expression: {e}") from None
+            raise InputError(f"`exclude` {p!r} is not a valid regular expression: {e}") from None
     return out
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,48 +23,45 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .architecture import model_identity
 from .checkpoint import Checkpoint, check_config
 from .constants import DEFAULT_MAX_SHARD, PICKLE_SUFFIXES
-from .encodings import WriteOptions, open_source, write_artifact
-from .errors import CompatibilityError, InputError, IntegrityError
+from .encodings import open_source, write_artifact
+from .errors import InputError, IntegrityError
 from .hub.resolve import open_checkpoint, resolve_artifact
-from .io.atomic import atomic_dir, check_disjoint, check_output
-from .io.cores import resolve_threads
+from .io.atomic import check_disjoint, check_output
 from .io.device import resolve_device
-from .io.safetensors import FLOAT_DTYPES, parse_dtype
-from .manifest import check_files_present, file_digest, load_manifest, verify_artifact
+from .manifest import Manifest, Provenance, check_files_present, verify_artifact
 from .ops.disk import apply_to_checkpoint_files
+from .ops.extract import prepare_extract
 from .ops.live import apply_to_model
-from .ops.plan import ApplyReport, check_pair, check_scale
+from .ops.plan import ApplyReport
+from .ops.prepare import VectorFacts
 from .ops.summary import describe, engine_report, summary
 from .ops.verify import verify_against
-from .sources import (
-    CombinationSource,
-    DifferenceSource,
-    TensorDifferenceSource,
-    VectorSource,
-    split_excluded,
-)
+from .options import ApplyOptions, HubOptions, WriteOptions, parse_size
+from .sources import CombinationSource, TensorDifferenceSource, VectorSource
 
 if TYPE_CHECKING:
+    from .evaluation import Sweep, SweepPoint
     from .hub.push import PushResult
-    from .ops.evaluate import Sweep, SweepPoint
 
 
 @dataclass
 class ReasoningVector:
     """Weight deltas by checkpoint tensor name, read lazily from ``source``.
 
-    ``meta`` carries provenance (sources, model type, excluded tensors, manifest statistics).
-    Build one with :func:`rvhub.extract_vector`, :func:`rvhub.load_vector` or
-    :meth:`from_state_dicts`.
+    ``provenance`` is what its manifest records of its origin (sources, model, exclusions);
+    a loaded vector also has its verified ``manifest``, its ``path`` and, for a Hub vector,
+    its ``origin`` (repo id and commit). Build one with :func:`rvhub.extract_vector`,
+    :func:`rvhub.load_vector` or :meth:`from_state_dicts`.
     """
 
     source: VectorSource
-    meta: dict[str, Any] = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
     path: Path | None = None
     terms: tuple[tuple[float, ReasoningVector], ...] = field(default=(), repr=False)
+    manifest: Manifest | None = field(default=None, repr=False)
+    origin: dict[str, Any] | None = None
 
     @classmethod
     def from_state_dicts(
@@ -84,11 +80,13 @@ class ReasoningVector:
             >>> v = ReasoningVector.from_state_dicts(grpo.state_dict(), sft.state_dict(),
             ...                                      config=grpo.config.to_dict())
         """
-        meta = {
-            "sources": {"a": {"kind": "memory"}, "b": {"kind": "memory"}},
-            "model": model_identity(config or {}),
-        }
-        return cls(TensorDifferenceSource(a, b), meta)
+        from .architecture import model_identity
+
+        provenance = Provenance(
+            sources={"a": {"kind": "memory"}, "b": {"kind": "memory"}},
+            model=model_identity(dict(config or {})),
+        )
+        return cls(TensorDifferenceSource(a, b), provenance)
 
     # -- mapping-like access ------------------------------------------------------------------
     @property
@@ -149,12 +147,21 @@ class ReasoningVector:
 
     @property
     def model_info(self) -> dict[str, Any]:
-        return dict(self.meta.get("model") or {})
+        return dict(self.provenance.model)
 
     @property
-    def manifest(self) -> dict[str, Any] | None:
-        """The verified manifest of a loaded artifact (None for an unsaved vector)."""
-        return self.meta.get("manifest")
+    def meta(self) -> dict[str, Any]:
+        """Provenance, origin and manifest as one dict (read-only view, for records)."""
+        return {
+            "sources": dict(self.provenance.sources),
+            "model": self.model_info,
+            "origin": self.origin,
+            "manifest": self.manifest,
+        }
+
+    def facts(self) -> VectorFacts:
+        """What the apply pre-flight reads of this vector (:func:`rvhub.ops.prepare.prepare_apply`)."""
+        return VectorFacts.of_source(self.source, self.model_info, self.manifest)
 
     def __repr__(self) -> str:
         where = f" from {self.path}" if self.path else ""
@@ -166,12 +173,12 @@ class ReasoningVector:
         return list(self.terms) if self.terms else [(1.0, self)]
 
     def _combine(self, terms: list[tuple[float, ReasoningVector]]) -> ReasoningVector:
-        meta = {k: v for k, v in self.meta.items() if k in ("model",)}
-        meta["combination"] = [
+        combination = tuple(
             {"coef": c, "vector": str(v.path) if v.path else repr(v)} for c, v in terms
-        ]
+        )
+        provenance = Provenance(model=self.provenance.model, combination=combination)
         source = CombinationSource([(c, v.source) for c, v in terms])
-        return ReasoningVector(source, meta, terms=tuple(terms))
+        return ReasoningVector(source, provenance, terms=tuple(terms))
 
     def __add__(self, other: object) -> ReasoningVector:
         if isinstance(other, (int, float)) and other == 0:
@@ -229,15 +236,12 @@ class ReasoningVector:
     def summary(self) -> dict[str, Any]:
         """The facts ``rvhub inspect --json`` prints (a saved or loaded vector)."""
         return summary(
-            self._saved_manifest(),
-            path=str(self.path) if self.path else None,
-            origin=self.meta.get("origin"),
+            self._saved_manifest(), path=str(self.path) if self.path else None, origin=self.origin
         )
 
     def describe(self) -> str:
         """What ``rvhub inspect`` prints: sources, encoding, size, norms, round-trip error."""
-        manifest = self._saved_manifest()
-        return describe(self.summary(), manifest.get("tensors") or {})
+        return describe(self.summary(), self._saved_manifest())
 
     def engine_report(self, engine: str) -> dict[str, Any]:
         """What a serving engine (``peft``, ``vllm``, ``sglang``, ``llama.cpp``) applies of this
@@ -248,14 +252,15 @@ class ReasoningVector:
     def input_paths(self) -> list[str]:
         """The local folders and files this vector reads: its artifact, its local sources."""
         out = [str(self.path)] if self.path else []
-        for info in (self.meta.get("sources") or {}).values():
-            if isinstance(info, dict) and info.get("kind") == "local" and info.get("path"):
-                out.append(str(info["path"]))
+        for role in self.provenance.sources:
+            record = self.provenance.source(role)
+            if record.kind == "local" and record.path:
+                out.append(record.path)
         for _, term in self.terms:
             out.extend(term.input_paths())
         return out
 
-    def _saved_manifest(self) -> dict[str, Any]:
+    def _saved_manifest(self) -> Manifest:
         if self.manifest is None:
             raise InputError("this vector is not saved: v.save(folder) first, then load it")
         return self.manifest
@@ -279,41 +284,45 @@ class ReasoningVector:
         engine: str = "peft",
         base_model: str | None = None,
         threads: int | None = None,
+        options: WriteOptions | None = None,
     ) -> Path:
         """Write the vector as an artifact folder (``rvhub.json`` + the encoding's files).
 
-        ``encoding``: ``dense`` (``vector.safetensors``), ``lora`` (a stock PEFT adapter by
+        ``encoding``: ``dense`` (``vector.safetensors``, split above ``max_shard_size``,
+        decimal ``"5GB"`` by default like transformers), ``lora`` (a stock PEFT adapter by
         truncated SVD: ``rank``, ``energy`` and/or ``max_error``, on ``device``) or ``sparse``
         (only changed entries, exact). Streams tensor by tensor; the folder appears atomically.
         For ``lora``, ``engine`` (``peft``, ``vllm``, ``sglang``, ``llama.cpp``) picks what the
         adapter holds so that engine loads it (:mod:`rvhub.engines`), and ``base_model`` is the
-        adapter's ``base_model_name_or_path`` (default: source A when it is a Hub model).
-        ``threads`` caps the CPU threads (default: every core this process may use); the
-        files are the same on any number.
+        adapter's ``base_model_name_or_path`` (default: source A when it is a Hub model); these
+        options with another encoding are refused. ``threads`` caps the CPU threads (default:
+        every core this process may use); the files are the same on any number. ``options``
+        (a :class:`~rvhub.options.WriteOptions`) replaces the individual options.
 
         Example:
             >>> extract_vector("org/grpo", "org/sft").save("./reasoning-vector")
             >>> load_vector("./reasoning-vector").save("./rv-lora", encoding="lora", rank=64)
         """
+        if options is None:
+            options = WriteOptions.build(
+                encoding=encoding,
+                dtype=dtype,
+                allow_nonfinite=allow_nonfinite,
+                max_shard_size=max_shard_size,
+                threads=threads,
+                rank=rank,
+                energy=energy,
+                max_error=max_error,
+                svd=svd,
+                device=device,
+                engine=engine,
+                base_model=base_model,
+            )
         check_disjoint(Path(path), self.input_paths())
-        options = WriteOptions(
-            dtype=parse_dtype(dtype) if isinstance(dtype, str) else dtype,
-            allow_nonfinite=allow_nonfinite,
-            max_shard_size=parse_size(max_shard_size),
-            rank=rank,
-            energy=energy,
-            max_error=max_error,
-            svd=svd,
-            device=device,
-            engine=engine,
-            base_model=base_model,
-            threads=resolve_threads(threads),
-        )
         return write_artifact(
             self.source,
-            self.meta,
+            self.provenance,
             path,
-            encoding=encoding,
             exclude=exclude,
             overwrite=overwrite,
             options=options,
@@ -328,24 +337,26 @@ class ReasoningVector:
         vocab: str = "strict",
         allow_nonfinite: bool = False,
         allow_unrelated: bool = False,
+        options: ApplyOptions | None = None,
     ) -> ApplyReport:
         """Add ``scale · v`` to ``model``'s parameters in place, each on its own device.
 
         A model that does not descend from the vector's base (its lineage fingerprint) is
         refused unless ``allow_unrelated``. Returns an :class:`~rvhub.ApplyReport` (applied /
-        skipped / missing names, notes, the lineage figures).
+        skipped / missing names, notes, the lineage figures). ``options`` (an
+        :class:`~rvhub.options.ApplyOptions`) replaces the individual options.
 
         Example:
             >>> report = load_vector("./reasoning-vector").apply_to(model, scale=1.0)
         """
-        how: dict[str, Any] = {
-            "scale": scale,
-            "exclude": exclude,
-            "vocab": vocab,
-            "allow_nonfinite": allow_nonfinite,
-            "allow_unrelated": allow_unrelated,
-        }
-        return apply_to_model(self.source, self.model_info, model, manifest=self.manifest, **how)
+        options = options or ApplyOptions(
+            scale=scale,
+            exclude=tuple(exclude),
+            vocab=vocab,
+            allow_nonfinite=allow_nonfinite,
+            allow_unrelated=allow_unrelated,
+        )
+        return apply_to_model(self.facts(), self.source, model, options)
 
     def evaluate(
         self,
@@ -365,6 +376,7 @@ class ReasoningVector:
         allow_unrelated: bool = False,
         overwrite: bool = False,
         on_point: Callable[[SweepPoint], None] | None = None,
+        options: ApplyOptions | None = None,
         **lm_eval_options: Any,
     ) -> Sweep:
         """Run lm-evaluation-harness on ``model`` at ``θ + α·v`` for each α of ``scales``.
@@ -373,58 +385,43 @@ class ReasoningVector:
         point and restored afterwards (:class:`~rvhub.ops.live.ScaleSwitch`). ``tasks`` are
         lm-eval task names (``include_path``: a folder of your own task YAMLs). With
         ``output_dir`` each point's lm-eval results, ``sweep.json`` and the plot are written
-        there (``rvhub card --eval DIR`` reads them). Needs ``pip install "rvhub[eval]"``.
+        there (``rvhub card --eval DIR`` reads them). ``options`` (an
+        :class:`~rvhub.options.ApplyOptions`; its scale is ignored) replaces ``exclude``,
+        ``vocab`` and ``allow_unrelated``. Needs ``pip install "rvhub[eval]"``.
 
         Example:
             >>> sweep = load_vector("user/vec").evaluate(model, tok, tasks=["gsm8k"], scales=[-1, 0, 1])
             >>> sweep.summary()["metrics"][0]["best"]
         """
-        from .ops.evaluate import parse_scales, parse_tasks, run_sweep, write_sweep
-        from .ops.live import ScaleSwitch
+        from .evaluation import evaluate_vector
 
-        if output_dir is not None:
-            check_output(Path(output_dir), overwrite=overwrite)
-        switch = ScaleSwitch(
-            self.source,
-            self.model_info,
-            model,
-            manifest=self.manifest,
-            exclude=exclude,
-            vocab=vocab,
-            allow_unrelated=allow_unrelated,
-        )
-        sweep = run_sweep(
-            switch,
+        return evaluate_vector(
+            self,
             model,
             tokenizer,
-            tasks=parse_tasks(tasks),
-            scales=parse_scales(scales),
+            tasks=tasks,
+            scales=scales,
+            output_dir=output_dir,
+            target=target,
             include_path=include_path,
             limit=limit,
             batch_size=batch_size,
             num_fewshot=num_fewshot,
-            lm_eval_options=lm_eval_options,
+            apply=options
+            or ApplyOptions(exclude=tuple(exclude), vocab=vocab, allow_unrelated=allow_unrelated),
+            overwrite=overwrite,
             on_point=on_point,
+            lm_eval_options=lm_eval_options,
         )
-        sweep.vector = self._provenance()
-        config = getattr(model, "config", None)
-        sweep.target = {"name": target or getattr(config, "_name_or_path", None) or None}
-        if output_dir is not None:
-            from .card.plot import sweep_plot
 
-            with atomic_dir(output_dir, overwrite=overwrite) as tmp:
-                write_sweep(sweep, tmp, plot=sweep_plot(sweep.summary()))
-        return sweep
-
-    def _provenance(self) -> dict[str, Any]:
-        """Where this vector came from, for records: Hub id and commit, or a folder."""
-        origin = dict(self.meta.get("origin") or {})
+    def origin_record(self) -> dict[str, Any]:
+        """Where this vector came from, for records: Hub id and commit, or a folder, and the
+        digest of each of its files."""
+        origin = dict(self.origin or {})
         if not origin and self.path is not None:
             origin = {"kind": "local", "path": str(self.path)}
         if self.manifest is not None:
-            origin["files_digest"] = {
-                n: ":".join(file_digest(self.manifest, n)) for n in self.manifest["files"]
-            }
+            origin["files_digest"] = {n: self.manifest.digest(n) for n in self.manifest.files}
         return origin
 
     def verify_against(
@@ -438,9 +435,8 @@ class ReasoningVector:
         extraction (or ``tolerance``); returns the measured errors."""
         ca = a if isinstance(a, Checkpoint) else open_checkpoint(a)
         cb = b if isinstance(b, Checkpoint) else open_checkpoint(b)
-        return verify_against(
-            self.source, self.meta.get("stats") or {}, ca, cb, tolerance=tolerance
-        )
+        recorded = self.manifest.stats.roundtrip_error if self.manifest is not None else None
+        return verify_against(self.source, recorded, ca, cb, tolerance=tolerance)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> PushResult:
         """Publish this vector (it must be saved first) to ``repo_id``; see :func:`rvhub.push_vector`."""
@@ -449,18 +445,6 @@ class ReasoningVector:
         from .hub.push import push_vector
 
         return push_vector(self.path, repo_id, **kwargs)
-
-
-def parse_size(size: int | str) -> int:
-    """``"5GB"``/``"500MB"``/``1024`` -> bytes (decimal units, like transformers)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", size.upper())
-    if not m:
-        raise InputError(f"invalid size {size!r}; use e.g. 5GB or 500MB")
-    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    units.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-    return int(float(m.group(1)) * units[m.group(2) or "B"])
 
 
 def extract_vector(
@@ -486,55 +470,22 @@ def extract_vector(
         >>> v = extract_vector("org/qwen-grpo", "org/qwen-sft")
         >>> v.save("./reasoning-vector")
     """
-    hub: dict[str, Any] = {
-        "token": token,
-        "cache_dir": cache_dir,
-        "local_files_only": local_files_only,
-    }
-    ca = a if isinstance(a, Checkpoint) else open_checkpoint(a, revision=revision_a, **hub)
-    cb = b if isinstance(b, Checkpoint) else open_checkpoint(b, revision=revision_b, **hub)
-    if config_check:
-        check_config(ca)
-        check_config(cb)
-    check_pair(ca, cb)
-    exclude = list(exclude)
-    candidates, excluded = split_excluded((e.name for e in ca.in_file_order()), exclude)
-    names, skipped = [], []
-    for name in candidates:
-        if _is_float(ca, name) and _is_float(cb, name):
-            names.append(name)
-        else:
-            skipped.append(name)  # integer buffers (position ids, ...) carry no delta
-    if not names:
-        raise CompatibilityError("every tensor was excluded: the vector would be empty")
-    meta: dict[str, Any] = {
-        "sources": {"a": _describe(ca), "b": _describe(cb)},
-        "model": model_identity(ca.config),
-        "model_config": {k: v for k, v in ca.config.items() if not k.startswith("_")},
-        "excluded": excluded,
-        "skipped_non_float": skipped,
-        "exclude_patterns": exclude,
-    }
-    return ReasoningVector(DifferenceSource(ca, cb, names), meta)
+    hub = HubOptions(
+        token=token, cache_dir=_path_or_none(cache_dir), local_files_only=local_files_only
+    )
+    ca = a if isinstance(a, Checkpoint) else _open(a, revision_a, hub)
+    cb = b if isinstance(b, Checkpoint) else _open(b, revision_b, hub)
+    source, provenance = prepare_extract(ca, cb, exclude=exclude, config_check=config_check)
+    return ReasoningVector(source, provenance)
 
 
-def _is_float(ckpt: Checkpoint, name: str) -> bool:
-    return ckpt.entries[name].dtype in FLOAT_DTYPES or name in ckpt.fp8_scales
+def _path_or_none(path: str | os.PathLike[str] | None) -> str | None:
+    return None if path is None else os.fspath(path)
 
 
-def _describe(ckpt: Checkpoint) -> dict[str, Any]:
-    info = dict(ckpt.source)
-    if ckpt.fp8_block is not None:
-        info["quantization"] = {
-            "quant_method": "fp8",
-            "fmt": "e4m3",
-            "weight_block_size": list(ckpt.fp8_block),
-            "fp8_weights": len(ckpt.fp8_scales),
-        }
-    info.setdefault("kind", "local")
-    info["dtype"] = sorted({e.dtype for e in ckpt.entries.values()})
-    info["nbytes"] = ckpt.nbytes
-    return info
+def _open(ref: str | os.PathLike[str], revision: str | None, hub: HubOptions) -> Checkpoint:
+    HubOptions(revision=revision)  # names `revision` if it is not a revision
+    return open_checkpoint(ref, revision=revision, **hub.download_kwargs())
 
 
 def download_vector(
@@ -554,12 +505,8 @@ def download_vector(
     Example:
         >>> folder = download_vector("user/qwen-reasoning-vector", revision="v1.0")
     """
-    hub: dict[str, Any] = {
-        "token": token,
-        "cache_dir": cache_dir,
-        "local_files_only": local_files_only,
-    }
-    return resolve_artifact(repo_id, revision=revision, **hub)[0]
+    hub = HubOptions(revision, token, _path_or_none(cache_dir), local_files_only)
+    return resolve_artifact(repo_id, revision=revision, **hub.download_kwargs())[0]
 
 
 def load_vector(
@@ -581,13 +528,9 @@ def load_vector(
         >>> v = load_vector("user/qwen2.5-1.5b-reasoning-vector")
         >>> v.apply_to(model, scale=1.0)
     """
-    hub: dict[str, Any] = {
-        "token": token,
-        "cache_dir": cache_dir,
-        "local_files_only": local_files_only,
-    }
-    folder, origin = resolve_artifact(source, revision=revision, **hub)
-    manifest = load_manifest(folder)
+    hub = HubOptions(revision, token, _path_or_none(cache_dir), local_files_only)
+    folder, origin = resolve_artifact(source, revision=revision, **hub.download_kwargs())
+    manifest = Manifest.read(folder)
     for entry in folder.iterdir():
         if entry.suffix in PICKLE_SUFFIXES:
             raise IntegrityError(
@@ -598,11 +541,13 @@ def load_vector(
         verify_artifact(folder, manifest)
     else:
         check_files_present(folder, manifest)
-    keys = ("sources", "model", "model_config", "excluded", "stats", "encoding")
-    meta = {k: manifest.get(k) for k in keys}
-    meta["manifest"] = manifest
-    meta["origin"] = origin
-    return ReasoningVector(open_source(folder, manifest), meta, path=folder)
+    return ReasoningVector(
+        open_source(folder, manifest),
+        Provenance.of_manifest(manifest),
+        path=folder,
+        manifest=manifest,
+        origin=origin,
+    )
 
 
 def compress_vector(
@@ -633,6 +578,7 @@ def apply_to_checkpoint(
     config_check: bool = True,
     dtype: str | None = None,
     threads: int | None = None,
+    options: ApplyOptions | None = None,
 ) -> ApplyReport:
     """Write a new model folder ``out`` = ``target + scale · vec``, streamed and atomic.
 
@@ -644,42 +590,34 @@ def apply_to_checkpoint(
     target's Hub revision. A block-quantized FP8 target stays FP8, each block requantized (the
     report says how much of ``α·v`` survived), unless ``dtype="bfloat16"`` writes it
     dequantized. ``threads`` caps the CPU threads (default: every core this process may
-    use); the output is the same on any number.
+    use); the output is the same on any number. ``options`` (an
+    :class:`~rvhub.options.ApplyOptions`) replaces the individual options.
 
     Example:
         >>> apply_to_checkpoint(load_vector("user/vec"), "Qwen/Qwen2.5-1.5B-Instruct", "out/")
     """
-    check_scale(scale)
-    resolve_device(device)
-    resolve_threads(threads)
+    options = options or ApplyOptions(
+        scale=scale,
+        exclude=tuple(exclude),
+        vocab=vocab,
+        allow_nonfinite=allow_nonfinite,
+        allow_unrelated=allow_unrelated,
+        dtype=dtype,
+        device=device,
+        threads=threads,
+    )
+    resolve_device(options.device)
     check_output(Path(out), overwrite=overwrite)  # before any download
     ckpt = target if isinstance(target, Checkpoint) else open_checkpoint(target, revision=revision)
     if config_check:
         check_config(ckpt)
     check_disjoint(Path(out), [ckpt.path, *vec.input_paths()])
     provenance = {
-        "vector": vec.meta.get("origin") or (str(vec.path) if vec.path else None),
-        "vector_sources": vec.meta.get("sources"),
-    }
-    how: dict[str, Any] = {
-        "scale": scale,
-        "exclude": exclude,
-        "vocab": vocab,
-        "allow_nonfinite": allow_nonfinite,
-        "allow_unrelated": allow_unrelated,
+        "vector": vec.origin or (str(vec.path) if vec.path else None),
+        "vector_sources": dict(vec.provenance.sources),
     }
     return apply_to_checkpoint_files(
-        vec.source,
-        vec.model_info,
-        ckpt,
-        out,
-        manifest=vec.manifest,
-        provenance=provenance,
-        overwrite=overwrite,
-        device=device,
-        dtype=dtype,
-        threads=threads,
-        **how,
+        vec.facts(), vec.source, ckpt, out, options, provenance=provenance, overwrite=overwrite
     )
 
 
@@ -692,53 +630,3 @@ __all__ = [
     "load_vector",
     "parse_size",
 ]
-
-
-def load_eval_target(
-    target: str | os.PathLike[str],
-    *,
-    revision: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    config_check: bool = True,
-) -> tuple[torch.nn.Module, Any, str]:
-    """Load a model folder or Hub id with transformers for :meth:`ReasoningVector.evaluate`:
-    the model (on ``device``, eval mode), its tokenizer, and the name to record.
-
-    The checkpoint is opened as ``rvhub apply`` opens it first (safetensors only, quantized
-    formats refused, the same weights transformers loads); no remote code runs.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    ckpt = open_checkpoint(target, revision=revision)
-    if config_check:
-        check_config(ckpt)
-    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-    dev = resolve_device(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as e:
-        raise InputError(
-            f"{target}: no tokenizer transformers can load ({_first_line(e)})"
-        ) from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder),
-            dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-            trust_remote_code=False,
-            use_safetensors=True,
-        )
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(
-            f"{target}: transformers cannot load it as a causal LM ({_first_line(e)})"
-        ) from None
-    model = model.to(dev) if dev.type != "cpu" else model  # type: ignore[arg-type]
-    model.eval()
-    source = ckpt.source or {}
-    name = str(source.get("repo_id") or target)
-    return model, tokenizer, name
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

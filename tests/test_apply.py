@@ -148,7 +148,7 @@ def test_vector_from_tied_sources_moves_an_untied_targets_lm_head_too(family, tm
 def test_vocab_mismatch_is_refused_unless_overlap(family, tmp_path):
     fam, v = _vector(family, tmp_path, "llama", dtype=torch.float32)
     bigger = save(build_model("llama", seed=3, vocab_size=136), tmp_path / "big-vocab")
-    with pytest.raises(CompatibilityError, match="vocabulary size differs.*--vocab overlap"):
+    with pytest.raises(CompatibilityError, match="vocabulary size differs.*`vocab='overlap'`"):
         apply_to_checkpoint(v, bigger, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # another init with another vocabulary: the lineage guard is tested in test_lineage.py

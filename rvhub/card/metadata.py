@@ -16,6 +16,7 @@ import yaml
 
 from ..constants import CARD_NAME
 from ..errors import InputError
+from ..manifest import Manifest
 from .scores import CONDITION_LABELS, CONDITIONS, Scores
 
 logger = logging.getLogger("rvhub")
@@ -62,13 +63,13 @@ def model_index(name: str, scores: Scores | None) -> list[dict[str, Any]]:
     return [{"name": name, "results": results}]
 
 
-def hub_sources(manifest: Mapping[str, Any]) -> list[str]:
+def hub_sources(manifest: Manifest) -> list[str]:
     """The Hub ids of the vector's sources (A, B), for ``base_model``."""
     out = []
     for role in ("a", "b"):
-        info = (manifest.get("sources") or {}).get(role) or {}
-        repo_id = info.get("repo_id")
-        if info.get("kind") == "hub" and isinstance(repo_id, str) and repo_id not in out:
+        record = manifest.sources.get(role)
+        repo_id = record.repo_id if record is not None and record.kind == "hub" else None
+        if repo_id and repo_id not in out:
             out.append(repo_id)
     return out
 
@@ -92,14 +93,14 @@ def carried_license(licenses: Mapping[str, str | None]) -> str | None:
         return known.pop()
     if len(known) > 1:
         logger.warning(
-            "the sources have different licenses (%s); the card names none: pass --license",
+            "the sources have different licenses (%s); the card names none: pass `license`",
             ", ".join(sorted(known)),
         )
     return None
 
 
 def card_metadata(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     *,
     name: str,
     scores: Scores | None = None,
@@ -109,7 +110,7 @@ def card_metadata(
     meta: dict[str, Any] = {"library_name": "rvhub"}
     if license:
         meta["license"] = license
-    tags = [*TAGS, str(manifest.get("encoding", "dense"))]
+    tags = [*TAGS, manifest.encoding]
     meta["tags"] = tags
     bases = hub_sources(manifest)
     if bases:

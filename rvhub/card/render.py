@@ -23,11 +23,11 @@ import yaml
 from .._version import __version__
 from ..constants import CARD_NAME, EVAL_RESULTS_DIR, MANIFEST_NAME, PLOT_NAME
 from ..errors import InputError
+from ..evaluation.sweep import SWEEP_PLOT, as_dict
 from ..io.atomic import atomic_write
 from ..io.hashing import hash_file
 from ..io.progress import human_bytes
-from ..manifest import file_hash_of, load_manifest
-from ..ops.evaluate import SWEEP_PLOT, as_dict
+from ..manifest import Manifest
 from .metadata import (
     card_metadata,
     carried_license,
@@ -136,7 +136,7 @@ def _source_view(
 
 def card_context(
     folder: Path,
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     *,
     repo_id: str,
     scores: Scores | None = None,
@@ -149,59 +149,15 @@ def card_context(
     """Every variable a card template sees (documented in ``docs/card.md``)."""
     name = repo_id.rsplit("/", 1)[-1]
     licenses = dict(source_licenses or {})
-    for role in ("a", "b"):
-        info = (manifest.get("sources") or {}).get(role) or {}
-        if role not in licenses and info.get("kind") == "local" and info.get("path"):
-            licenses[role] = local_source_license(info["path"])
+    for role, record in manifest.sources.items():
+        if role in ("a", "b") and role not in licenses and record.kind == "local" and record.path:
+            licenses[role] = local_source_license(record.path)
     license = license or carried_license(licenses)
     metadata = card_metadata(manifest, name=name, scores=scores, license=license)
-    stats = manifest.get("stats") or {}
-    model = manifest.get("model") or {}
-    tensors = manifest.get("tensors") or {}
-    file_hash = file_hash_of(int(manifest.get("format_version") or 1))
-    files = [
-        {
-            "name": n,
-            "size": f.get("size"),
-            "sha256": f.get("sha256"),  # format 1; templates written for it keep working
-            "digest": f.get(file_hash),
-            "size_h": human_bytes(f.get("size", 0)),
-        }
-        for n, f in (manifest.get("files") or {}).items()
-    ]
-    stored = sum(int(f["size"] or 0) for f in files)
-    dense = sum(
-        math.prod(t.get("shape") or []) * _ITEMSIZE.get(str(t.get("dtype", "")).upper(), 4)
-        for t in tensors.values()
-    )
-    manifest_path = folder / MANIFEST_NAME
-    manifest_sha = hash_file(manifest_path, "sha256") if manifest_path.is_file() else None
     sources = [
-        _source_view(role, info, licenses.get(role), endpoint)
-        for role, info in sorted((manifest.get("sources") or {}).items())
-        if isinstance(info, dict)
+        _source_view(role, record.to_json(), licenses.get(role), endpoint)
+        for role, record in sorted(manifest.sources.items())
     ]
-    rows = []
-    for bench in scores.benchmarks if scores else []:
-        rows.append(
-            {
-                "task": bench.task,
-                "metric": bench.metric_name,
-                "metric_type": bench.metric_type,
-                "dataset": bench.dataset_name,
-                "dataset_id": bench.dataset_id,
-                "dataset_config": bench.dataset_config,
-                "dataset_split": bench.dataset_split,
-                "baseline": bench.values.get("baseline"),
-                "plus_vector": bench.values.get("plus_vector"),
-                "minus_vector": bench.values.get("minus_vector"),
-                "stderr": dict(bench.stderr),
-                "delta_plus": bench.delta("plus_vector"),
-                "delta_minus": bench.delta("minus_vector"),
-            }
-        )
-    layer_norms = stats.get("layer_norms") or {}
-    encoding = str(manifest.get("encoding", "dense"))
     return {
         "repo_id": repo_id,
         "name": name,
@@ -209,40 +165,88 @@ def card_context(
         "metadata_yaml": yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True),
         "license": license,
         "base_models": hub_sources(manifest),
+        "sources": sources,
+        **_manifest_view(folder, manifest),
+        "scores": _score_rows(scores),
+        "scores_target": (scores.target if scores else None) or target,
+        "scale": (scores.scale if scores and scores.scale is not None else 1.0),
+        "target": target or (scores.target if scores else None),
+        "plot": PLOT_NAME if plot else None,
+        "sweep": _sweep_view(scores.sweep) if scores and scores.sweep else None,
+        "endpoint": endpoint,
+    }
+
+
+def _manifest_view(folder: Path, manifest: Manifest) -> dict[str, Any]:
+    """The template variables that describe the artifact itself."""
+    stats, model = manifest.stats, manifest.model
+    file_hash = manifest.file_hash
+    files = [
+        {
+            "name": n,
+            "size": f.size,
+            "sha256": f.digest if f.algorithm == "sha256" else None,  # format 1's templates
+            "digest": f.digest,
+            "size_h": human_bytes(f.size),
+        }
+        for n, f in manifest.files.items()
+    ]
+    stored = manifest.nbytes
+    dense = sum(
+        math.prod(t.shape) * _ITEMSIZE.get(str(t.dtype or "").upper(), 4)
+        for t in manifest.tensors.values()
+    )
+    manifest_path = folder / MANIFEST_NAME
+    encoding = manifest.encoding
+    return {
         "encoding": encoding,
         "peft_adapter": encoding == "lora",
-        "dtype": list(manifest.get("dtype") or []),
+        "dtype": list(manifest.dtype),
         "model": dict(model),
         "model_type": model.get("model_type"),
         "architecture": ", ".join(model.get("architectures") or []) or None,
-        "sources": sources,
-        "stats": dict(stats),
-        "norm": stats.get("norm"),
-        "roundtrip_error": stats.get("roundtrip_error"),
-        "layer_norms": [{"layer": k, "norm": v} for k, v in layer_norms.items()],
-        "tensors": len(tensors),
-        "parameters": sum(math.prod(t.get("shape") or []) for t in tensors.values()),
-        "excluded": list(manifest.get("excluded") or []),
+        "stats": dict(stats.raw),
+        "norm": stats.norm,
+        "roundtrip_error": stats.roundtrip_error,
+        "layer_norms": [{"layer": k, "norm": v} for k, v in stats.layer_norms.items()],
+        "tensors": len(manifest.tensors),
+        "parameters": sum(math.prod(t.shape) for t in manifest.tensors.values()),
+        "excluded": list(manifest.excluded),
         "files": files,
         "stored_bytes": stored,
         "stored_size": human_bytes(stored),
         "dense_bytes": dense,
         "dense_size": human_bytes(dense),
         "compression_ratio": (dense / stored) if stored else None,
-        "compression": dict(manifest.get("compression") or {}),
+        "compression": dict(manifest.compression.figures) if manifest.compression else {},
         "manifest_name": MANIFEST_NAME,
-        "manifest_sha256": manifest_sha,
+        "manifest_sha256": hash_file(manifest_path, "sha256") if manifest_path.is_file() else None,
         "file_hash": file_hash,
-        "scores": rows,
-        "scores_target": (scores.target if scores else None) or target,
-        "scale": (scores.scale if scores and scores.scale is not None else 1.0),
-        "target": target or (scores.target if scores else None),
-        "plot": PLOT_NAME if plot else None,
-        "sweep": _sweep_view(scores.sweep) if scores and scores.sweep else None,
-        "rvhub_version": manifest.get("rvhub_version") or __version__,
-        "created_at": manifest.get("created_at"),
-        "endpoint": endpoint,
+        "rvhub_version": manifest.rvhub_version or __version__,
+        "created_at": manifest.created_at,
     }
+
+
+def _score_rows(scores: Scores | None) -> list[dict[str, Any]]:
+    """One row per benchmark: values with and without the vector, errors and deltas."""
+    return [
+        {
+            "task": bench.task,
+            "metric": bench.metric_name,
+            "metric_type": bench.metric_type,
+            "dataset": bench.dataset_name,
+            "dataset_id": bench.dataset_id,
+            "dataset_config": bench.dataset_config,
+            "dataset_split": bench.dataset_split,
+            "baseline": bench.values.get("baseline"),
+            "plus_vector": bench.values.get("plus_vector"),
+            "minus_vector": bench.values.get("minus_vector"),
+            "stderr": dict(bench.stderr),
+            "delta_plus": bench.delta("plus_vector"),
+            "delta_minus": bench.delta("minus_vector"),
+        }
+        for bench in (scores.benchmarks if scores else [])
+    ]
 
 
 def _sweep_view(sweep: Mapping[str, Any]) -> dict[str, Any]:
@@ -423,7 +427,7 @@ def render_card(
     target: str | None = None,
     plot: bool | bytes = True,
     endpoint: str | None = None,
-    manifest: Mapping[str, Any] | None = None,
+    manifest: Manifest | Mapping[str, Any] | None = None,
 ) -> Card:
     """Render the model card of the artifact folder ``vector``.
 
@@ -438,9 +442,9 @@ def render_card(
         >>> card.save("./vec-card/README.md")
     """
     folder = Path(vector)
-    data = dict(manifest) if manifest is not None else load_manifest(folder)
+    data = _typed(manifest) if manifest is not None else Manifest.read(folder)
     repo_id = repo_id or f"YOUR-USER/{folder.resolve().name}"
-    layer_norms = (data.get("stats") or {}).get("layer_norms") or {}
+    layer_norms = data.stats.layer_norms
     png = plot if isinstance(plot, bytes) else norms_plot(layer_norms) if plot else None
     context = card_context(
         folder,
@@ -475,3 +479,7 @@ def card_extra_files(scores: Scores | None, *, target: str | None = None) -> dic
         if sweep_png is not None:
             extra[SWEEP_PLOT] = sweep_png
     return extra
+
+
+def _typed(manifest: Manifest | Mapping[str, Any]) -> Manifest:
+    return manifest if isinstance(manifest, Manifest) else Manifest.from_json(dict(manifest))

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import InputError
-from ..ops.evaluate import as_dict, metric_values, read_sweep, results_model_name
+from ..evaluation.sweep import as_dict, metric_values, read_sweep, results_model_name
 
 DEFAULT_TASK_TYPE = "text-generation"
 # The three measurements a benchmark row can hold: the target alone, target + α·v, target − α·v.
@@ -281,7 +281,7 @@ def parse_lm_eval(path: str | os.PathLike[str], condition: str) -> Scores:
     group are left out, the group's own row is kept. Datasets come from ``configs``
     (``dataset_path`` unless it names a loader such as ``json``, then the task; ``dataset_name``;
     test or validation split) and the number of shots from ``n-shot``
-    (:func:`rvhub.ops.evaluate.metric_values`). Values are copied as lm-eval reports them.
+    (:func:`rvhub.evaluation.metric_values`). Values are copied as lm-eval reports them.
     """
     path = Path(path)
     cond = lm_eval_condition(condition)

@@ -13,7 +13,7 @@ remembers the files it hashed while writing, so the first load does not hash the
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,18 @@ from ..io.cores import resolve_threads
 from ..io.kernels import torch_threads
 from ..io.progress import logger
 from ..lineage import ALGORITHM, read_lineage
-from ..manifest import build_manifest, file_info, remember_written, stamp_files, write_manifest
+from ..manifest import (
+    Manifest,
+    Provenance,
+    build_manifest,
+    file_info,
+    remember_written,
+    stamp_files,
+    write_manifest,
+)
+from ..options import WriteOptions, one_of
 from ..sources import VectorSource, split_excluded
-from .base import Encoding, WriteJob, WriteOptions
+from .base import Encoding, WriteJob
 from .dense import DenseEncoding
 from .lora import LoraEncoding
 from .sparse import SparseEncoding
@@ -36,27 +45,26 @@ ENCODINGS: dict[str, Encoding] = {
 
 
 def get_encoding(name: str) -> Encoding:
-    if name not in ENCODINGS:
-        raise InputError(f"--encoding must be one of {', '.join(ENCODINGS)}, not {name!r}")
+    one_of("encoding", name, ENCODINGS)
     return ENCODINGS[name]
 
 
 def write_artifact(
     source: VectorSource,
-    meta: Mapping[str, Any],
+    provenance: Provenance,
     out: str | os.PathLike[str],
     *,
-    encoding: str = "dense",
     exclude: Iterable[str] = (),
     overwrite: bool = False,
     options: WriteOptions | None = None,
 ) -> Path:
-    """Write ``source`` (with provenance ``meta``) as a new artifact folder ``out``, atomically."""
+    """Write ``source`` (with its ``provenance``) as a new artifact folder ``out``, atomically,
+    in ``options.encoding``."""
     out_path = Path(out)
     check_output(out_path, overwrite=overwrite)
-    codec = get_encoding(encoding)
     options = options or WriteOptions()
-    codec.check(options)
+    codec = get_encoding(options.encoding)
+    encoding = options.encoding
     exclude = list(exclude)
     names, excluded = split_excluded(source.shapes, exclude)
     if not names:
@@ -65,7 +73,7 @@ def write_artifact(
     with atomic_dir(out_path, overwrite=overwrite) as tmp:
         source.track_fingerprints()
         with torch_threads(resolve_threads(options.threads)):  # LoRA's SVDs, sparse encoding
-            encoded = codec.write(WriteJob(source, names, tmp, options, meta))
+            encoded = codec.write(WriteJob(source, names, tmp, options, provenance))
         extra: dict[str, Any] = {}
         if lineage is not None:
             lineage_file = lineage.write(tmp, names)
@@ -76,7 +84,7 @@ def write_artifact(
             logger.warning("%s; the vector changes nothing (%s)", note, out_path)
             extra["notes"] = [note]
         manifest = build_manifest(
-            meta,
+            provenance,
             encoding,
             excluded=excluded,
             exclude_patterns=exclude,
@@ -94,12 +102,12 @@ def write_artifact(
     return out_path.absolute()
 
 
-def open_source(folder: Path, manifest: dict[str, Any]) -> VectorSource:
+def open_source(folder: Path, manifest: Manifest) -> VectorSource:
     """The source of a verified artifact folder, in whatever encoding it was written."""
-    codec = ENCODINGS.get(manifest["encoding"])
+    codec = ENCODINGS.get(manifest.encoding)
     if codec is None:
         raise IntegrityError(
-            f"{folder}: encoding {manifest['encoding']!r} is not readable by this rvhub version"
+            f"{folder}: encoding {manifest.encoding!r} is not readable by this rvhub version"
         )
     source = codec.open(folder, manifest)
     source.recorded_lineage = read_lineage(folder, manifest)

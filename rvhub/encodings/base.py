@@ -1,55 +1,38 @@
 """What every encoding shares: the options a writer takes, what it returns, and the reading
 helpers for the tensor files an artifact lists.
 
-An encoding is a small class with a ``name`` and three methods (:class:`Encoding`): ``check``
-refuses bad options before any work, ``write`` streams the chosen tensors of a source into
+An encoding is a small class with a ``name`` and two methods (:class:`Encoding`) (its options
+were checked when :class:`~rvhub.options.WriteOptions` was built): ``write`` streams the chosen tensors of a source into
 an artifact folder (a :class:`WriteJob`), ``open`` reads such a folder back as a source. The registry in
 :mod:`rvhub.encodings` assembles the manifest around ``write`` the same way for all of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from ..constants import ADAPTER_WEIGHTS_NAME, DEFAULT_MAX_SHARD, LINEAGE_FILE
+from ..constants import ADAPTER_WEIGHTS_NAME, LINEAGE_FILE
 from ..errors import IntegrityError
 from ..io.safetensors import DTYPES, TensorEntry, read_header
-from ..manifest import artifact_file
+from ..manifest import Manifest, Provenance, artifact_file
+from ..options import WriteOptions
 from ..sources import VectorSource
-
-
-@dataclass(frozen=True)
-class WriteOptions:
-    """How to write a vector: storage dtype, limits, and the LoRA factorisation options."""
-
-    dtype: torch.dtype | None = None  # None: each delta's own (the sources') dtype
-    allow_nonfinite: bool = False
-    max_shard_size: int = DEFAULT_MAX_SHARD
-    rank: int | None = None
-    energy: float | None = None
-    max_error: float | None = None
-    svd: str = "randomized"
-    device: str = "cpu"
-    engine: str = "peft"  # LoRA: the serving engine the adapter is written for (rvhub.engines)
-    base_model: str | None = None  # LoRA: base_model_name_or_path (else a Hub source A)
-    threads: int | None = None  # compute threads (None: every core this process may use)
 
 
 @dataclass(frozen=True)
 class WriteJob:
     """One write: the deltas ``names`` of ``source`` into ``folder`` (a fresh temp folder),
-    with the vector's provenance ``meta``."""
+    with the vector's ``provenance``."""
 
     source: VectorSource
     names: list[str]
     folder: Path
     options: WriteOptions
-    meta: Mapping[str, Any]
+    provenance: Provenance
 
 
 @dataclass
@@ -66,36 +49,32 @@ class Encoded:
 class Encoding(Protocol):
     name: str
 
-    def check(self, options: WriteOptions) -> None:
-        """Raise :class:`~rvhub.errors.InputError` for options this encoding cannot honour."""
-
     def write(self, job: WriteJob) -> Encoded:
         """Write ``job``'s deltas into its folder; return what the manifest needs."""
         ...
 
-    def open(self, folder: Path, manifest: dict[str, Any]) -> VectorSource:
+    def open(self, folder: Path, manifest: Manifest) -> VectorSource:
         """The source of an artifact of this encoding (hashes were checked by the caller)."""
         ...
 
 
 def declared(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
     """Shapes and dtypes of the tensors the manifest declares."""
     shapes, dtypes = {}, {}
-    for name, info in manifest["tensors"].items():
-        dt = info.get("dtype")
-        if dt not in DTYPES:
-            raise IntegrityError(f"rvhub.json: tensor {name!r} has unknown dtype {dt!r}")
-        shapes[name] = tuple(info["shape"])
-        dtypes[name] = DTYPES[dt]
+    for name, info in manifest.tensors.items():
+        if info.dtype not in DTYPES:
+            raise IntegrityError(f"rvhub.json: tensor {name!r} has unknown dtype {info.dtype!r}")
+        shapes[name] = info.shape
+        dtypes[name] = DTYPES[info.dtype]
     return shapes, dtypes
 
 
-def stored_entries(folder: Path, manifest: Mapping[str, Any]) -> dict[str, TensorEntry]:
+def stored_entries(folder: Path, manifest: Manifest) -> dict[str, TensorEntry]:
     """Every tensor in the artifact's listed ``*.safetensors`` files (adapter and lineage aside)."""
     entries: dict[str, TensorEntry] = {}
-    for name in manifest["files"]:
+    for name in manifest.files:
         if not name.endswith(".safetensors") or name in (ADAPTER_WEIGHTS_NAME, LINEAGE_FILE):
             continue
         found, _ = read_header(artifact_file(folder, name))

@@ -38,9 +38,10 @@ from ..io.stream import (
     shard_file_names,
     write_streams,
 )
-from ..manifest import StatsBook, file_info, tensor_json
+from ..manifest import Manifest, StatsBook, file_info, tensor_json
+from ..options import WriteOptions
 from ..sources import Slab, Take, VectorSource
-from .base import Encoded, WriteJob, WriteOptions, declared, stored_entries
+from .base import Encoded, WriteJob, declared, stored_entries
 
 
 class DenseSource(VectorSource):
@@ -74,7 +75,7 @@ def must_be_finite(name: str, moments: Moments, options: WriteOptions) -> None:
     if moments.nonfinite and not options.allow_nonfinite:
         raise InputError(
             f"the delta of {name} has {moments.nonfinite} NaN/Inf values (the sources hold "
-            "non-finite weights); pass --allow-nonfinite to keep them"
+            "non-finite weights); pass `allow_nonfinite=True` to keep them"
         )
 
 
@@ -110,7 +111,7 @@ def write_dense_files(
     dtypes = {n: options.dtype or source.dtypes[n] for n in names}
     shapes = {n: tuple(source.shapes[n]) for n in names}
     sizes = [(n, math.prod(shapes[n]) * dtypes[n].itemsize) for n in names]
-    shards = plan_shards(sizes, options.max_shard_size)
+    shards = plan_shards(sizes, options.max_shard_bytes)
     files = shard_file_names(len(shards))
     slab_moments: dict[str, list[Moments]] = {n: [] for n in names}
     scratch = ThreadScratch()
@@ -176,9 +177,6 @@ def stored_delta(
 class DenseEncoding:
     name = "dense"
 
-    def check(self, options: WriteOptions) -> None:
-        pass
-
     def write(self, job: WriteJob) -> Encoded:
         w = write_dense_files(job.source, job.names, job.folder, job.options)
         return Encoded(
@@ -188,7 +186,7 @@ class DenseEncoding:
             dtypes=[dtype_name(d) for d in w.dtypes.values()],
         )
 
-    def open(self, folder: Path, manifest: dict[str, Any]) -> DenseSource:
+    def open(self, folder: Path, manifest: Manifest) -> DenseSource:
         entries = stored_entries(folder, manifest)
         shapes, _ = declared(manifest)
         for name, entry in entries.items():

@@ -44,9 +44,9 @@ from ..io.safetensors import (
     tensor_bytes,
 )
 from ..io.stream import SlabPool
-from ..manifest import norm_summary
+from ..manifest import Manifest, norm_summary
 from ..sources import VectorSource
-from .base import Encoded, WriteJob, WriteOptions, declared, stored_entries
+from .base import Encoded, WriteJob, declared, stored_entries
 from .dense import must_be_finite, stored_delta
 
 INDEX_PART = "__sparse_idx"
@@ -178,12 +178,12 @@ def _positions(indices: Tensor) -> Tensor:
 class SparseSource(VectorSource):
     """Tensors stored as (index, value) parts where that was smaller, dense elsewhere."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, manifest: Manifest) -> None:
         shapes, dtypes = declared(manifest)
         super().__init__(shapes, dtypes)
         self.entries = stored_entries(folder, manifest)
         self._handles = FileHandles()
-        self.stored = {n: info.get("stored", "dense") for n, info in manifest["tensors"].items()}
+        self.stored = {n: info.stored for n, info in manifest.tensors.items()}
         for name, how in self.stored.items():
             needed = sparse_tensor_names(name) if how == "sparse" else (name,)
             if any(n not in self.entries for n in needed):
@@ -213,9 +213,6 @@ class SparseSource(VectorSource):
 
 class SparseEncoding:
     name = "sparse"
-
-    def check(self, options: WriteOptions) -> None:
-        pass
 
     def write(self, job: WriteJob) -> Encoded:
         """Encode every tensor once, spooling the parts; then write header + spool as one file.
@@ -270,34 +267,10 @@ class SparseEncoding:
         if ratio > SPARSE_WORTH_IT:
             raise InputError(
                 f"sparse encoding would keep {ratio:.0%} of the dense size for this vector (most "
-                "entries changed): not worth it; keep it dense or use --encoding lora"
+                'entries changed): not worth it; keep it dense or use `encoding="lora"`'
             )
-        writer = SafetensorsWriter(
-            folder / VECTOR_FILE, specs, {"format": "pt", "rvhub_encoding": "sparse"}
-        )
-        try:
-            with open(spool_path, "rb") as spool:
-                buf = bytearray(16 << 20)
-                view = memoryview(buf)
-                while n := spool.readinto(buf):
-                    writer.write(view[:n])
-            digest, size = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        spool_path.unlink()
-        stored_numel = sum(i.get("nonzero", math.prod(i["shape"])) for i in tensors.values())
-        compression = {
-            "encoding": "sparse",
-            "sparse_tensors": sum(1 for i in tensors.values() if i["stored"] == "sparse"),
-            "dense_tensors": sum(1 for i in tensors.values() if i["stored"] == "dense"),
-            "nonzero_fraction": stored_numel
-            / max(1, sum(math.prod(i["shape"]) for i in tensors.values())),
-            "bytes": size,
-            "dense_bytes": dense_total,
-            "ratio": ratio,
-            "lossless": True,
-        }
+        digest, size = _write_from_spool(folder / VECTOR_FILE, specs, spool_path)
+        compression = _compression(tensors, size, dense_total, ratio)
         return Encoded(
             files={VECTOR_FILE: {FILE_HASH: digest, "size": size}},
             tensors=tensors,
@@ -306,5 +279,43 @@ class SparseEncoding:
             compression=compression,
         )
 
-    def open(self, folder: Path, manifest: dict[str, Any]) -> SparseSource:
+    def open(self, folder: Path, manifest: Manifest) -> SparseSource:
         return SparseSource(folder, manifest)
+
+
+def _write_from_spool(
+    path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], spool_path: Path
+) -> tuple[str, int]:
+    """The header for ``specs``, then the spooled parts, hashed on the way; the spool is
+    removed. Returns ``(digest, size)``."""
+    writer = SafetensorsWriter(path, specs, {"format": "pt", "rvhub_encoding": "sparse"})
+    try:
+        with open(spool_path, "rb") as spool:
+            buf = bytearray(16 << 20)
+            view = memoryview(buf)
+            while n := spool.readinto(buf):
+                writer.write(view[:n])
+        digest, size = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    spool_path.unlink()
+    return digest, size
+
+
+def _compression(
+    tensors: Mapping[str, Mapping[str, Any]], size: int, dense_total: int, ratio: float
+) -> dict[str, Any]:
+    """The manifest's ``compression`` record of a sparse artifact."""
+    stored_numel = sum(i.get("nonzero", math.prod(i["shape"])) for i in tensors.values())
+    return {
+        "encoding": "sparse",
+        "sparse_tensors": sum(1 for i in tensors.values() if i["stored"] == "sparse"),
+        "dense_tensors": sum(1 for i in tensors.values() if i["stored"] == "dense"),
+        "nonzero_fraction": stored_numel
+        / max(1, sum(math.prod(i["shape"]) for i in tensors.values())),
+        "bytes": size,
+        "dense_bytes": dense_total,
+        "ratio": ratio,
+        "lossless": True,
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from ..card.render import Card, card_extra_files, render_card
 from ..card.scores import Scores
 from ..constants import CARD_NAME, MANIFEST_NAME
 from ..errors import HubError, InputError, RvhubError
-from ..manifest import artifact_file, file_digest, load_manifest, verify_artifact
+from ..manifest import Manifest, artifact_file, verify_artifact
 from .download import _hub_error, _network_errors, _transport_errors
 from .resolve import parse_hub_id
 
@@ -97,7 +98,7 @@ def _push_error(
 
 
 def source_licenses(
-    manifest: dict[str, Any], *, token: str | bool | None = None, endpoint: str | None = None
+    manifest: Manifest, *, token: str | bool | None = None, endpoint: str | None = None
 ) -> dict[str, str | None]:
     """The license of each source (``a``, ``b``) where one is known: a Hub source's card at its
     recorded revision, a local source's README front matter. Best effort, never raises."""
@@ -106,14 +107,16 @@ def source_licenses(
     out: dict[str, str | None] = {}
     api = HfApi(endpoint=endpoint, token=token)
     for role in ("a", "b"):
-        info = (manifest.get("sources") or {}).get(role) or {}
-        if info.get("kind") == "local" and info.get("path"):
-            out[role] = local_source_license(info["path"])
-        elif info.get("kind") == "hub" and info.get("repo_id") and not constants.HF_HUB_OFFLINE:
+        info = manifest.sources.get(role)
+        if info is None:
+            continue
+        if info.kind == "local" and info.path:
+            out[role] = local_source_license(info.path)
+        elif info.kind == "hub" and info.repo_id and not constants.HF_HUB_OFFLINE:
             try:
-                data = api.model_info(info["repo_id"], revision=info.get("revision")).card_data
+                data = api.model_info(info.repo_id, revision=info.revision).card_data
             except Exception as e:  # a missing card, a private repo, the network: no license
-                logger.info("no license for %s: %s", info["repo_id"], str(e).splitlines()[0:1])
+                logger.info("no license for %s: %s", info.repo_id, str(e).splitlines()[0:1])
                 out[role] = None
                 continue
             value = data.get("license") if data is not None else None
@@ -135,7 +138,7 @@ def check_card(text: str) -> None:
 
 def build_card(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest | Mapping[str, Any],
     *,
     repo_id: str,
     scores: Scores | None = None,
@@ -153,6 +156,8 @@ def build_card(
     """
     from huggingface_hub import constants
 
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_json(dict(manifest))
     licenses = (
         source_licenses(manifest, token=token, endpoint=endpoint)
         if license is None and lookup_licenses and hub_sources(manifest)
@@ -174,7 +179,7 @@ def build_card(
     return card
 
 
-def _upload_operations(folder: Path, manifest: dict[str, Any], card: Card) -> list[Any]:
+def _upload_operations(folder: Path, manifest: Manifest, card: Card) -> list[Any]:
     """One CommitOperationAdd per artifact file, the manifest and the card files.
 
     A format-1 manifest's sha256 of every file was just checked, so it is handed to
@@ -185,11 +190,10 @@ def _upload_operations(folder: Path, manifest: dict[str, Any], card: Card) -> li
     from huggingface_hub import CommitOperationAdd
 
     ops = []
-    for name in manifest["files"]:
+    for name, record in manifest.files.items():
         op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(artifact_file(folder, name)))
-        algorithm, hexdigest = file_digest(manifest, name)
-        if algorithm == "sha256":
-            op.upload_info.sha256 = bytes.fromhex(hexdigest)
+        if record.algorithm == "sha256":
+            op.upload_info.sha256 = bytes.fromhex(record.digest)
         ops.append(op)
     ops.append(
         CommitOperationAdd(
@@ -200,6 +204,124 @@ def _upload_operations(folder: Path, manifest: dict[str, Any], card: Card) -> li
     for name, data in card.files.items():
         ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=data))
     return ops
+
+
+def _ready_card(
+    card: str | os.PathLike[str] | None,
+    path: Path,
+    manifest: Manifest,
+    card_args: dict[str, Any],
+    endpoint: str,
+) -> str | None:
+    """The text of a ready card to upload (``card``), checked; else None, after rendering the
+    card once so a template or metadata error shows before any hashing or request."""
+    if card is not None:
+        card_path = Path(card).expanduser()
+        if not card_path.is_file():
+            raise InputError(f"card {card_path}: no such file")
+        text = card_path.read_text(encoding="utf-8")
+        check_card(text)
+        return text
+    if (path / CARD_NAME).is_file():
+        logger.warning(
+            "%s is not uploaded: rvhub renders the card (pass `card=%s` to upload it instead)",
+            path / CARD_NAME,
+            path / CARD_NAME,
+        )
+    build_card(path, manifest, **card_args, endpoint=endpoint, plot=False, lookup_licenses=False)
+    return None
+
+
+def _push_target(
+    folder: str | os.PathLike[str], repo_id: str, revision: str | None
+) -> tuple[Path, str, str]:
+    """The vector folder, the validated repo id and the branch to push to."""
+    from huggingface_hub import constants
+
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise InputError(f"{path}: no such folder (push takes a vector folder made by rvhub)")
+    repo_id, _ = parse_hub_id(repo_id, what="push's repo id")
+    branch = revision or constants.DEFAULT_REVISION
+    if len(branch) == 40 and constants.REGEX_COMMIT_OID.fullmatch(branch):
+        raise InputError(f"`revision` {branch} is a commit sha; push to a branch name")
+    return path, repo_id, branch
+
+
+def _verify_and_plot(path: Path, manifest: Manifest) -> bytes | None:
+    """Check every file's digest (a damaged artifact is refused before any request) while
+    matplotlib imports and draws the norm plot (~1 s) on another thread."""
+    with ThreadPoolExecutor(1) as pool:
+        plot = pool.submit(norms_plot, manifest.stats.layer_norms)
+        verify_artifact(path, manifest, full=True)
+        return plot.result()
+
+
+def _ready_card_files(
+    text: str, plot_png: bytes | None, scores: Scores | None, target: str | None
+) -> Card:
+    """A ready card as uploaded: its text, the norm plot and the scores' ``.eval_results``."""
+    meta, _ = split_front_matter(text)
+    return Card(
+        text=text,
+        metadata=meta or {},
+        plot_png=plot_png,
+        extra_files=card_extra_files(scores, target=target),
+    )
+
+
+def _commit_message(manifest: Manifest) -> str:
+    return (
+        f"Upload reasoning vector ({manifest.encoding}, {len(manifest.tensors)} tensors) "
+        f"with rvhub {__version__}"
+    )
+
+
+def _commit(
+    api: Any,
+    repo_id: str,
+    branch: str,
+    operations: list[Any],
+    message: str,
+    *,
+    private: bool,
+    create_pr: bool,
+) -> tuple[str, Any]:
+    """Create the repo and branch where missing, delete the files of an earlier push the
+    artifact no longer has, and make one commit; ``(head before, commit info)``."""
+    from huggingface_hub import CommitOperationDelete
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub.utils import filter_repo_objects
+
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    try:
+        info = api.model_info(repo_id, revision=branch)
+    except hf_errors.RevisionNotFoundError:
+        if branch.startswith("refs/"):
+            raise InputError(f"{repo_id} has no revision {branch!r}") from None
+        api.create_branch(repo_id, branch=branch, exist_ok=True)
+        info = api.model_info(repo_id, revision=branch)
+    head = info.sha
+    assert head is not None
+    if private and not getattr(info, "private", True):
+        logger.warning("%s already exists and is public; `private` applies to new repos", repo_id)
+    uploading = {op.path_in_repo for op in operations}
+    remote = [s.rfilename for s in info.siblings or []]  # the file list comes with the info
+    stale = [
+        f
+        for f in filter_repo_objects(remote, allow_patterns=list(ARTIFACT_PATTERNS))
+        if f not in uploading
+    ]
+    operations = [*operations, *(CommitOperationDelete(path_in_repo=f) for f in stale)]
+    commit = api.create_commit(
+        repo_id,
+        operations,
+        commit_message=message,
+        revision=branch,
+        create_pr=create_pr,
+        parent_commit=head,
+    )
+    return head, commit
 
 
 def push_vector(
@@ -226,59 +348,28 @@ def push_vector(
     (``private``), the branch ``revision`` if missing, and commits the manifest, every listed
     file and the card together (``create_pr`` opens a pull request instead). Files of an
     earlier push that the artifact no longer has are deleted in the same commit. Pushing
-    unchanged files makes no commit: ``changed`` is False and ``commit_sha`` the current head.
-
-    The token is ``token``, else ``HF_TOKEN``, else the one saved by ``hf auth login``.
+    unchanged files makes no commit (``changed`` False). The token is ``token``, else
+    ``HF_TOKEN``, else the one saved by ``hf auth login``.
 
     Example:
         >>> result = push_vector("./reasoning-vector", "user/qwen2.5-1.5b-reasoning-vector")
         >>> print(result.url, result.commit_sha)
     """
-    from huggingface_hub import CommitOperationDelete, HfApi, constants
-    from huggingface_hub import errors as hf_errors
-    from huggingface_hub.utils import filter_repo_objects
+    from huggingface_hub import HfApi
 
-    path = Path(folder).expanduser()
-    if not path.is_dir():
-        raise InputError(f"{path}: no such folder (push takes a vector folder made by rvhub)")
-    repo_id, _ = parse_hub_id(repo_id, what="push's repo id")
-    branch = revision or constants.DEFAULT_REVISION
-    if len(branch) == 40 and constants.REGEX_COMMIT_OID.fullmatch(branch):
-        raise InputError(f"--revision {branch} is a commit sha; push to a branch name")
-    manifest = load_manifest(path)
+    path, repo_id, branch = _push_target(folder, repo_id, revision)
+    manifest = Manifest.read(path)
     write_token = resolve_token(token)
     api = HfApi(endpoint=endpoint, token=write_token)
     url_base = api.endpoint.rstrip("/")
-    card_args: dict[str, Any] = dict(
-        repo_id=repo_id, scores=scores, template=template, license=license, target=target
-    )
-    card_text = None
-    if card is not None:
-        card_path = Path(card).expanduser()
-        if not card_path.is_file():
-            raise InputError(f"card {card_path}: no such file")
-        card_text = card_path.read_text(encoding="utf-8")
-        check_card(card_text)
-    else:  # a template or metadata error shows now, not after hashing gigabytes
-        if (path / CARD_NAME).is_file():
-            logger.warning(
-                "%s is not uploaded: rvhub renders the card (pass --card %s to upload it instead)",
-                path / CARD_NAME,
-                path / CARD_NAME,
-            )
-        build_card(
-            path, manifest, **card_args, endpoint=url_base, plot=False, lookup_licenses=False
-        )
-    layer_norms = (manifest.get("stats") or {}).get("layer_norms") or {}
-    with ThreadPoolExecutor(1) as pool:
-        # matplotlib's import and drawing (~1 s) overlap the hashing, which releases the GIL
-        plot = pool.submit(norms_plot, layer_norms)
-        verify_artifact(path, manifest, full=True)  # refuse a damaged artifact before any request
-        plot_png = plot.result()
+    card_args: dict[str, Any] = dict(repo_id=repo_id, scores=scores, template=template)
+    card_args.update(license=license, target=target)
+    card_text = _ready_card(card, path, manifest, card_args, url_base)
+    plot_png = _verify_and_plot(path, manifest)
     failures: tuple[type[BaseException], ...] = (ValueError, *_network_errors())
     try:
-        if card_text is None:
-            rendered = build_card(
+        rendered = (
+            build_card(
                 path,
                 manifest,
                 **card_args,
@@ -286,52 +377,19 @@ def push_vector(
                 endpoint=url_base,
                 plot=plot_png or False,
             )
-        else:
-            meta, _ = split_front_matter(card_text)
-            rendered = Card(
-                text=card_text,
-                metadata=meta or {},
-                plot_png=plot_png,
-                extra_files=card_extra_files(scores, target=target),
-            )
-        operations = _upload_operations(path, manifest, rendered)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        try:
-            info = api.model_info(repo_id, revision=branch)
-        except hf_errors.RevisionNotFoundError:
-            if branch.startswith("refs/"):
-                raise InputError(f"{repo_id} has no revision {branch!r}") from None
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
-            info = api.model_info(repo_id, revision=branch)
-        head = info.sha
-        assert head is not None
-        if private and not getattr(info, "private", True):
-            logger.warning(
-                "%s already exists and is public; --private applies to new repos", repo_id
-            )
-        uploading = {op.path_in_repo for op in operations}
-        remote = [s.rfilename for s in info.siblings or []]  # the file list comes with the info
-        stale = [
-            f
-            for f in filter_repo_objects(remote, allow_patterns=list(ARTIFACT_PATTERNS))
-            if f not in uploading
-        ]
-        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
-        message = commit_message or (
-            f"Upload reasoning vector ({manifest.get('encoding', 'dense')}, "
-            f"{len(manifest.get('tensors') or {})} tensors) with rvhub {__version__}"
+            if card_text is None
+            else _ready_card_files(card_text, plot_png, scores, target)
         )
-        commit = api.create_commit(
-            repo_id,
-            operations,
-            commit_message=message,
-            revision=branch,
-            create_pr=create_pr,
-            parent_commit=head,
+        message = commit_message or _commit_message(manifest)
+        operations = _upload_operations(path, manifest, rendered)
+        head, commit = _commit(
+            api, repo_id, branch, operations, message, private=private, create_pr=create_pr
         )
     except RvhubError:
         raise
     except failures as e:
+        from huggingface_hub import errors as hf_errors
+
         if isinstance(e, ValueError) and not isinstance(e, hf_errors.HfHubHTTPError):
             raise InputError(f"push to {repo_id} refused: {str(e).splitlines()[0]}") from None
         raise _push_error(e, repo_id, url_base, branch) from None

@@ -55,7 +55,7 @@ def parse_hub_id(
         raise InputError(f"{repo_id!r} is not a valid {what}: {reason}") from None
     if rev and revision and rev != revision:
         raise InputError(
-            f"{text} names revision {rev!r} but --revision says {revision!r}; give one of them"
+            f"{text} names revision {rev!r} but `revision` says {revision!r}; give one of them"
         )
     return repo_id, revision or rev
 
@@ -78,7 +78,7 @@ def _local_path(text: str, revision: str | None, what: str) -> Path | None:
     if not path.exists():
         return None
     if revision:
-        raise InputError(f"--revision applies to Hub ids, but {what} {text} is a local path")
+        raise InputError(f"`revision` applies to Hub ids, but {what} {text} is a local path")
     return path
 
 

@@ -57,7 +57,7 @@ def fsync_dir(path: Path) -> None:
 def check_output(path: Path, *, overwrite: bool) -> None:
     """Refuse an existing output path unless ``overwrite``; call before any long work."""
     if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+        raise InputError(f"{path} already exists; pass `overwrite=True` to replace it")
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a folder")
 

@@ -21,7 +21,7 @@ def resolve_threads(threads: int | None) -> int:
     if threads is None:
         return available_cores()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise InputError(f"--threads must be a whole number of at least 1, not {threads!r}")
+        raise InputError(f"`threads` must be a whole number of at least 1, not {threads!r}")
     return threads
 
 

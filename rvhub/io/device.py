@@ -14,9 +14,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(str(device))
     except RuntimeError:
-        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+        raise InputError(f"`device` {device!r} is unknown; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(
-            f"--device {device} asked for, but this machine has no CUDA GPU; use --device cpu"
+            f"`device={device}` asked for, but this machine has no CUDA GPU; use `device=cpu`"
         )
     return dev

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import core_model_loading as cml
@@ -212,23 +213,13 @@ def plan_live_mapping(
     mapping = LiveMapping(model=model, _live_names=live_names)
 
     if fast:
-        slow_names = []
-        for name in names:
-            live = live_names.get(name)
-            if live is None:
-                slow_names.append(name)
-            else:
-                mapping.groups.append(LiveGroup(sources=(name,), targets=(live,)))
-                mapping.identity = mapping.identity and live == name
-        names = slow_names
+        names = _map_by_name(mapping, names, live_names)
     names = sorted(names, key=cml.dot_natural_key)
     if not names:
         return mapping
     state = model.state_dict(keep_vars=True)  # names of parameters and persistent buffers
-
     renamings = [t for t in conversions if isinstance(t, cml.WeightRenaming)]
     converters = [t for t in conversions if isinstance(t, cml.WeightConverter)]
-    pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
     prefix = getattr(model, "base_model_prefix", None)
     rename = functools.partial(
         cml.rename_source_key,
@@ -237,7 +228,51 @@ def plan_live_mapping(
         base_model_prefix=prefix,
         meta_state_dict=state,
     )
+    fused = _map_renamed(mapping, names, live_names, state, rename, prefix)
+    pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
+    for layer_name, entries in fused.items():
+        converter = pattern_to_converter[entries[0][0]]
+        _require_linear(converter, layer_name)
+        first = converter.target_patterns[0]
+        state_targets = [layer_name.replace(first, p) for p in converter.target_patterns]
+        group = LiveGroup(
+            sources=tuple(name for _, name in entries),
+            targets=tuple(live_names.get(t, t) for t in state_targets),
+            converter=converter,
+            layer_name=layer_name,
+            _entries=tuple(entries),
+        )
+        _require_complete(model, group, conversions, rename)
+        mapping.groups.append(group)
+        mapping.identity = False
+    return mapping
 
+
+def _map_by_name(
+    mapping: LiveMapping, names: Iterable[str], live_names: Mapping[str, str]
+) -> list[str]:
+    """Map the names that are live names already (one lookup each); return the others."""
+    slow_names = []
+    for name in names:
+        live = live_names.get(name)
+        if live is None:
+            slow_names.append(name)
+        else:
+            mapping.groups.append(LiveGroup(sources=(name,), targets=(live,)))
+            mapping.identity = mapping.identity and live == name
+    return slow_names
+
+
+def _map_renamed(
+    mapping: LiveMapping,
+    names: list[str],
+    live_names: Mapping[str, str],
+    state: dict[str, Any],
+    rename: Callable[[str], tuple[str, str | None]],
+    prefix: str | None,
+) -> dict[str, list[tuple[str, str]]]:
+    """Map names through transformers' renamings as ``from_pretrained`` does; return the
+    parts of fused parameters by fused name, ``(source pattern, name)`` each."""
     # a name renamed onto a parameter the vector also holds under its live name is a clash
     renamed_to = {g.sources[0]: g.sources[0] for g in mapping.groups}
     fused: dict[str, list[tuple[str, str]]] = {}
@@ -263,24 +298,7 @@ def plan_live_mapping(
             renamed_to[renamed] = name
             mapping.groups.append(LiveGroup(sources=(name,), targets=(live_names[renamed],)))
             mapping.identity = mapping.identity and live_names[renamed] == name
-
-    for layer_name, entries in fused.items():
-        converter = pattern_to_converter[entries[0][0]]
-        _require_linear(converter, layer_name)
-        first = converter.target_patterns[0]
-        state_targets = [layer_name.replace(first, p) for p in converter.target_patterns]
-        targets = tuple(live_names.get(t, t) for t in state_targets)
-        group = LiveGroup(
-            sources=tuple(name for _, name in entries),
-            targets=targets,
-            converter=converter,
-            layer_name=layer_name,
-            _entries=tuple(entries),
-        )
-        _require_complete(model, group, conversions, rename)
-        mapping.groups.append(group)
-        mapping.identity = False
-    return mapping
+    return fused
 
 
 def live_deltas(

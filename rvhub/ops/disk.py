@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,153 +37,59 @@ from ..io.safetensors import (
     read_range,
 )
 from ..io.stream import Blob, SlabPool, pool_limit, write_streams
-from ..sources import VectorSource, split_excluded
-from .lineage import check_change_size, checkpoint_lineage, enforce
-from .plan import ApplyReport, check_finite, check_scale, plan_apply, zero_scale_note
+from ..options import ApplyOptions
+from ..sources import VectorSource
+from .plan import ApplyReport
+from .prepare import ApplyTarget, VectorFacts, prepare_apply
 
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 SKIP_SIDE = {SAFE_INDEX, CARD_NAME, APPLIED_RECORD}
 
 
 def apply_to_checkpoint_files(
+    vector: VectorFacts,
     source: VectorSource,
-    model_info: Mapping[str, Any],
     ckpt: Checkpoint,
     out: str | os.PathLike[str],
+    options: ApplyOptions,
     *,
-    manifest: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
-    scale: float = 1.0,
-    exclude: Iterable[str] = (),
-    vocab: str = "strict",
     overwrite: bool = False,
-    allow_nonfinite: bool = False,
-    allow_unrelated: bool = False,
-    device: str = "cpu",
-    dtype: str | None = None,
-    threads: int | None = None,
 ) -> ApplyReport:
     """Write a new model folder ``out`` = ``ckpt + scale · v``; see :func:`rvhub.apply_to_checkpoint`.
 
-    ``dtype="bfloat16"`` writes an FP8 target's weights dequantized, as bfloat16 (the scales
-    and the config's quantization_config dropped); by default FP8 stays FP8, requantized.
+    ``options.dtype="bfloat16"`` writes an FP8 target's weights dequantized, as bfloat16 (the
+    scales and the config's quantization_config dropped); by default FP8 stays FP8, requantized.
 
     ``provenance`` (the vector's origin and sources) is recorded in ``rvhub_applied.json``.
-    Slabs are computed on ``threads`` threads (default: every core this process may use);
-    the output's bytes are the same on any number.
+    Slabs are computed on ``options.threads`` threads (default: every core this process may
+    use); the output's bytes are the same on any number.
     """
-    given, scale = scale, check_scale(scale)
-    dev = resolve_device(device)
-    workers = resolve_threads(threads)
-    if dtype not in (None, "bfloat16"):
-        raise InputError(f"--dtype must be bfloat16 (to dequantize an FP8 target), not {dtype!r}")
-    if dtype is not None and not ckpt.fp8_scales:
+    dev = resolve_device(options.device)
+    workers = resolve_threads(options.threads)
+    if options.dtype is not None and not ckpt.fp8_scales:
         raise InputError(
-            "--dtype bfloat16 dequantizes an FP8 target; this target is not FP8 (its dtype is kept)"
+            '`dtype="bfloat16"` dequantizes an FP8 target; this target is not FP8 (its dtype '
+            "is kept)"
         )
-    dequant = dtype is not None
     out_path = Path(out)
     check_output(out_path, overwrite=overwrite)
-    _, excluded = split_excluded(source.shapes, exclude)
-    plan = plan_apply(
-        source.shapes,
-        model_info,
-        {n: e.shape for n, e in ckpt.entries.items()},
-        ckpt.config,
-        vocab=vocab,
-        excluded=excluded,
-        target_tied=ckpt.tie_word_embeddings and "lm_head.weight" not in ckpt.entries,
-    )
-    check_finite(source, manifest, sorted({v for v, _ in plan.targets.values()}), allow_nonfinite)
-    report = ApplyReport.from_plan(plan, scale)
-    zero = zero_scale_note(scale, given)
-    if zero:
-        report.notes.append(zero)
-    reference = source.lineage()
-    wide = [v for t, (v, _) in plan.targets.items() if ckpt.entries[t].dtype != "F16"]
-    check_change_size(reference, scale, wide)
-    lineage = checkpoint_lineage(reference, source.shapes, ckpt)
-    note = enforce(lineage, allow_unrelated=allow_unrelated)
-    report.lineage = lineage.as_json()
-    if note:
-        report.notes.append(note)
+    prepared = prepare_apply(vector, ApplyTarget.of_checkpoint(ckpt), options)
+    report = prepared.report
     handles = FileHandles()
-    total = ckpt.nbytes
-
-    scratch = ThreadScratch(count=2, block=APPLY_BLOCK)
     pool = SlabPool(SLAB_ELEMS, limit=pool_limit(workers))
-
-    def _slab(entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
-        raw = read_range(entry, start, stop, handles, pool.take(stop - start, entry.torch_dtype))
-        spec = plan.targets.get(entry.name)
-        if spec is None:
-            return raw
-        vname, rows = spec
-        limit = entry.numel if rows is None else rows * math.prod(entry.shape[1:])
-        if start >= limit:
-            return raw
-        d = source.raw_chunk(vname, start, min(stop, limit), pool.take)
-        if dev.type != "cpu":
-            t = raw.to(dev).float()
-            t[: d.numel()].add_(d.to(dev), alpha=scale)
-            result = t.to(raw.dtype).cpu()
-        else:
-            result = pool.take(raw.numel(), raw.dtype)
-            axpy_into(raw, d, scale, result, scratch.get())
-        pool.give(raw, d)  # the writer gives ``result`` back once written
-        # float16 overflows at ordinary scales; wider dtypes only where |α| is large
-        may_overflow = raw.dtype == torch.float16 or abs(scale) > 1.0
-        if may_overflow and not bool(torch.isfinite(result).all()):
-            dtype = str(raw.dtype).removeprefix("torch.")
-            raise InputError(
-                f"{dtype} overflow in {entry.name} at scale {scale:g}: the result holds Inf; "
-                "use a smaller --scale"
-                + (" or a bfloat16/float32 target" if dtype == "float16" else "")
-            )
-        return result
-
-    fp8 = _Fp8Requantizer(ckpt, plan.targets, source, scale, handles)
+    add = _SlabAdder(source, prepared.plan.targets, options.alpha, dev, handles, pool)
+    fp8 = _Fp8Requantizer(ckpt, prepared.plan.targets, source, options.alpha, handles)
+    dequant = options.dtype is not None
     scale_names = {e.name: w for w, e in ckpt.fp8_scales.items()}
-
-    def blobs(entries: list[TensorEntry]) -> Iterator[Blob]:
-        for e in entries:
-            weight = scale_names.get(e.name, e.name if e.name in ckpt.fp8_scales else None)
-            if dequant and weight is not None:
-                if weight != e.name:
-                    continue  # the scales are folded into the bfloat16 weight
-                kind, index = "bf16", 0
-            elif weight is not None and weight in plan.targets:
-                # an FP8 weight and its scales: θ + α·v requantized block by block, whole
-                kind, index = "q", 0 if weight == e.name else 1
-            else:
-                for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
-                    yield partial(_slab, e, start, stop)
-                continue
-            # the first slab's task computes the whole tensor once; later slabs slice it
-            for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
-                yield partial(fp8.slab, kind, index, weight, start, stop)
-
-    def opener(path: Path, entries: list[TensorEntry]) -> Callable[[], SafetensorsWriter]:
-        _, metadata = read_header(path)
-        specs = [
-            (e.name, "BF16" if dequant and e.name in ckpt.fp8_scales else e.dtype, e.shape)
-            for e in entries
-            if not (dequant and e.name in scale_names)
-        ]  # FP8 scales included, unless dequantized
-        # A model folder records no hashes: skip ~1 s/GB of sha256.
-        return lambda: SafetensorsWriter(
-            tmp / path.name, specs, metadata or {"format": "pt"}, hash_contents=False
-        )
-
     with atomic_dir(out_path, overwrite=overwrite) as tmp, single_thread():
-        streams = []
-        for path in ckpt.files:
-            stored = [*ckpt.entries.values(), *ckpt.fp8_scales.values()]
-            entries = sorted((e for e in stored if e.path == path), key=lambda e: e.start)
-            streams.append((opener(path, entries), blobs(entries)))
+        streams = [
+            (_opener(ckpt, path, entries, tmp, dequant), _blobs(entries, add, fp8, dequant))
+            for path, entries in _file_entries(ckpt)
+        ]
         try:
             write_streams(
-                streams, total_bytes=total, desc="applying vector", pool=pool, threads=workers
+                streams, total_bytes=ckpt.nbytes, desc="applying vector", pool=pool, threads=workers
             )
         finally:
             handles.close()
@@ -200,6 +106,107 @@ def apply_to_checkpoint_files(
         (tmp / APPLIED_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
     report.output = str(out_path.absolute())
     return report
+
+
+def _file_entries(ckpt: Checkpoint) -> Iterator[tuple[Path, list[TensorEntry]]]:
+    """Each of the target's files with the tensors it stores (FP8 scales included), in order."""
+    stored = [*ckpt.entries.values(), *ckpt.fp8_scales.values()]
+    for path in ckpt.files:
+        yield path, sorted((e for e in stored if e.path == path), key=lambda e: e.start)
+
+
+class _SlabAdder:
+    """``θ + α·v`` for one slab of a plain (not FP8) target tensor, rounded once."""
+
+    def __init__(
+        self,
+        source: VectorSource,
+        targets: Mapping[str, tuple[str, int | None]],
+        scale: float,
+        device: torch.device,
+        handles: FileHandles,
+        pool: SlabPool,
+    ) -> None:
+        self.source, self.targets, self.scale, self.device = source, targets, scale, device
+        self.handles, self.pool = handles, pool
+        self.scratch = ThreadScratch(count=2, block=APPLY_BLOCK)
+
+    def slab(self, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
+        pool = self.pool
+        raw = read_range(
+            entry, start, stop, self.handles, pool.take(stop - start, entry.torch_dtype)
+        )
+        spec = self.targets.get(entry.name)
+        if spec is None:
+            return raw
+        vname, rows = spec
+        limit = entry.numel if rows is None else rows * math.prod(entry.shape[1:])
+        if start >= limit:
+            return raw
+        d = self.source.raw_chunk(vname, start, min(stop, limit), pool.take)
+        if self.device.type != "cpu":
+            t = raw.to(self.device).float()
+            t[: d.numel()].add_(d.to(self.device), alpha=self.scale)
+            result = t.to(raw.dtype).cpu()
+        else:
+            result = pool.take(raw.numel(), raw.dtype)
+            axpy_into(raw, d, self.scale, result, self.scratch.get())
+        pool.give(raw, d)  # the writer gives ``result`` back once written
+        self._check_overflow(entry, raw.dtype, result)
+        return result
+
+    def _check_overflow(self, entry: TensorEntry, dtype: torch.dtype, result: torch.Tensor) -> None:
+        # float16 overflows at ordinary scales; wider dtypes only where |α| is large
+        if not (dtype == torch.float16 or abs(self.scale) > 1.0):
+            return
+        if not bool(torch.isfinite(result).all()):
+            name = str(dtype).removeprefix("torch.")
+            raise InputError(
+                f"{name} overflow in {entry.name} at scale {self.scale:g}: the result holds "
+                "Inf; use a smaller `scale`"
+                + (" or a bfloat16/float32 target" if name == "float16" else "")
+            )
+
+
+def _blobs(
+    entries: list[TensorEntry], add: _SlabAdder, fp8: _Fp8Requantizer, dequant: bool
+) -> Iterator[Blob]:
+    """The slab tasks of one output file, in file order."""
+    ckpt, targets = fp8.ckpt, add.targets
+    scale_names = {e.name: w for w, e in ckpt.fp8_scales.items()}
+    for e in entries:
+        weight = scale_names.get(e.name, e.name if e.name in ckpt.fp8_scales else None)
+        if dequant and weight is not None:
+            if weight != e.name:
+                continue  # the scales are folded into the bfloat16 weight
+            kind, index = "bf16", 0
+        elif weight is not None and weight in targets:
+            # an FP8 weight and its scales: θ + α·v requantized block by block, whole
+            kind, index = "q", 0 if weight == e.name else 1
+        else:
+            for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
+                yield partial(add.slab, e, start, stop)
+            continue
+        # the first slab's task computes the whole tensor once; later slabs slice it
+        for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
+            yield partial(fp8.slab, kind, index, weight, start, stop)
+
+
+def _opener(
+    ckpt: Checkpoint, path: Path, entries: list[TensorEntry], tmp: Path, dequant: bool
+) -> Callable[[], SafetensorsWriter]:
+    """The writer of the output file for the target's file ``path``."""
+    _, metadata = read_header(path)
+    scale_names = {e.name for e in ckpt.fp8_scales.values()}
+    specs = [
+        (e.name, "BF16" if dequant and e.name in ckpt.fp8_scales else e.dtype, e.shape)
+        for e in entries
+        if not (dequant and e.name in scale_names)
+    ]  # FP8 scales included, unless dequantized
+    # A model folder records no hashes: skip ~1 s/GB of sha256.
+    return lambda: SafetensorsWriter(
+        tmp / path.name, specs, metadata or {"format": "pt"}, hash_contents=False
+    )
 
 
 def _note_requantization(report: ApplyReport, fp8: _Fp8Requantizer) -> None:

@@ -61,8 +61,8 @@ def enforce(report: LineageReport, *, allow_unrelated: bool) -> str | None:
             f"the target is not of the vector's lineage: its weights lie {report.overall:.2f} "
             f"(relative) from the vector's base over {report.compared} matrices (fine-tunes of "
             f"one base stay under {LINEAGE_WARN}; farthest: {worst}); a vector only transfers "
-            "to descendants of the base it was extracted from; pass --allow-unrelated "
-            "(allow_unrelated=True) to apply it anyway"
+            "to descendants of the base it was extracted from; pass `allow_unrelated=True` "
+            "to apply it anyway"
         )
     if report.verdict in ("uncertain", "unrelated") or report.overall is None:
         note = report.describe()

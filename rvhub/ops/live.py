@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -17,86 +18,67 @@ import torch
 from ..errors import CompatibilityError
 from ..io.kernels import add_scaled_, set_scaled_
 from ..io.progress import logger
+from ..manifest import Manifest
+from ..options import ApplyOptions, check_scale
 from ..sources import VectorSource, split_excluded
-from .lineage import check_change_size, enforce, model_lineage
-from .plan import (
-    ApplyReport,
-    check_finite,
-    check_scale,
-    persistent_float_buffers,
-    plan_apply,
-    zero_scale_note,
-)
+from .lineage import model_lineage
+from .plan import ApplyReport, persistent_float_buffers
+from .prepare import ApplyTarget, PreparedApply, VectorFacts, prepare_apply
 
 
 def apply_to_model(
+    vector: VectorFacts,
     source: VectorSource,
-    model_info: Mapping[str, Any],
     model: torch.nn.Module,
+    options: ApplyOptions,
     *,
-    manifest: Mapping[str, Any] | None = None,
-    scale: float = 1.0,
-    exclude: Iterable[str] = (),
-    vocab: str = "strict",
-    allow_nonfinite: bool = False,
-    allow_unrelated: bool = False,
     snapshot: dict[str, torch.Tensor] | None = None,
     deltas: dict[str, tuple[torch.Tensor, int | None]] | None = None,
 ) -> ApplyReport:
     """Add ``scale · v`` to ``model`` in place; see :meth:`rvhub.ReasoningVector.apply_to`.
 
-    ``model_info`` is the vector's recorded model identity; ``manifest`` its verified manifest,
-    when it has one (it records whether any delta is non-finite). ``snapshot``: each tensor
-    about to change that it does not hold yet is cloned into it first (:class:`ScaleSwitch`
-    keeps the pristine θ this way); ``deltas`` receives each delta added, on its device.
+    ``vector`` is what the pre-flight reads of the vector (:func:`.prepare.prepare_apply`).
+    ``snapshot``: each tensor about to change that it does not hold yet is cloned into it
+    first (:class:`ScaleSwitch` keeps the pristine θ this way); ``deltas`` receives each delta
+    added, on its device.
     """
-    given, scale = scale, check_scale(scale)
-    wanted, excluded = split_excluded(source.shapes, exclude)
     # tied weights appear once; persistent floating buffers (a checkpoint stores them, and
     # on-disk apply changes them: DeepSeek-V3's e_score_correction_bias) are targets too
     params = {**persistent_float_buffers(model), **dict(model.named_parameters())}
+    target = model_target(model, params, vector.shapes, options.exclude)
+    prepared = prepare_apply(vector, target, options)
+    report = prepared.report
+    if target.converted:
+        _apply_converted(source, model, params, prepared, options.alpha, snapshot)
+    else:
+        plan = prepared.plan
+        work = [(t, params[t], vname, rows) for t, (vname, rows) in plan.targets.items()]
+        _refuse_offloaded(plan.targets, params)
+        _add_live(source, work, options.alpha, snapshot, deltas)
+    _warn_overflow(model, report)
+    return report
+
+
+def model_target(
+    model: torch.nn.Module,
+    params: Mapping[str, torch.Tensor],
+    vector_shapes: Mapping[str, tuple[int, ...]],
+    exclude: Iterable[str],
+) -> ApplyTarget:
+    """What the pre-flight reads of a live model: its parameters' (and persistent floating
+    buffers') names and shapes, config, ties and float16 tensors."""
     tensors = {**dict(model.named_buffers()), **params}
-    reference = source.lineage()
-    wide = [n for n, p in params.items() if n in source.shapes and p.dtype != torch.float16]
-    check_change_size(reference, scale, wide)
     config = getattr(model, "config", None)
     config_dict = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
-    if _needs_conversion(model, wanted, params):
-        lineage = model_lineage(reference, source.shapes, tensors)
-        lineage_note = enforce(lineage, allow_unrelated=allow_unrelated)
-        report = _apply_converted(
-            source, model_info, manifest, model, params, config_dict, wanted, excluded, scale,
-            allow_nonfinite, snapshot,
-        )  # fmt: skip
-        return _with_lineage(report, lineage.as_json(), lineage_note)
-    plan = plan_apply(
-        source.shapes,
-        model_info,
-        {n: tuple(p.shape) for n, p in params.items()},
-        config_dict,
-        vocab=vocab,
-        excluded=excluded,
-        target_tied=_live_tied(model),
+    wanted, _ = split_excluded(vector_shapes, exclude)
+    return ApplyTarget(
+        shapes={n: tuple(p.shape) for n, p in params.items()},
+        config=config_dict,
+        tied=_live_tied(model),
+        float16=frozenset(n for n, p in params.items() if p.dtype == torch.float16),
+        sample=lambda ref, shapes: model_lineage(ref, shapes, tensors),
+        converted=_needs_conversion(model, wanted, params),
     )
-    lineage = model_lineage(reference, source.shapes, tensors)
-    lineage_note = enforce(lineage, allow_unrelated=allow_unrelated)
-    check_finite(source, manifest, sorted({v for v, _ in plan.targets.values()}), allow_nonfinite)
-    report = ApplyReport.from_plan(plan, scale)
-    zero = zero_scale_note(scale, given)
-    if zero:
-        report.notes.append(zero)
-    work = [(t, params[t], vname, rows) for t, (vname, rows) in plan.targets.items()]
-    _refuse_offloaded(plan.targets, params)
-    _add_live(source, work, scale, snapshot, deltas)
-    _warn_overflow(model, report)
-    return _with_lineage(report, lineage.as_json(), lineage_note)
-
-
-def _with_lineage(report: ApplyReport, lineage: dict[str, Any], note: str | None) -> ApplyReport:
-    report.lineage = lineage
-    if note:
-        report.notes.append(note)
-    return report
 
 
 def _refuse_offloaded(names: Iterable[str], params: dict[str, torch.Tensor]) -> None:
@@ -125,9 +107,9 @@ def _refuse_offloaded(names: Iterable[str], params: dict[str, torch.Tensor]) -> 
         )
 
 
-def _needs_conversion(model: torch.nn.Module, names: list[str], params: dict[str, Any]) -> bool:
+def _needs_conversion(model: torch.nn.Module, names: list[str], params: Mapping[str, Any]) -> bool:
     """True when the vector's checkpoint names are not the model's live parameter names."""
-    # A tied lm_head is not in named_parameters(); compat.plan_apply handles it.
+    # A tied lm_head is not in named_parameters(); plan_apply handles it.
     unknown = [n for n in names if n not in params and n != "lm_head.weight"]
     if not unknown:
         return False
@@ -138,27 +120,18 @@ def _needs_conversion(model: torch.nn.Module, names: list[str], params: dict[str
 
 def _apply_converted(
     source: VectorSource,
-    model_info: Mapping[str, Any],
-    manifest: Mapping[str, Any] | None,
     model: torch.nn.Module,
     params: dict[str, torch.Tensor],
-    config_dict: dict[str, Any],
-    wanted: list[str],
-    excluded: list[str],
+    prepared: PreparedApply,
     scale: float,
-    allow_nonfinite: bool,
     snapshot: dict[str, torch.Tensor] | None,
-) -> ApplyReport:
+) -> None:
     """Map checkpoint-format deltas through transformers' own conversion ops (fused MoE)."""
     from .conversion import plan_live_mapping
 
-    live = plan_live_mapping(model, wanted)
-    vt = model_info.get("model_type")
-    tt = config_dict.get("model_type")
-    if vt and tt and vt != tt:
-        raise CompatibilityError(f"the vector was made for model_type {vt}, the target is {tt}")
-    check_finite(source, manifest, wanted, allow_nonfinite)
-    report = ApplyReport(scale=scale, skipped=excluded, missing=list(live.unmapped))
+    live = plan_live_mapping(model, prepared.wanted)
+    report = prepared.report
+    report.missing = list(live.unmapped)
     _refuse_offloaded((t for g in live.groups for t in g.targets), params)
     seen: set[int] = set()
     with torch.no_grad():
@@ -179,8 +152,6 @@ def _apply_converted(
             add_scaled_(p.data, delta.to(p.device, non_blocking=False), scale)
             report.applied.append(pname)
     report.untouched = [n for n in params if n not in set(report.applied)]
-    _warn_overflow(model, report)
-    return report
 
 
 def _live_tied(model: torch.nn.Module) -> bool:
@@ -281,13 +252,13 @@ class ScaleSwitch:
         model_info: Mapping[str, Any],
         model: torch.nn.Module,
         *,
-        manifest: Mapping[str, Any] | None = None,
+        manifest: Manifest | None = None,
         keep_deltas: bool = True,
-        **apply_options: Any,
+        options: ApplyOptions | None = None,
     ) -> None:
-        self.source, self.model_info, self.model = source, model_info, model
-        self.manifest = manifest
-        self.options = apply_options
+        self.source, self.model = source, model
+        self.facts = VectorFacts.of_source(source, model_info, manifest)
+        self.options = options or ApplyOptions()
         self.keep_deltas = keep_deltas
         self.pristine: dict[str, torch.Tensor] = {}
         self.scale: float | None = None
@@ -315,14 +286,12 @@ class ScaleSwitch:
         self.restore()
         self._deltas.clear()
         report = apply_to_model(
+            self.facts,
             self.source,
-            self.model_info,
             self.model,
-            manifest=self.manifest,
-            scale=scale,
+            replace(self.options, scale=scale, given_scale=scale),
             snapshot=self.pristine,
             deltas=self._deltas if self.keep_deltas else None,
-            **self.options,
         )
         self.scale = check_scale(scale)
         self._report = report

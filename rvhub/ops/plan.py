@@ -7,27 +7,27 @@ differences rather than a shape error deep inside a matmul.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..architecture import TIED_EMBEDDING_NAMES, TIED_HEAD_NAMES, has_vocab_axis, tied_embeddings
-from ..checkpoint import Checkpoint
 from ..constants import VOCAB_MODES
 from ..errors import CompatibilityError, InputError
 from ..io.progress import logger
+from ..options import one_of
 
 if TYPE_CHECKING:
     import torch
 
+    from ..manifest import Manifest
     from ..sources import VectorSource
 
 MAX_LISTED = 5
 
 
-def _listing(items: Sequence[str]) -> str:
+def listing(items: Sequence[str]) -> str:
     shown = ", ".join(items[:MAX_LISTED])
     more = f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
     return shown + more
@@ -40,41 +40,13 @@ def persistent_float_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: b for n, b in model.named_buffers() if n in persistent and b.is_floating_point()}
 
 
-def check_pair(a: Checkpoint, b: Checkpoint) -> None:
-    """A and B must share architecture, tensor names and shapes (dtypes may differ)."""
-    problems: list[str] = []
-    if a.model_type and b.model_type and a.model_type != b.model_type:
-        problems.append(f"model_type {a.model_type} vs {b.model_type}")
-    if a.architectures and b.architectures and a.architectures != b.architectures:
-        problems.append(f"architectures {a.architectures} vs {b.architectures}")
-    only_a = [n for n in a.entries if n not in b.entries]
-    only_b = [n for n in b.entries if n not in a.entries]
-    if only_a:
-        problems.append(f"only in A: {_listing(only_a)}")
-    if only_b:
-        problems.append(f"only in B: {_listing(only_b)}")
-    shape_diff = [
-        f"{n} {list(a.entries[n].shape)} vs {list(b.entries[n].shape)}"
-        for n in a.entries
-        if n in b.entries and a.entries[n].shape != b.entries[n].shape
-    ]
-    if shape_diff:
-        problems.append(f"shape differs: {_listing(shape_diff)}")
-    if problems:
-        raise CompatibilityError(
-            "A and B are not fine-tunes of the same model: "
-            + "; ".join(problems)
-            + " (a reasoning vector needs two checkpoints of one architecture)"
-        )
-
-
 @dataclass
 class ApplyPlan:
     """How each vector tensor lands on the target: by target name."""
 
     # target name -> (vector name, rows to apply or None for all)
     targets: dict[str, tuple[str, int | None]] = field(default_factory=dict)
-    excluded: list[str] = field(default_factory=list)  # vector names skipped by --exclude
+    excluded: list[str] = field(default_factory=list)  # vector names matched by ``exclude``
     missing: list[str] = field(default_factory=list)  # vector names the target lacks
     untouched: list[str] = field(default_factory=list)  # target names the vector lacks
     notes: list[str] = field(default_factory=list)
@@ -90,21 +62,14 @@ def plan_apply(
     excluded: Sequence[str] = (),
     target_tied: bool | None = None,
 ) -> ApplyPlan:
-    """Decide which vector tensor goes where on a target, or raise saying why it cannot.
+    """Decide which vector tensor goes where on a target, or raise saying why it cannot
+    (the model type is :func:`~.prepare.check_model_type`'s, run before).
 
     ``target_shapes`` are the target's tensor names (checkpoint names for an on-disk target);
     ``target_tied`` says whether the target's lm_head shares the embedding storage.
     """
-    if vocab not in VOCAB_MODES:
-        raise InputError(f"--vocab must be one of {', '.join(VOCAB_MODES)}, not {vocab!r}")
+    one_of("vocab", vocab, VOCAB_MODES)
     plan = ApplyPlan(excluded=list(excluded))
-    vt = vector_model.get("model_type")
-    tt = target_config.get("model_type")
-    if vt and tt and vt != tt:
-        raise CompatibilityError(
-            f"the vector was made for model_type {vt}, the target is {tt}; "
-            "a vector only fits models of the architecture it was extracted from"
-        )
     tied = tied_embeddings(dict(target_config)) if target_tied is None else target_tied
     shape_problems: list[str] = []
     vocab_problems: list[str] = []
@@ -131,11 +96,11 @@ def plan_apply(
         shape_problems.append(f"{name} {list(vshape)} vs {list(tshape)}")
     if shape_problems:
         raise CompatibilityError(
-            f"the vector does not fit the target: shape differs for {_listing(shape_problems)}"
+            f"the vector does not fit the target: shape differs for {listing(shape_problems)}"
         )
     if vocab_problems:
         raise CompatibilityError(
-            f"vocabulary size differs ({_listing(vocab_problems)}); pass --vocab overlap to add "
+            f"vocabulary size differs ({listing(vocab_problems)}); pass `vocab='overlap'` to add "
             "the delta to the shared rows (only valid when both tokenizers give the same ids)"
         )
     if len(plan.targets) == 0 and not plan.excluded:
@@ -162,7 +127,7 @@ def _plan_tied(
         # The target's lm_head is its embedding: two deltas for one storage.
         raise CompatibilityError(
             "the target ties lm_head to the embeddings, but the vector has separate deltas for "
-            f"{embed} and {head}; pass --exclude '{re.escape(head)}' to apply only the "
+            f"{embed} and {head}; pass `exclude='{re.escape(head)}'` to apply only the "
             "embedding delta"
         )
     if target_tied and head and head in plan.targets and not embed:
@@ -193,7 +158,7 @@ class ApplyReport:
     """What an apply did: target tensor names changed, and vector/target names left alone."""
 
     applied: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # vector tensors excluded by --exclude
+    skipped: list[str] = field(default_factory=list)  # vector tensors matched by ``exclude``
     missing: list[str] = field(default_factory=list)  # vector tensors the target lacks
     untouched: list[str] = field(default_factory=list)  # target tensors the vector lacks
     notes: list[str] = field(default_factory=list)
@@ -237,31 +202,6 @@ class ApplyReport:
         }
 
 
-# A decimal number as users write one: no underscores (float("1_5") is 15), no hex, no inf/nan.
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
-
-
-def check_scale(scale: float | str) -> float:
-    """α as a finite float that float32 math can hold; strings are parsed strictly."""
-    if isinstance(scale, str):
-        if not _NUMBER.fullmatch(scale.strip()):
-            raise InputError(f"scale must be a finite number, not {scale!r}")
-        value = float(scale)
-    elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
-        value = float(scale)
-    else:
-        raise InputError(f"scale must be a number, not {scale!r}")
-    if not math.isfinite(value):
-        raise InputError(f"scale must be a finite number, not {scale!r}")
-    if abs(value) > _FLOAT32_MAX:
-        raise InputError(
-            f"scale {scale!r} is beyond float32's range (±{_FLOAT32_MAX:.3g}), in which the "
-            "addition is computed"
-        )
-    return value
-
-
 def zero_scale_note(scale: float, given: object) -> str | None:
     """The warning for α = 0 (``-0``, ``1e-400``): the result is the target unchanged."""
     if scale != 0.0:
@@ -272,25 +212,28 @@ def zero_scale_note(scale: float, given: object) -> str | None:
 
 
 def check_finite(
-    source: VectorSource,
-    manifest: Mapping[str, Any] | None,
+    source: VectorSource | None,
+    manifest: Manifest | None,
     names: Iterable[str],
     allow_nonfinite: bool,
 ) -> None:
-    """Refuse deltas holding NaN/Inf unless allowed; a verified manifest that records none
-    answers without reading the deltas."""
+    """Refuse deltas holding NaN/Inf unless allowed. A verified manifest answers without
+    reading the deltas; without one, ``source``'s deltas are read (without either, nothing is
+    known and nothing is refused)."""
     if allow_nonfinite:
+        return
+    hint = "pass `allow_nonfinite=True` to apply it anyway"
+    if manifest is not None:
+        for name in names:
+            record = manifest.tensors.get(name)
+            if record is not None and record.nonfinite:
+                raise InputError(f"the vector's delta for {name} holds NaN/Inf values; {hint}")
+        return  # hashes verified against a manifest that records none
+    if source is None:
         return
     import torch
 
-    if isinstance(manifest, Mapping):
-        tensors = manifest.get("tensors") or {}
-        if not any((info or {}).get("nonfinite") for info in tensors.values()):
-            return  # hashes verified against a manifest that records none
     for name in names:
         d = source.get(name, None)
         if d.is_floating_point() and not bool(torch.isfinite(d).all()):
-            raise InputError(
-                f"the vector's delta for {name} holds NaN/Inf values; pass --allow-nonfinite "
-                "(allow_nonfinite=True) to apply it anyway"
-            )
+            raise InputError(f"the vector's delta for {name} holds NaN/Inf values; {hint}")

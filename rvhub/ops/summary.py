@@ -10,36 +10,35 @@ from typing import Any
 
 from ..constants import ADAPTER_CONFIG_NAME
 from ..encodings.lora import engine_reports
-from ..engines import get_engine
+from ..engines import ENGINE_NAMES
 from ..errors import InputError
-from ..manifest import file_digest
+from ..manifest import Manifest, TensorRecord
+from ..options import one_of
 
 BAR_WIDTH = 30
 
 
-def engine_report(manifest: Mapping[str, Any], folder: Path | None, engine: str) -> dict[str, Any]:
+def engine_report(manifest: Manifest, folder: Path | None, engine: str) -> dict[str, Any]:
     """What ``engine`` applies of a LoRA artifact: the writer's record, or for an adapter written
     before rvhub recorded one, judged now from its ``adapter_config.json`` and tensor table."""
-    get_engine(engine)
-    if manifest.get("encoding") != "lora":
+    one_of("engine", engine, ENGINE_NAMES)
+    if manifest.encoding != "lora":
         raise InputError(
-            f"this vector is {manifest.get('encoding', 'dense')}, not a LoRA adapter; serve it "
-            f"after `rvhub compress VECTOR -o OUT --encoding lora --rank 64 --for {engine}`, or "
+            f"this vector is {manifest.encoding}, not a LoRA adapter; serve it after "
+            f"`rvhub compress VECTOR -o OUT --encoding lora --rank 64 --for {engine}`, or "
             "apply it whole with rvhub apply"
         )
-    comp = manifest.get("compression") or {}
-    recorded = (comp.get("engines") or {}).get(engine)
+    recorded = manifest.compression.engines.get(engine) if manifest.compression else None
     if recorded is not None:
         return dict(recorded)
     if folder is None:
         raise InputError("this LoRA vector has no folder to read its adapter_config.json from")
     config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
-    tensors = manifest.get("tensors") or {}
-    model = manifest.get("model") or {}
+    tensors, model = manifest.tensors, manifest.model
     reports = engine_reports(
         config,
-        {n: int(t.get("rank", 0)) for n, t in tensors.items() if t.get("stored") == "lora"},
-        {n: float(t.get("norm", 0.0)) ** 2 for n, t in tensors.items()},
+        {n: t.rank for n, t in tensors.items() if t.stored == "lora"},
+        {n: t.norm**2 for n, t in tensors.items()},
         architecture=(model.get("architectures") or [None])[0],
         tied=bool(model.get("tie_word_embeddings")),
         peft_applies=None,
@@ -61,7 +60,7 @@ def engine_line(engine: str, report: Mapping[str, Any]) -> str:
         text += f"; start the server with {report['server']}"
     if report.get("excluded_tensors"):
         text += (
-            f"; {report['excluded_tensors']} tensors excluded by --exclude are not in this vector"
+            f"; {report['excluded_tensors']} excluded tensors are not in this vector"
             " (their share is not measured)"
         )
     return head + text
@@ -76,36 +75,32 @@ def _source_line(info: dict[str, Any]) -> str:
     return text
 
 
-def summary(
-    manifest: Mapping[str, Any], *, path: str | None = None, origin: Any = None
-) -> dict[str, Any]:
+def summary(manifest: Manifest, *, path: str | None = None, origin: Any = None) -> dict[str, Any]:
     """The facts ``inspect`` shows about a (verified) manifest, as a JSON-ready dict."""
-    files = manifest.get("files", {})
-    tensors = manifest.get("tensors") or {}
     return {
         "path": path,
         "origin": origin,
-        "encoding": manifest.get("encoding", "dense"),
-        "format_version": manifest.get("format_version"),
-        "rvhub_version": manifest.get("rvhub_version"),
-        "created_at": manifest.get("created_at"),
-        "sources": manifest.get("sources", {}),
-        "model": manifest.get("model", {}),
-        "dtype": manifest.get("dtype"),
-        "tensors": len(tensors),
-        "parameters": sum(math.prod(t["shape"]) for t in tensors.values()),
-        "bytes": sum(int(f.get("size", 0)) for f in files.values()),
-        "files": {k: ":".join(file_digest(manifest, k)) for k in files},
-        "excluded": manifest.get("excluded", []),
-        "stats": manifest.get("stats", {}),
-        "compression": manifest.get("compression"),
-        "lineage": manifest.get("lineage"),
+        "encoding": manifest.encoding,
+        "format_version": manifest.format_version,
+        "rvhub_version": manifest.rvhub_version,
+        "created_at": manifest.created_at,
+        "sources": {r: s.to_json() for r, s in manifest.sources.items()},
+        "model": dict(manifest.model),
+        "dtype": list(manifest.dtype),
+        "tensors": len(manifest.tensors),
+        "parameters": sum(math.prod(t.shape) for t in manifest.tensors.values()),
+        "bytes": manifest.nbytes,
+        "files": {name: manifest.digest(name) for name in manifest.files},
+        "excluded": list(manifest.excluded),
+        "stats": dict(manifest.stats.raw),
+        "compression": dict(manifest.compression.figures) if manifest.compression else None,
+        "lineage": dict(manifest.lineage) if manifest.lineage else None,
     }
 
 
-def describe(s: Mapping[str, Any], tensors: Mapping[str, Any]) -> str:
+def describe(s: Mapping[str, Any], manifest: Manifest) -> str:
     """A readable report of :func:`summary`'s facts: sources, encoding, size, norms per layer,
-    round-trip error; ``tensors`` is the manifest's tensor table."""
+    round-trip error."""
     model = s["model"] or {}
     stats = s["stats"] or {}
     lines = [
@@ -138,7 +133,7 @@ def describe(s: Mapping[str, Any], tensors: Mapping[str, Any]) -> str:
     )
     comp = s.get("compression")
     if comp:
-        lines.extend(_compression_lines(comp, tensors))
+        lines.extend(_compression_lines(comp, manifest.tensors))
     layer_norms: dict[str, float] = stats.get("layer_norms") or {}
     if layer_norms:
         top = max(layer_norms.values()) or 1.0
@@ -149,7 +144,7 @@ def describe(s: Mapping[str, Any], tensors: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _compression_lines(comp: dict[str, Any], tensors: Mapping[str, Any]) -> list[str]:
+def _compression_lines(comp: dict[str, Any], tensors: Mapping[str, TensorRecord]) -> list[str]:
     size = f"{comp['bytes']:,} bytes = {comp['ratio']:.1%} of dense ({comp['dense_bytes']:,})"
     if comp.get("encoding") == "sparse":
         return [
@@ -177,9 +172,9 @@ def _compression_lines(comp: dict[str, Any], tensors: Mapping[str, Any]) -> list
             f"{comp['dense_tensors']} dense tensors (biases, norms, ...) = "
             f"{comp['rvhub_norm_share']:.1%} need rvhub apply / load_vector"
         )
-    lora = [(n, t) for n, t in tensors.items() if t.get("stored") == "lora"]
-    worst = sorted(lora, key=lambda nt: -float(nt[1].get("rel_error", 0.0)))[:5]
+    lora = [(n, t) for n, t in tensors.items() if t.stored == "lora"]
+    worst = sorted(lora, key=lambda nt: -nt[1].rel_error)[:5]
     if worst:
         lines.append("worst modules (rank, relative error)")
-        lines.extend(f"  {n}: {t['rank']}, {t['rel_error']:.4f}" for n, t in worst)
+        lines.extend(f"  {n}: {t.rank}, {t.rel_error:.4f}" for n, t in worst)
     return lines

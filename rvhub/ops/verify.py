@@ -18,7 +18,7 @@ from ..sources import DifferenceSource, VectorSource
 
 def verify_against(
     source: VectorSource,
-    stats: Mapping[str, Any],
+    recorded_error: Mapping[str, Any] | None,
     ca: Checkpoint,
     cb: Checkpoint,
     *,
@@ -27,7 +27,7 @@ def verify_against(
     """Stream ``B + v − A`` over every vector tensor; raise if it exceeds ``tolerance``.
 
     The default tolerance is the round-trip error the manifest recorded at extraction
-    (``stats``, plus a float32 epsilon): a vector reproduces its sources exactly as well as
+    (``recorded_error``, plus a float32 epsilon): a vector reproduces its sources exactly as well as
     when it was made.
     """
     handles = FileHandles()
@@ -56,7 +56,7 @@ def verify_against(
         progress.close()
         handles.close()
     rel = math.sqrt(err) / math.sqrt(ref) if ref > 0 else math.sqrt(err)
-    recorded = (stats.get("roundtrip_error") or {}).get("rel", 0.0)
+    recorded = (recorded_error or {}).get("rel", 0.0)
     limit = tolerance if tolerance is not None else recorded * 1.001 + 1e-6
     if not math.isfinite(rel) or rel > limit:
         raise IntegrityError(

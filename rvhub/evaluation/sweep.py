@@ -28,7 +28,7 @@ from .._version import __version__
 from ..errors import InputError
 from ..io.atomic import atomic_write
 from ..io.progress import logger
-from .live import ScaleSwitch
+from ..ops.live import ScaleSwitch
 
 SWEEP_FORMAT = "rvhub.eval-sweep"
 SWEEP_VERSION = 1
@@ -59,23 +59,44 @@ def parse_scales(scales: str | Iterable[float | str]) -> list[float]:
     """α values from ``"-1,0,0.5"`` or a list: finite numbers, at least one, none twice."""
     items = [s for s in scales.split(",")] if isinstance(scales, str) else list(scales)
     if not items or all(isinstance(s, str) and not s.strip() for s in items):
-        raise InputError("--scales is empty; give α values like -1,0,1")
+        raise InputError("`scales` is empty; give α values like -1,0,1")
     out: list[float] = []
     for item in items:
         if isinstance(item, str):
             if not _NUMBER.fullmatch(item.strip()):
-                raise InputError(f"--scales: {item.strip()!r} is not a number (write -1,0,0.5,1)")
+                raise InputError(f"`scales`: {item.strip()!r} is not a number (write -1,0,0.5,1)")
             value = float(item)
         elif isinstance(item, (int, float)) and not isinstance(item, bool):
             value = float(item)
         else:
-            raise InputError(f"--scales: {item!r} is not a number")
+            raise InputError(f"`scales`: {item!r} is not a number")
         if not math.isfinite(value):
-            raise InputError(f"--scales: {item!r} is not a finite number")
+            raise InputError(f"`scales`: {item!r} is not a finite number")
         if value in out:
-            raise InputError(f"--scales: α = {value:g} is given twice")
+            raise InputError(f"`scales`: α = {value:g} is given twice")
         out.append(value)
     return out
+
+
+def parse_limit(limit: int | float | None) -> int | float | None:
+    """lm-eval's ``limit``: a count of examples (≥ 1, whole) or a fraction in (0, 1)."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+        raise InputError(f"`limit` must be positive, not {limit!r}")
+    return int(limit) if limit >= 1 and float(limit).is_integer() else limit
+
+
+def parse_batch_size(batch_size: int | str) -> int | str:
+    """lm-eval's ``batch_size``: a positive integer, ``auto`` or ``auto:N``."""
+    if isinstance(batch_size, str):
+        if batch_size == "auto" or batch_size.startswith("auto:"):
+            return batch_size
+        if batch_size.isdigit() and int(batch_size) >= 1:
+            return int(batch_size)
+    elif isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1:
+        return batch_size
+    raise InputError(f"`batch_size` must be a positive integer or auto, not {batch_size!r}")
 
 
 def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
@@ -83,7 +104,7 @@ def parse_tasks(tasks: str | Iterable[str]) -> list[str]:
     items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     names = [t.strip() for t in items if t.strip()]
     if not names:
-        raise InputError("--tasks is empty; name at least one lm-eval task (e.g. gsm8k)")
+        raise InputError("`tasks` is empty; name at least one lm-eval task (e.g. gsm8k)")
     return names
 
 
@@ -312,7 +333,7 @@ def _task_manager(tasks: Sequence[str], include_path: str | None) -> Any:
     if include_path is not None:
         folder = Path(include_path).expanduser()
         if not folder.is_dir():
-            raise InputError(f"--include-path {folder}: no such folder")
+            raise InputError(f"`include_path` {folder}: no such folder")
         local = TaskManager(include_path=str(folder), include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
             return local
@@ -322,7 +343,7 @@ def _task_manager(tasks: Sequence[str], include_path: str | None) -> Any:
         if task not in known:
             close = difflib.get_close_matches(task, sorted(known), n=1, cutoff=0.75)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            where = f" or in {include_path}" if include_path else " (--include-path adds a folder)"
+            where = f" or in {include_path}" if include_path else " (`include_path` adds a folder)"
             raise InputError(
                 f"unknown lm-eval task {task!r}{hint}: not among lm-eval's tasks{where}"
             )
@@ -354,6 +375,7 @@ def run_sweep(
     from lm_eval.models.huggingface import HFLM
 
     tasks, scales = parse_tasks(tasks), parse_scales(scales)
+    limit, batch_size = parse_limit(limit), parse_batch_size(batch_size)
     manager = _task_manager(tasks, str(include_path) if include_path else None)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     points: list[SweepPoint] = []
@@ -430,7 +452,7 @@ def read_sweep(folder: str | os.PathLike[str]) -> dict[str, Any]:
     path = root / SWEEP_NAME
     if not path.is_file():
         raise InputError(
-            f"--eval {root}: no {SWEEP_NAME} there (write one with `rvhub eval ... -o {root}`)"
+            f"`eval_dir` {root}: no {SWEEP_NAME} there (write one with `rvhub eval ... -o {root}`)"
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
