@@ -153,8 +153,11 @@ class Lineage:
         return LINEAGE_FILE
 
 
-def read_lineage(folder: Path, manifest: Manifest) -> Lineage | None:
-    """The fingerprint an artifact recorded, or None for one made before it existed."""
+def read_lineage(folder: Path, manifest: Manifest | Mapping[str, Any]) -> Lineage | None:
+    """The fingerprint an artifact recorded, or None for one made before it existed
+    (``manifest`` typed, or as ``rvhub.json`` holds it)."""
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_json(dict(manifest))
     if LINEAGE_FILE not in manifest.files:
         return None
     path = artifact_file(folder, LINEAGE_FILE)

@@ -85,6 +85,26 @@ def parse_size(size: int | str, param: str = "max_shard_size") -> int:
     return value
 
 
+def compile_excludes(patterns: Iterable[str]) -> list[re.Pattern[str]]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise InputError(f"`exclude` {p!r} is not a valid regular expression: {e}") from None
+    return out
+
+
+def split_excluded(names: Iterable[str], exclude: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``(kept, excluded)``: ``names`` split by the ``exclude`` regexes (``re.search``)."""
+    patterns = compile_excludes(exclude)
+    kept: list[str] = []
+    excluded: list[str] = []
+    for name in names:
+        (excluded if any(p.search(name) for p in patterns) else kept).append(name)
+    return kept, excluded
+
+
 @dataclass(frozen=True)
 class LoraOptions:
     """How a vector becomes a LoRA adapter: truncated SVD per module, for one serving engine.
@@ -260,5 +280,7 @@ __all__ = [
     "LoraOptions",
     "WriteOptions",
     "check_scale",
+    "compile_excludes",
     "parse_size",
+    "split_excluded",
 ]

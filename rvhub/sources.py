@@ -19,14 +19,13 @@ appliers never test a source's type:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import CompatibilityError, InputError
+from .errors import CompatibilityError
 from .io.fp8 import BlockScales, Fp8Slab, dequantize_flat
 from .io.kernels import Moments, Scratch, diff_into, store_into
 from .io.safetensors import FileHandles, TensorEntry, read_range, tensor_bytes
@@ -49,26 +48,6 @@ class Slab:
     stop: int
     out: torch.Tensor
     moments: Moments
-
-
-def compile_excludes(patterns: Iterable[str]) -> list[re.Pattern[str]]:
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise InputError(f"`exclude` {p!r} is not a valid regular expression: {e}") from None
-    return out
-
-
-def split_excluded(names: Iterable[str], exclude: Iterable[str]) -> tuple[list[str], list[str]]:
-    """``(kept, excluded)``: ``names`` split by the ``--exclude`` regexes (``re.search``)."""
-    patterns = compile_excludes(exclude)
-    kept: list[str] = []
-    excluded: list[str] = []
-    for name in names:
-        (excluded if any(p.search(name) for p in patterns) else kept).append(name)
-    return kept, excluded
 
 
 class VectorSource:

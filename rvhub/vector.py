@@ -396,7 +396,8 @@ class ReasoningVector:
         from .evaluation import evaluate_vector
 
         return evaluate_vector(
-            self,
+            self.facts(),
+            self.source,
             model,
             tokenizer,
             tasks=tasks,
@@ -412,6 +413,7 @@ class ReasoningVector:
             overwrite=overwrite,
             on_point=on_point,
             lm_eval_options=lm_eval_options,
+            record=self.origin_record(),
         )
 
     def origin_record(self) -> dict[str, Any]:

@@ -32,8 +32,8 @@ from ..manifest import (
     stamp_files,
     write_manifest,
 )
-from ..options import WriteOptions, one_of
-from ..sources import VectorSource, split_excluded
+from ..options import WriteOptions, one_of, split_excluded
+from ..sources import VectorSource
 from .base import Encoding, WriteJob
 from .dense import DenseEncoding
 from .lora import LoraEncoding

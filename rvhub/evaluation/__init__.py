@@ -40,11 +40,13 @@ from .target import load_eval_target
 if TYPE_CHECKING:
     import torch
 
-    from ..vector import ReasoningVector
+    from ..ops.prepare import VectorFacts
+    from ..sources import VectorSource
 
 
 def evaluate_vector(
-    vector: ReasoningVector,
+    vector: VectorFacts,
+    source: VectorSource,
     model: torch.nn.Module,
     tokenizer: Any,
     *,
@@ -60,21 +62,18 @@ def evaluate_vector(
     overwrite: bool = False,
     on_point: Callable[[SweepPoint], None] | None = None,
     lm_eval_options: Mapping[str, Any] | None = None,
+    record: Mapping[str, Any] | None = None,
 ) -> Sweep:
     """Run lm-evaluation-harness on ``model`` at ``θ + α·v`` for each α of ``scales``; see
-    :meth:`rvhub.ReasoningVector.evaluate`. ``apply`` holds the apply options (``exclude``,
-    ``vocab``, ``allow_unrelated``); its ``scale`` is ignored."""
+    :meth:`rvhub.ReasoningVector.evaluate`. ``vector`` is what the apply pre-flight reads of
+    the vector, ``source`` its deltas, ``record`` its origin for ``sweep.json``. ``apply``
+    holds the apply options (``exclude``, ``vocab``, ``allow_unrelated``); its ``scale`` is
+    ignored."""
     task_list, alpha = parse_tasks(tasks), parse_scales(scales)
     count, batch = parse_limit(limit), parse_batch_size(batch_size)
     if output_dir is not None:
         check_output(Path(output_dir), overwrite=overwrite)
-    switch = ScaleSwitch(
-        vector.source,
-        vector.model_info,
-        model,
-        manifest=vector.manifest,
-        options=apply or ApplyOptions(),
-    )
+    switch = ScaleSwitch(source, vector, model, options=apply or ApplyOptions())
     sweep = run_sweep(
         switch,
         model,
@@ -88,7 +87,7 @@ def evaluate_vector(
         lm_eval_options=lm_eval_options,
         on_point=on_point,
     )
-    sweep.vector = vector.origin_record()
+    sweep.vector = dict(record or {})
     config = getattr(model, "config", None)
     sweep.target = {"name": target or getattr(config, "_name_or_path", None) or None}
     if output_dir is not None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..constants import MANIFEST_NAME, SAFE_INDEX, SAFE_SINGLE
 from ..errors import HubError, InputError
-from ..manifest import artifact_file, validate_manifest
+from ..manifest import Manifest, artifact_file
 
 # What a model checkpoint download fetches: weights as safetensors, config and tokenizer.
 CHECKPOINT_PATTERNS = [
@@ -162,11 +162,10 @@ def download_vector_snapshot(
             "(for a model, use it as the target of apply, or as A or B of extract)"
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        data = json.loads(manifest_path.read_text())
     except ValueError:
         raise InputError(f"{repo_id}: {MANIFEST_NAME} is not valid JSON") from None
-    validate_manifest(manifest)
-    names = list(manifest["files"])
+    names = list(Manifest.from_json(data).files)
     for name in names:
         artifact_file(folder, name)  # refuse ../ and absolute names before fetching anything
     sha = folder.name

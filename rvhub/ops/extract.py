@@ -15,7 +15,8 @@ from ..checkpoint import Checkpoint, check_config
 from ..errors import CompatibilityError
 from ..io.safetensors import FLOAT_DTYPES
 from ..manifest import Provenance
-from ..sources import DifferenceSource, split_excluded
+from ..options import split_excluded
+from ..sources import DifferenceSource
 from .plan import listing
 
 

@@ -19,8 +19,8 @@ from ..errors import CompatibilityError
 from ..io.kernels import add_scaled_, set_scaled_
 from ..io.progress import logger
 from ..manifest import Manifest
-from ..options import ApplyOptions, check_scale
-from ..sources import VectorSource, split_excluded
+from ..options import ApplyOptions, check_scale, split_excluded
+from ..sources import VectorSource
 from .lineage import model_lineage
 from .plan import ApplyReport, persistent_float_buffers
 from .prepare import ApplyTarget, PreparedApply, VectorFacts, prepare_apply
@@ -249,15 +249,21 @@ class ScaleSwitch:
     def __init__(
         self,
         source: VectorSource,
-        model_info: Mapping[str, Any],
+        vector: VectorFacts | Mapping[str, Any],
         model: torch.nn.Module,
         *,
         manifest: Manifest | None = None,
         keep_deltas: bool = True,
         options: ApplyOptions | None = None,
     ) -> None:
+        """``vector``: what the pre-flight reads of the vector (:class:`.prepare.VectorFacts`),
+        or its recorded model identity with its verified ``manifest``."""
         self.source, self.model = source, model
-        self.facts = VectorFacts.of_source(source, model_info, manifest)
+        self.facts = (
+            vector
+            if isinstance(vector, VectorFacts)
+            else VectorFacts.of_source(source, vector, manifest)
+        )
         self.options = options or ApplyOptions()
         self.keep_deltas = keep_deltas
         self.pristine: dict[str, torch.Tensor] = {}

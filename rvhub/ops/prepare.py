@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CompatibilityError
 from ..lineage import Lineage, LineageReport
-from ..options import ApplyOptions
-from ..sources import split_excluded
+from ..options import ApplyOptions, split_excluded
 from .lineage import check_change_size, checkpoint_lineage, enforce
 from .plan import ApplyPlan, ApplyReport, check_finite, plan_apply, zero_scale_note
 

@@ -18,9 +18,13 @@ from ..options import one_of
 BAR_WIDTH = 30
 
 
-def engine_report(manifest: Manifest, folder: Path | None, engine: str) -> dict[str, Any]:
+def engine_report(
+    manifest: Manifest | Mapping[str, Any], folder: Path | None, engine: str
+) -> dict[str, Any]:
     """What ``engine`` applies of a LoRA artifact: the writer's record, or for an adapter written
     before rvhub recorded one, judged now from its ``adapter_config.json`` and tensor table."""
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_json(dict(manifest))
     one_of("engine", engine, ENGINE_NAMES)
     if manifest.encoding != "lora":
         raise InputError(
