@@ -141,9 +141,9 @@ class DirectSink:
             self._error = e
 
     def _wait(self) -> None:
-        if self._io is not None:
+        if self._io is not None and self._io.ident is not None:  # started (see abort)
             self._io.join()
-            self._io = None
+        self._io = None
         if self._error is not None:
             raise self._error
 
@@ -162,9 +162,11 @@ class DirectSink:
 
     def abort(self) -> None:
         try:
-            if self._io is not None:
+            # a SIGTERM raised between creating the I/O thread and starting it leaves one
+            # that was never started: joining it would raise instead of the Terminated
+            if self._io is not None and self._io.ident is not None:
                 self._io.join()
-                self._io = None
+            self._io = None
         finally:
             self._release()
 
