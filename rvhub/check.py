@@ -18,7 +18,7 @@ from .lineage import LineageReport, read_lineage
 from .manifest import Manifest, verify_artifact
 from .ops.plan import ApplyPlan
 from .ops.prepare import ApplyTarget, VectorFacts, prepare_apply
-from .options import ApplyOptions
+from .options import ApplyOptions, either
 
 
 def check_target(
@@ -42,7 +42,7 @@ def check_target(
     Example:
         >>> check_target("user/vector", "./my-instruct-model").lineage.describe()
     """
-    options = options or ApplyOptions(vocab=vocab, allow_unrelated=allow_unrelated)
+    options = either(options, ApplyOptions(vocab=vocab, allow_unrelated=allow_unrelated))
     folder, _ = resolve_artifact(vector, revision=revision, only=[LINEAGE_FILE])
     manifest = Manifest.read(folder)
     if LINEAGE_FILE in manifest.files:  # the only artifact file the check reads

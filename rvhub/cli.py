@@ -27,7 +27,7 @@ from .constants import ENV_DEBUG
 from .engines import ENGINE_NAMES
 from .errors import RvhubError
 from .io.progress import human_bytes
-from .options import ApplyOptions
+from .options import ApplyOptions, WriteOptions
 
 
 def _one_line(text: str) -> str:
@@ -308,21 +308,14 @@ def _encoding_options(func: Any) -> Any:
     return func
 
 
-def _write_options(options: dict[str, Any], **more: Any) -> Any:
-    """:class:`~rvhub.options.WriteOptions` from the ``_encoding_options`` flags (and ``more``)."""
-    from .options import WriteOptions
-
-    return WriteOptions.build(**options, **more)
-
-
 def _report_written(path: Path) -> None:
     from .manifest import Manifest
 
     manifest = Manifest.read(path)
     size = human_bytes(manifest.nbytes)
     comp = manifest.compression
-    head = f"wrote {path} ({manifest.encoding}, {len(manifest.tensors)} tensors, {size}, "
     if comp is not None:
+        head = f"wrote {path} ({manifest.encoding}, {len(manifest.tensors)} tensors, {size}, "
         figures = comp.figures
         extra = f"{figures['ratio']:.1%} of dense"
         if comp.encoding == "lora":
@@ -391,8 +384,8 @@ def extract(
     from .io.atomic import check_output
     from .vector import extract_vector
 
-    options = _write_options(
-        encoding_options,
+    options = WriteOptions.build(
+        **encoding_options,
         dtype=dtype,
         allow_nonfinite=allow_nonfinite,
         max_shard_size=max_shard_size,
@@ -941,7 +934,7 @@ def compress(
     from .io.atomic import check_output
     from .vector import load_vector
 
-    options = _write_options(encoding_options, dtype=dtype, allow_nonfinite=allow_nonfinite)
+    options = WriteOptions.build(**encoding_options, dtype=dtype, allow_nonfinite=allow_nonfinite)
     check_output(output, overwrite=overwrite)
     vec = load_vector(vector, revision=revision)
     _report_written(vec.save(output, options=options, exclude=exclude, overwrite=overwrite))

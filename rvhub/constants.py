@@ -36,7 +36,7 @@ ENV_GPU_PIN_CACHE_GB = "RVHUB_GPU_PIN_CACHE_GB"  # pinned vector files kept for 
 ENV_BUFFERED_WRITES = "RVHUB_BUFFERED_WRITES"  # 1: write outputs through the page cache
 
 # -- defaults and sizes -------------------------------------------------------------------------
-DEFAULT_MAX_SHARD = "5GB"  # decimal, like transformers' max_shard_size
+DEFAULT_MAX_SHARD = "5GB"  # decimal: transformers 5.25's convert_file_size_to_int gives 5e9
 # Elements per read/compute/write unit (2 MB of bf16) and how many finished slabs may wait for
 # the writer thread (docs/design.md says why these values).
 SLAB_ELEMS = 1024 * 1024

@@ -85,9 +85,14 @@ def parse_size(size: int | str, param: str = "max_shard_size") -> int:
     return value
 
 
-def compile_excludes(patterns: Iterable[str]) -> list[re.Pattern[str]]:
+def exclude_patterns(exclude: Iterable[str] | str) -> list[str]:
+    """The ``exclude`` regexes as a list: one string is one pattern, not its characters."""
+    return [exclude] if isinstance(exclude, str) else list(exclude)
+
+
+def compile_excludes(patterns: Iterable[str] | str) -> list[re.Pattern[str]]:
     out = []
-    for p in patterns:
+    for p in exclude_patterns(patterns):
         try:
             out.append(re.compile(p))
         except re.error as e:
@@ -95,7 +100,9 @@ def compile_excludes(patterns: Iterable[str]) -> list[re.Pattern[str]]:
     return out
 
 
-def split_excluded(names: Iterable[str], exclude: Iterable[str]) -> tuple[list[str], list[str]]:
+def split_excluded(
+    names: Iterable[str], exclude: Iterable[str] | str
+) -> tuple[list[str], list[str]]:
     """``(kept, excluded)``: ``names`` split by the ``exclude`` regexes (``re.search``)."""
     patterns = compile_excludes(exclude)
     kept: list[str] = []
@@ -103,6 +110,22 @@ def split_excluded(names: Iterable[str], exclude: Iterable[str]) -> tuple[list[s
     for name in names:
         (excluded if any(p.search(name) for p in patterns) else kept).append(name)
     return kept, excluded
+
+
+_LORA_NEEDS_A_RULE = '`encoding="lora"` needs `rank`, `energy` or `max_error` (e.g. `rank=64`)'
+
+
+def check_rank_rules(*, rank: int | None, energy: float | None, max_error: float | None) -> None:
+    """The LoRA rank rules' ranges (each may be None): a positive whole ``rank``, ``energy``
+    in (0, 1], ``max_error`` in [0, 1)."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise InputError(f"`rank` must be a positive integer, got {rank!r}")
+    if energy is not None and not (_is_number(energy) and 0.0 < energy <= 1.0):
+        raise InputError(f"`energy` must be in (0, 1] (the fraction of Σσ² kept), got {energy!r}")
+    if max_error is not None and not (_is_number(max_error) and 0.0 <= max_error < 1.0):
+        raise InputError(
+            f"`max_error` must be in [0, 1) (a relative Frobenius error), got {max_error!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -129,19 +152,8 @@ class LoraOptions:
         one_of("engine", self.engine, ENGINE_NAMES)
         rank, energy, max_error = self.rank, self.energy, self.max_error
         if rank is None and energy is None and max_error is None:
-            raise InputError(
-                '`encoding="lora"` needs `rank`, `energy` or `max_error` (e.g. `rank=64`)'
-            )
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise InputError(f"`rank` must be a positive integer, got {rank!r}")
-        if energy is not None and not (_is_number(energy) and 0.0 < energy <= 1.0):
-            raise InputError(
-                f"`energy` must be in (0, 1] (the fraction of Σσ² kept), got {energy!r}"
-            )
-        if max_error is not None and not (_is_number(max_error) and 0.0 <= max_error < 1.0):
-            raise InputError(
-                f"`max_error` must be in [0, 1) (a relative Frobenius error), got {max_error!r}"
-            )
+            raise InputError(_LORA_NEEDS_A_RULE)
+        check_rank_rules(rank=rank, energy=energy, max_error=max_error)
         engine = get_engine(self.engine)
         if rank is not None and engine.max_ranks is not None and server_rank(engine, rank) is None:
             raise InputError(
@@ -181,9 +193,7 @@ class WriteOptions:
 
             object.__setattr__(self, "dtype", parse_dtype(self.dtype))
         if self.encoding == "lora" and self.lora is None:
-            raise InputError(
-                '`encoding="lora"` needs `rank`, `energy` or `max_error` (e.g. `rank=64`)'
-            )
+            raise InputError(_LORA_NEEDS_A_RULE)
         if self.encoding != "lora" and self.lora is not None:
             raise InputError(f'`lora` options need `encoding="lora"`, not {self.encoding!r}')
 
@@ -222,7 +232,7 @@ class ApplyOptions:
     """
 
     scale: float | str = 1.0
-    exclude: tuple[str, ...] = ()
+    exclude: Iterable[str] = ()  # one string is one regex; kept as a tuple
     vocab: str = "strict"
     allow_nonfinite: bool = False
     allow_unrelated: bool = False
@@ -235,9 +245,7 @@ class ApplyOptions:
         given = self.scale if self.given_scale is None else self.given_scale
         object.__setattr__(self, "given_scale", given)
         object.__setattr__(self, "scale", check_scale(self.scale))
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "exclude", tuple(exclude_patterns(self.exclude)))
         one_of("vocab", self.vocab, VOCAB_MODES)
         if self.dtype is not None:
             one_of("dtype", self.dtype, APPLY_DTYPES)
@@ -247,6 +255,18 @@ class ApplyOptions:
     def alpha(self) -> float:
         """``scale`` as the float ``__post_init__`` checked it to be."""
         return float(self.scale)
+
+
+def either(options: Any, built: Any) -> Any:
+    """``options`` when given, else ``built`` (the same class, from the individual
+    parameters); both at once is refused rather than one silently ignored."""
+    if options is None:
+        return built
+    if built != type(built)():
+        raise InputError(
+            "pass `options` or the individual options it holds, not both (they would be ignored)"
+        )
+    return options
 
 
 @dataclass(frozen=True)
@@ -279,8 +299,11 @@ __all__ = [
     "HubOptions",
     "LoraOptions",
     "WriteOptions",
+    "check_rank_rules",
     "check_scale",
     "compile_excludes",
+    "either",
+    "exclude_patterns",
     "parse_size",
     "split_excluded",
 ]

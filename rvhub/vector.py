@@ -38,7 +38,7 @@ from .ops.plan import ApplyReport
 from .ops.prepare import VectorFacts
 from .ops.summary import describe, engine_report, summary
 from .ops.verify import verify_against
-from .options import ApplyOptions, HubOptions, WriteOptions, parse_size
+from .options import ApplyOptions, HubOptions, WriteOptions, either, parse_size
 from .sources import CombinationSource, TensorDifferenceSource, VectorSource
 
 if TYPE_CHECKING:
@@ -303,8 +303,9 @@ class ReasoningVector:
             >>> extract_vector("org/grpo", "org/sft").save("./reasoning-vector")
             >>> load_vector("./reasoning-vector").save("./rv-lora", encoding="lora", rank=64)
         """
-        if options is None:
-            options = WriteOptions.build(
+        options = either(
+            options,
+            WriteOptions.build(
                 encoding=encoding,
                 dtype=dtype,
                 allow_nonfinite=allow_nonfinite,
@@ -317,7 +318,8 @@ class ReasoningVector:
                 device=device,
                 engine=engine,
                 base_model=base_model,
-            )
+            ),
+        )
         check_disjoint(Path(path), self.input_paths())
         return write_artifact(
             self.source,
@@ -349,14 +351,14 @@ class ReasoningVector:
         Example:
             >>> report = load_vector("./reasoning-vector").apply_to(model, scale=1.0)
         """
-        options = options or ApplyOptions(
+        built = ApplyOptions(
             scale=scale,
-            exclude=tuple(exclude),
+            exclude=exclude,
             vocab=vocab,
             allow_nonfinite=allow_nonfinite,
             allow_unrelated=allow_unrelated,
         )
-        return apply_to_model(self.facts(), self.source, model, options)
+        return apply_to_model(self.facts(), self.source, model, either(options, built))
 
     def evaluate(
         self,
@@ -408,8 +410,9 @@ class ReasoningVector:
             limit=limit,
             batch_size=batch_size,
             num_fewshot=num_fewshot,
-            apply=options
-            or ApplyOptions(exclude=tuple(exclude), vocab=vocab, allow_unrelated=allow_unrelated),
+            apply=either(
+                options, ApplyOptions(exclude=exclude, vocab=vocab, allow_unrelated=allow_unrelated)
+            ),
             overwrite=overwrite,
             on_point=on_point,
             lm_eval_options=lm_eval_options,
@@ -598,9 +601,9 @@ def apply_to_checkpoint(
     Example:
         >>> apply_to_checkpoint(load_vector("user/vec"), "Qwen/Qwen2.5-1.5B-Instruct", "out/")
     """
-    options = options or ApplyOptions(
+    built = ApplyOptions(
         scale=scale,
-        exclude=tuple(exclude),
+        exclude=exclude,
         vocab=vocab,
         allow_nonfinite=allow_nonfinite,
         allow_unrelated=allow_unrelated,
@@ -608,6 +611,7 @@ def apply_to_checkpoint(
         device=device,
         threads=threads,
     )
+    options = either(options, built)
     resolve_device(options.device)
     check_output(Path(out), overwrite=overwrite)  # before any download
     ckpt = target if isinstance(target, Checkpoint) else open_checkpoint(target, revision=revision)

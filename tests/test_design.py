@@ -333,3 +333,23 @@ def test_every_apply_path_refuses_a_bad_target_with_one_message(
     if bad != "scale":
         checked = run("check", toy["vec"], target)
         assert checked.exit_code == 3 and line in checked.stderr
+
+
+def test_options_and_individual_parameters_are_not_mixed(toy, tmp_path):
+    from rvhub.options import ApplyOptions
+
+    vec = load_vector(toy["vec"])
+    with pytest.raises(InputError, match="pass `options` or the individual options"):
+        vec.save(tmp_path / "out", dtype="float32", options=WriteOptions())
+    with pytest.raises(InputError, match="pass `options` or the individual options"):
+        apply_to_checkpoint(vec, toy["target"], tmp_path / "out", scale=2, options=ApplyOptions())
+    assert not (tmp_path / "out").exists()
+    # the options alone, or the parameters alone, are used as given
+    report = vec.apply_to(_model(toy["target"]), options=ApplyOptions(scale=0.5))
+    assert report.scale == 0.5
+
+
+def test_one_exclude_string_is_one_pattern(toy, tmp_path):
+    vec = extract_vector(toy["a"], toy["b"], exclude="embed_tokens")
+    assert not any("embed_tokens" in n for n in vec.names)
+    assert any("layers" in n for n in vec.names)

@@ -32,7 +32,7 @@ from ..manifest import (
     stamp_files,
     write_manifest,
 )
-from ..options import WriteOptions, one_of, split_excluded
+from ..options import WriteOptions, exclude_patterns, one_of, split_excluded
 from ..sources import VectorSource
 from .base import Encoding, WriteJob
 from .dense import DenseEncoding
@@ -65,7 +65,7 @@ def write_artifact(
     options = options or WriteOptions()
     codec = get_encoding(options.encoding)
     encoding = options.encoding
-    exclude = list(exclude)
+    exclude = exclude_patterns(exclude)
     names, excluded = split_excluded(source.shapes, exclude)
     if not names:
         raise InputError("every tensor was excluded: the vector would be empty")

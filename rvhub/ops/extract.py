@@ -15,7 +15,7 @@ from ..checkpoint import Checkpoint, check_config
 from ..errors import CompatibilityError
 from ..io.safetensors import FLOAT_DTYPES
 from ..manifest import Provenance
-from ..options import split_excluded
+from ..options import exclude_patterns, split_excluded
 from ..sources import DifferenceSource
 from .plan import listing
 
@@ -33,7 +33,7 @@ def prepare_extract(
         check_config(a)
         check_config(b)
     check_pair(a, b)
-    patterns = list(exclude)
+    patterns = exclude_patterns(exclude)
     candidates, excluded = split_excluded((e.name for e in a.in_file_order()), patterns)
     names, skipped = [], []
     for name in candidates:

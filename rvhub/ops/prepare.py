@@ -106,7 +106,9 @@ def prepare_apply(vector: VectorFacts, target: ApplyTarget, options: ApplyOption
     wanted, excluded = split_excluded(vector.shapes, options.exclude)
     if target.converted:  # the live apply maps checkpoint names onto fused parameters itself
         plan = ApplyPlan(excluded=excluded)
-        applied: Iterable[str] = [n for n in wanted if n in target.shapes]
+        applied: Iterable[str] = [
+            n for n in wanted if n in target.shapes and n not in target.float16
+        ]
         changed = wanted
     else:
         plan = plan_apply(

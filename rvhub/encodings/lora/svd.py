@@ -3,14 +3,7 @@ rules (``rank``, ``energy``, ``max_error``).
 
 The singular values are split symmetrically (``A = √S·Vᵀ``, ``B = U·√S``) so both factors
 have the same magnitude, which keeps them well inside the range of float16/bfloat16 when they
-are stored in the sources' dtype.
-
-Example:
-    ```python
-    >>> f = factorize(torch.randn(512, 256), rank=16)
-    >>> f.A.shape, f.B.shape
-    (torch.Size([16, 256]), torch.Size([512, 16]))
-    ```
+are stored in the sources' dtype (:func:`factorize` has an example).
 """
 
 from __future__ import annotations
@@ -22,6 +15,8 @@ import torch
 from torch import Tensor
 
 from ...constants import SVD_METHODS
+from ...errors import InputError
+from ...options import check_rank_rules
 
 METHODS = SVD_METHODS
 
@@ -114,17 +109,14 @@ def select_rank(
 
 
 def check_rank_options(*, rank: int | None, energy: float | None, max_error: float | None) -> None:
-    """Raise ``ValueError`` with a clear message when a rank option is out of range."""
+    """Raise ``ValueError`` with a clear message when a rank option is out of range (the
+    ranges are :func:`rvhub.options.check_rank_rules`')."""
     if rank is None and energy is None and max_error is None:
         raise ValueError("give at least one of rank, energy or max_error")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    if energy is not None and not (0.0 < energy <= 1.0):
-        raise ValueError(f"energy must be in (0, 1] (the fraction of Σσ² kept), got {energy!r}")
-    if max_error is not None and not (0.0 <= max_error < 1.0):
-        raise ValueError(
-            f"max_error must be in [0, 1) (a relative Frobenius error), got {max_error!r}"
-        )
+    try:
+        check_rank_rules(rank=rank, energy=energy, max_error=max_error)
+    except InputError as e:
+        raise ValueError(str(e)) from None
 
 
 def factorize(
