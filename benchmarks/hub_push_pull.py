@@ -115,7 +115,7 @@ def build_vector(work: Path, layers: int) -> Path:
 
 def plain_folder(vec: Path, work: Path) -> Path:
     """The files rvhub uploads (artifact + rendered card), as one folder for upload_folder."""
-    from rvhub.hub.push import build_card
+    from rvhub.card.build import build_card
     from rvhub.manifest import load_manifest
 
     folder = work / "plain-upload"

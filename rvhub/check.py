@@ -4,18 +4,22 @@ Runs the pre-flight every apply runs (:func:`rvhub.ops.prepare.prepare_apply`, t
 checks in the same order with the same messages), reading only what that needs: the manifest,
 the hash-checked lineage fingerprint, the target's safetensors headers and a few values per
 tensor. It imports no torch, so ``rvhub check`` answers in well under a second.
+
+Every artifact file already on this machine (all of them for a local vector) is checked
+against its digest, as ``load_vector`` checks it before an apply: a vector an apply would
+refuse as damaged is refused here too. A Hub vector's weights are not downloaded for a check.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint, check_config
 from .constants import LINEAGE_FILE
 from .hub.resolve import open_checkpoint, resolve_artifact
 from .lineage import LineageReport, read_lineage
-from .manifest import Manifest, verify_artifact
+from .manifest import Manifest, artifact_file, verify_artifact
 from .ops.plan import ApplyPlan
 from .ops.prepare import ApplyTarget, VectorFacts, prepare_apply
 from .options import ApplyOptions, either
@@ -45,8 +49,8 @@ def check_target(
     options = either(options, ApplyOptions(vocab=vocab, allow_unrelated=allow_unrelated))
     folder, _ = resolve_artifact(vector, revision=revision, only=[LINEAGE_FILE])
     manifest = Manifest.read(folder)
-    if LINEAGE_FILE in manifest.files:  # the only artifact file the check reads
-        verify_artifact(folder, manifest.only([LINEAGE_FILE]))
+    present = [n for n in manifest.files if artifact_file(folder, n).is_file()]
+    verify_artifact(folder, manifest.only(present))  # what an apply's load would refuse
     ckpt = (
         target
         if isinstance(target, Checkpoint)
@@ -58,7 +62,10 @@ def check_target(
         manifest.shapes, manifest.model, manifest, read_lineage(folder, manifest), source=None
     )
     prepared = prepare_apply(facts, ApplyTarget.of_checkpoint(ckpt), options)
-    return CheckResult(plan=prepared.plan, lineage=prepared.lineage)
+    absent = [n for n in manifest.files if n not in present]
+    return CheckResult(
+        plan=prepared.plan, lineage=prepared.lineage, verified=present, absent=absent
+    )
 
 
 @dataclass
@@ -67,6 +74,8 @@ class CheckResult:
 
     plan: ApplyPlan
     lineage: LineageReport
+    verified: list[str] = field(default_factory=list)  # artifact files checked against digests
+    absent: list[str] = field(default_factory=list)  # not downloaded: an apply checks them
 
 
 __all__ = ["CheckResult", "check_target"]

@@ -134,31 +134,7 @@ def open_local_checkpoint(path: Path) -> Checkpoint:
             )
         entries, _ = read_header(path / SAFE_SINGLE)
     elif index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map: dict[str, str] = index["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise InputError(f"{index_path} is not a valid sharded-checkpoint index") from None
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-        ):
-            raise InputError(
-                f"{index_path} is not a valid sharded-checkpoint index: weight_map must map "
-                "tensor names to shard file names"
-            )
-        shards: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            shards.setdefault(shard, []).append(name)
-        for shard, names in shards.items():
-            shard_path = _inside(path, shard)
-            if not shard_path.is_file():
-                raise InputError(f"{path}: shard {shard} named by the index is missing")
-            found, _ = read_header(shard_path)
-            missing = [n for n in names if n not in found]
-            if missing:
-                raise InputError(f"{shard_path} lacks {missing[0]!r}, which the index places there")
-            for n in names:
-                entries[n] = found[n]
+        entries, index = _read_sharded(path, index_path)
     else:
         shards_found = sorted(path.glob("*.safetensors"))
         if len(shards_found) == 1:
@@ -176,6 +152,54 @@ def open_local_checkpoint(path: Path) -> Checkpoint:
     ckpt.config_problem = problem
     check_format(ckpt)
     return ckpt
+
+
+def _read_sharded(path: Path, index_path: Path) -> tuple[dict[str, TensorEntry], dict[str, Any]]:
+    """Every tensor of every shard the index names, and the index."""
+    entries: dict[str, TensorEntry] = {}
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map: dict[str, str] = index["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{index_path} is not a valid sharded-checkpoint index") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise InputError(
+            f"{index_path} is not a valid sharded-checkpoint index: weight_map must map "
+            "tensor names to shard file names"
+        )
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(shard, []).append(name)
+    # transformers (5.25, modeling_utils: every key of each `safe_open` shard) loads every
+    # tensor of every shard the index names, listed in weight_map or not: so does rvhub, or
+    # an apply would write a model without the tensors the index forgot.
+    for shard, names in sorted(shards.items()):
+        shard_path = _inside(path, shard)
+        if not shard_path.is_file():
+            raise InputError(f"{path}: shard {shard} named by the index is missing")
+        found, _ = read_header(shard_path)
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise InputError(f"{shard_path} lacks {missing[0]!r}, which the index places there")
+        twice = [n for n in found if n in entries]
+        if twice:
+            raise InputError(
+                f"{path}: {twice[0]!r} is stored in two shards ({shard} and "
+                f"{entries[twice[0]].path.name}); which one a loader takes is undefined"
+            )
+        unlisted = [n for n in found if n not in weight_map]
+        if unlisted:
+            logger.warning(
+                "%s holds %d tensor(s) its index does not list (e.g. %s); they are read, "
+                "as transformers reads them",
+                shard_path,
+                len(unlisted),
+                unlisted[0],
+            )
+        entries.update(found)
+    return entries, index
 
 
 def check_format(ckpt: Checkpoint) -> None:

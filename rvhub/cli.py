@@ -18,7 +18,7 @@ import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -28,6 +28,9 @@ from .engines import ENGINE_NAMES
 from .errors import RvhubError
 from .io.progress import human_bytes
 from .options import ApplyOptions, WriteOptions
+
+if TYPE_CHECKING:
+    from .card.build import CardOptions
 
 
 def _one_line(text: str) -> str:
@@ -52,17 +55,21 @@ FLAGS: dict[str, str] = {
     "include_path": "--include-path",
     "license": "--license",
     "limit": "--limit",
+    "lm_eval": "--lm-eval",
     "max_error": "--max-error",
     "max_shard_size": "--max-shard-size",
     "num_fewshot": "--num-fewshot",
     "overwrite": "--overwrite",
     "private": "--private",
     "rank": "--rank",
+    "resume": "--resume",
     "revision": "--revision",
     "scale": "--scale",
     "scales": "--scales",
+    "scores": "--scores",
     "svd": "--svd",
     "tasks": "--tasks",
+    "template": "--template",
     "threads": "--threads",
     "vocab": "--vocab",
 }
@@ -157,12 +164,35 @@ class RvhubGroup(click.Group):
         return code
 
 
+class _ClickHandler(logging.Handler):
+    """rvhub's log lines on the command's stderr (click's, so they land where its errors do),
+    naming flags where the library names parameters."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(flag_message(self.format(record)), err=True)
+        except Exception:  # a closed stream: logging must never end a command
+            self.handleError(record)
+
+
+def _not_rvhub(record: logging.LogRecord) -> bool:
+    """rvhub's records reach the terminal through :class:`_ClickHandler` only, once."""
+    return not record.name.startswith("rvhub")
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    rvhub_logger = logging.getLogger("rvhub")
+    for old in [h for h in rvhub_logger.handlers if isinstance(h, _ClickHandler)]:
+        rvhub_logger.removeHandler(old)  # one per process, whatever ran before
+    handler = _ClickHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    rvhub_logger.addHandler(handler)
+    rvhub_logger.setLevel(level)
+    for root_handler in logging.getLogger().handlers:  # the terminal's, not a test's capture
+        if getattr(root_handler, "stream", None) is sys.stderr:
+            root_handler.addFilter(_not_rvhub)
     if not verbose:
         # huggingface_hub logs retries and "no files have been modified" itself; the CLI says
         # what happened in one line (rvhub -v shows them).
@@ -390,7 +420,7 @@ def extract(
         allow_nonfinite=allow_nonfinite,
         max_shard_size=max_shard_size,
     )
-    check_output(output, overwrite=overwrite)
+    check_output(output, overwrite=overwrite, inputs=[a, b])
     vec = extract_vector(
         a,
         b,
@@ -508,7 +538,7 @@ def apply(
         device=device,
         threads=threads,
     )
-    check_output(output, overwrite=overwrite)
+    check_output(output, overwrite=overwrite, inputs=[vector, target])
     vec = load_vector(vector, revision=revision)
     report = apply_to_checkpoint(
         vec,
@@ -520,7 +550,8 @@ def apply(
         config_check=not no_config_check,
     )
     for note in report.notes:
-        click.echo(f"note: {note}", err=True)
+        if note not in report.warned:  # a warning was shown once already, by the logger
+            click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {report.output}: {report.summary()}")
 
 
@@ -571,8 +602,10 @@ def check(
     """Check that VECTOR fits TARGET, without writing anything: shapes, model type, vocab,
     and lineage (does TARGET descend from the vector's base?).
 
-    Reads the manifest, the lineage fingerprint, TARGET's headers and a few values per tensor.
-    Exits 0 when an apply would go ahead, 3 when it would refuse.
+    Reads the manifest, the lineage fingerprint, TARGET's headers and a few values per tensor,
+    and checks the digest of every vector file on this machine (a Hub vector's weights are not
+    downloaded). Exits 0 when an apply would go ahead, and with the code the apply would exit
+    with when it would refuse (2 bad input, 3 incompatible, 4 a damaged vector).
     """
     from .check import check_target
 
@@ -586,9 +619,13 @@ def check(
     )
     lineage = result.lineage
     if as_json:
-        click.echo(json.dumps({"lineage": lineage.as_json(), "applies": len(result.plan.targets)}))
+        record = {"lineage": lineage.as_json(), "applies": len(result.plan.targets)}
+        record.update(verified=result.verified, not_downloaded=result.absent)
+        click.echo(json.dumps(record))
         return
     click.echo(f"fits: {len(result.plan.targets)} tensors would be applied")
+    absent = f"; {len(result.absent)} not downloaded (apply checks them)" if result.absent else ""
+    click.echo(f"integrity: {len(result.verified)} vector files match rvhub.json{absent}")
     click.echo(lineage.describe())
     for name, dist in sorted(lineage.tensors.items(), key=lambda kv: -kv[1])[:10]:
         click.echo(f"  {dist:8.4f}  {name}")
@@ -644,6 +681,12 @@ def check(
 @exclude_option
 @overwrite_option
 @click.option(
+    "--resume",
+    is_flag=True,
+    help="Take up an interrupted sweep of OUTPUT (same vector, target, tasks and settings): "
+    "only the missing α are evaluated.",
+)
+@click.option(
     "--allow-unrelated",
     is_flag=True,
     help="Evaluate even when TARGET does not descend from the vector's base.",
@@ -666,6 +709,7 @@ def eval_(
     no_config_check: bool,
     exclude: tuple[str, ...],
     overwrite: bool,
+    resume: bool,
     allow_unrelated: bool,
 ) -> None:
     """Evaluate TARGET + α·VECTOR with lm-evaluation-harness for each α of --scales.
@@ -673,19 +717,21 @@ def eval_(
     TARGET (a model folder or Hub id) is loaded once; for each α its weights are set to exactly
     round(θ + α·v) from the pristine θ. OUTPUT gets lm-eval's results per α
     (alpha_<α>/results.json), sweep.json (per metric: value and stderr at each α, the best α)
-    and eval_sweep.png. `rvhub card --eval OUTPUT` and `rvhub push --eval OUTPUT` publish it.
+    and eval_sweep.png; lm-eval's own log goes to lm-eval.log there. Each finished α is kept
+    when the sweep is interrupted: rerun with --resume to evaluate only the rest.
+    `rvhub card --eval OUTPUT` and `rvhub push --eval OUTPUT` publish it.
     Needs `pip install "rvhub[eval]"`.
 
     \b
     rvhub eval ./vec Qwen/Qwen2.5-1.5B-Instruct --tasks gsm8k --scales -1,0,0.5,1 -o eval-out
     """
-    from .evaluation import load_eval_target, metric_values, require_lm_eval
+    from .evaluation import LOG_NAME, load_eval_target, metric_values, require_lm_eval
     from .io.atomic import check_output
     from .vector import load_vector
 
     options = ApplyOptions(exclude=exclude, vocab=vocab, allow_unrelated=allow_unrelated)
     require_lm_eval()
-    check_output(output, overwrite=overwrite)
+    check_output(output, overwrite=overwrite, inputs=[vector, target, include_path])
     vec = load_vector(vector, revision=revision)
     model, tokenizer, name = load_eval_target(
         target,
@@ -714,13 +760,14 @@ def eval_(
         num_fewshot=num_fewshot,
         options=options,
         overwrite=overwrite,
+        resume=resume,
         on_point=done,
     )
     for m in sweep.summary()["metrics"]:
         click.echo(
             f"best α for {m['task']} {m['label']}: {m['best']['scale']:+g} ({m['best']['value']:.4g}; reported, not applied)"
         )
-    click.echo(f"wrote {output}")
+    click.echo(f"wrote {output} (lm-eval's log: {output / LOG_NAME})")
 
 
 def _card_options(func: Any) -> Any:
@@ -774,28 +821,18 @@ def _card_options(func: Any) -> Any:
     return func
 
 
-def _card_arguments(options: dict[str, Any]) -> dict[str, Any]:
-    """The ``_card_options`` as the keyword arguments of ``build_card`` / ``push_vector``."""
-    from .card.scores import combine_scores, load_scores, load_sweep
-    from .errors import InputError
+def _card_arguments(options: dict[str, Any]) -> CardOptions:
+    """The ``_card_options`` as :class:`~rvhub.card.build.CardOptions`."""
+    from .card.build import CardOptions
 
-    pairs = []
-    for item in options["lm_eval"]:
-        condition, sep, file = item.partition("=")
-        if not sep or not file:
-            raise InputError(
-                f"--lm-eval {item!r}: write CONDITION=FILE, e.g. --lm-eval baseline=results.json"
-            )
-        pairs.append((condition, Path(file)))
-    scores = load_scores(options["scores"], lm_eval=pairs)
-    if options["eval_dir"] is not None:
-        scores = combine_scores([scores, load_sweep(options["eval_dir"])])
-    return {
-        "scores": scores,
-        "template": options["template"],
-        "license": options["license_"],
-        "target": options["target"],
-    }
+    return CardOptions.from_files(
+        options["scores"],
+        lm_eval=options["lm_eval"],
+        eval_dir=options["eval_dir"],
+        template=options["template"],
+        license=options["license_"],
+        target=options["target"],
+    )
 
 
 @cli.command()
@@ -825,22 +862,14 @@ def card(
     rvhub card ./vec --scores scores.yaml -o README.md
     rvhub card ./vec --lm-eval baseline=base.json --lm-eval plus=plus.json -o README.md
     """
-    from .hub.push import build_card
+    from .card.build import build_card, default_repo_id
     from .hub.resolve import resolve_artifact
-    from .manifest import Manifest
 
-    card_args = _card_arguments(card_options)
+    options = _card_arguments(card_options)
     folder, origin = resolve_artifact(vector, revision=revision)
-    manifest = Manifest.read(folder)
-    if repo_id is None and origin.get("kind") == "hub":
-        repo_id = origin["repo_id"]
-    rendered = build_card(
-        folder,
-        manifest,
-        repo_id=repo_id or f"YOUR-USER/{folder.resolve().name}",
-        **card_args,
-    )
-    written = rendered.save(output)
+    repo_id = repo_id or default_repo_id(folder, origin)
+    rendered = build_card(folder, repo_id=repo_id, **options.arguments())
+    written = rendered.save(output, inputs=[folder, *options.read])
     click.echo("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -882,7 +911,7 @@ def push(
     """
     from .hub.push import push_vector
 
-    card_args = _card_arguments(card_options)
+    card_args = _card_arguments(card_options).arguments()
     result = push_vector(
         vector,
         repo_id,
@@ -935,7 +964,7 @@ def compress(
     from .vector import load_vector
 
     options = WriteOptions.build(**encoding_options, dtype=dtype, allow_nonfinite=allow_nonfinite)
-    check_output(output, overwrite=overwrite)
+    check_output(output, overwrite=overwrite, inputs=[vector])
     vec = load_vector(vector, revision=revision)
     _report_written(vec.save(output, options=options, exclude=exclude, overwrite=overwrite))
 

@@ -28,7 +28,7 @@ from .constants import DEFAULT_MAX_SHARD, PICKLE_SUFFIXES
 from .encodings import open_source, write_artifact
 from .errors import InputError, IntegrityError
 from .hub.resolve import open_checkpoint, resolve_artifact
-from .io.atomic import check_disjoint, check_output
+from .io.atomic import check_output
 from .io.device import resolve_device
 from .manifest import Manifest, Provenance, check_files_present, verify_artifact
 from .ops.disk import apply_to_checkpoint_files
@@ -320,7 +320,6 @@ class ReasoningVector:
                 base_model=base_model,
             ),
         )
-        check_disjoint(Path(path), self.input_paths())
         return write_artifact(
             self.source,
             self.provenance,
@@ -328,6 +327,7 @@ class ReasoningVector:
             exclude=exclude,
             overwrite=overwrite,
             options=options,
+            inputs=self.input_paths(),
         )
 
     def apply_to(
@@ -379,6 +379,7 @@ class ReasoningVector:
         overwrite: bool = False,
         on_point: Callable[[SweepPoint], None] | None = None,
         options: ApplyOptions | None = None,
+        resume: bool = False,
         **lm_eval_options: Any,
     ) -> Sweep:
         """Run lm-evaluation-harness on ``model`` at ``θ + α·v`` for each α of ``scales``.
@@ -387,7 +388,8 @@ class ReasoningVector:
         point and restored afterwards (:class:`~rvhub.ops.live.ScaleSwitch`). ``tasks`` are
         lm-eval task names (``include_path``: a folder of your own task YAMLs). With
         ``output_dir`` each point's lm-eval results, ``sweep.json`` and the plot are written
-        there (``rvhub card --eval DIR`` reads them). ``options`` (an
+        there (``rvhub card --eval DIR`` reads them); finished points survive an interruption
+        and ``resume=True`` evaluates only the missing α. ``options`` (an
         :class:`~rvhub.options.ApplyOptions`; its scale is ignored) replaces ``exclude``,
         ``vocab`` and ``allow_unrelated``. Needs ``pip install "rvhub[eval]"``.
 
@@ -414,9 +416,11 @@ class ReasoningVector:
                 options, ApplyOptions(exclude=exclude, vocab=vocab, allow_unrelated=allow_unrelated)
             ),
             overwrite=overwrite,
+            resume=resume,
             on_point=on_point,
             lm_eval_options=lm_eval_options,
             record=self.origin_record(),
+            inputs=self.input_paths(),
         )
 
     def origin_record(self) -> dict[str, Any]:
@@ -613,17 +617,25 @@ def apply_to_checkpoint(
     )
     options = either(options, built)
     resolve_device(options.device)
-    check_output(Path(out), overwrite=overwrite)  # before any download
+    inputs = vec.input_paths()
+    given = None if isinstance(target, Checkpoint) else target
+    check_output(Path(out), overwrite=overwrite, inputs=[*inputs, given])  # before downloads
     ckpt = target if isinstance(target, Checkpoint) else open_checkpoint(target, revision=revision)
     if config_check:
         check_config(ckpt)
-    check_disjoint(Path(out), [ckpt.path, *vec.input_paths()])
     provenance = {
         "vector": vec.origin or (str(vec.path) if vec.path else None),
         "vector_sources": dict(vec.provenance.sources),
     }
     return apply_to_checkpoint_files(
-        vec.facts(), vec.source, ckpt, out, options, provenance=provenance, overwrite=overwrite
+        vec.facts(),
+        vec.source,
+        ckpt,
+        out,
+        options,
+        provenance=provenance,
+        overwrite=overwrite,
+        inputs=inputs,
     )
 
 

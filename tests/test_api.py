@@ -130,3 +130,23 @@ def test_apply_to_refuses_a_scale_it_cannot_compute(family, scale):
     with pytest.raises(InputError, match="scale"):
         extract_vector(fam["a"], fam["b"]).apply_to(model, scale=scale)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_file_handles_close_quietly_at_interpreter_exit(family, tmp_path, monkeypatch):
+    """`load_vector(p).get(name)` at module level printed `Exception ignored in: <function
+    FileHandles.__del__> ... 'NoneType' object has no attribute 'suppress'` at exit (issue 26,
+    item 10): at teardown module globals may be None; __del__ must need none of them."""
+    import os
+
+    import rvhub.io.safetensors as st
+
+    fam = family("qwen2")
+    folder = extract_vector(fam["a"], fam["b"]).save(tmp_path / "v")
+    handles = st.FileHandles()
+    fd = handles.fd(folder / "vector.safetensors")
+    monkeypatch.setattr(st, "contextlib", None, raising=False)
+    monkeypatch.setattr(st, "os", None)
+    handles.__del__()  # what the interpreter does at exit, with the globals gone
+    monkeypatch.undo()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,6 +124,30 @@ def test_tampered_artifact_file(vec, family, tmp_path):
     assert_clean_failure(r, match="does not match its blake3", output=out)
     r = run("verify", vec)
     assert_clean_failure(r, match="does not match its blake3")
+
+
+@pytest.mark.parametrize("command", ["apply", "check", "card", "verify"])
+def test_an_edited_hash_is_refused_by_every_command_that_reads_the_vector(
+    vec, family, tmp_path, command
+):
+    """One digest edited in rvhub.json: apply exited 4, check and card exited 0 (issue 26,
+    item 3). Check runs what apply runs before writing; a card is not made for it either."""
+    manifest_path = vec / "rvhub.json"
+    manifest = json.loads(manifest_path.read_text())
+    record = manifest["files"]["vector.safetensors"]
+    key = "blake3" if "blake3" in record else "sha256"
+    record[key] = ("0" if record[key][0] != "0" else "1") + record[key][1:]
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    out = tmp_path / "out"
+    args = {
+        "apply": ["apply", vec, family("qwen2")["target"], "-o", out],
+        "check": ["check", vec, family("qwen2")["target"]],
+        "card": ["card", vec, "-o", out / "README.md"],
+        "verify": ["verify", vec],
+    }[command]
+    r = run(*args)
+    assert_clean_failure(r, match="does not match its", output=out)
+    assert r.exit_code == 4
 
 
 def test_output_exists_without_overwrite(family, tmp_path):
@@ -556,3 +583,95 @@ def test_fp8_layouts_rvhub_cannot_read(tmp_path, quantization, message):
     out = tmp_path / "out"
     r = run("extract", fam["a"], fam["b"], "-o", out)
     assert_clean_failure(r, match=message, output=out)
+
+
+# -- one output check for every writer ----------------------------------------------------------
+TASKS = Path(__file__).resolve().parents[1] / "examples" / "toy_transfer" / "task"
+
+
+def _workspace(family, root):
+    """Copies of A, B and a target, a vector of A − B and a task folder, all under ``root``."""
+    fam = family("qwen2")
+    paths = {role: _copy(fam[role], root / role) for role in ("a", "b", "target")}
+    paths["vec"] = extract_vector(paths["a"], paths["b"]).save(root / "vec")
+    paths["tasks"] = _copy(TASKS, root / "tasks")
+    return paths
+
+
+# (writer, the input at risk, its arguments on (paths, output))
+WRITERS = {
+    "extract": ("a", lambda p, o: ["extract", p["a"], p["b"], "-o", o, "--overwrite"]),
+    "compress": ("vec", lambda p, o: ["compress", p["vec"], "-o", o, "--overwrite"]),
+    "apply": ("target", lambda p, o: ["apply", p["vec"], p["target"], "-o", o, "--overwrite"]),
+    "eval-vector": ("vec", lambda p, o: [*_eval(p), "-o", o, "--overwrite"]),
+    "eval-tasks": ("tasks", lambda p, o: [*_eval(p), "-o", o, "--overwrite"]),
+    "eval-target": ("target", lambda p, o: [*_eval(p), "-o", o, "--overwrite"]),
+    "card": ("vec", lambda p, o: ["card", p["vec"], "-o", o]),
+}
+
+
+def _eval(p):
+    return ["eval", p["vec"], p["target"], "--tasks", "toy_addition", "--include-path", p["tasks"]]
+
+
+@pytest.mark.parametrize("where", ["is", "inside", "contains"])
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_no_writer_replaces_what_it_reads(family, tmp_path, writer, where):
+    """`rvhub eval -o X --overwrite` with X the vector, the target, the task folder or a parent
+    of them replaced them (issue 26, item 1): every writer now runs one output check."""
+    if writer.startswith("eval"):
+        pytest.importorskip("lm_eval")
+    if writer == "card" and where == "contains":
+        pytest.skip("a card is a file: it cannot contain a folder")
+    root = tmp_path / "work"
+    paths = _workspace(family, root)
+    role, args = WRITERS[writer]
+    out = {"is": paths[role], "inside": paths[role] / "README.md", "contains": root}[where]
+    before = tree_snapshot(root)
+    r = run(*args(paths, out))
+    assert_clean_failure(
+        r, match="is, contains or lies inside an input", output=root, before=before
+    )
+    assert r.exit_code == 2
+
+
+def test_library_writers_refuse_their_inputs_too(family, tmp_path):
+    from rvhub import apply_to_checkpoint, load_vector
+    from rvhub.card import build_card
+    from rvhub.errors import InputError
+
+    root = tmp_path / "work"
+    paths = _workspace(family, root)
+    before = tree_snapshot(root)
+    vec = load_vector(paths["vec"])
+    with pytest.raises(InputError, match="lies inside an input"):
+        vec.save(paths["a"] / "x", overwrite=True)  # a local source of the vector
+    with pytest.raises(InputError, match="lies inside an input"):
+        apply_to_checkpoint(vec, paths["target"], root, overwrite=True)
+    with pytest.raises(InputError, match="lies inside an input"):
+        build_card(paths["vec"]).save(paths["vec"] / "README.md", inputs=[paths["vec"]])
+    assert tree_snapshot(root) == before
+
+
+def _lock(folder: Path, locked: bool) -> None:
+    """Make ``folder`` unwritable (root ignores modes: the immutable attribute binds it too)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555 if locked else 0o755)
+        return
+    done = subprocess.run(["chattr", "+i" if locked else "-i", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot make a folder read-only for root here: {done.stderr.decode()}")
+
+
+def test_read_only_output_folder_names_the_output(vec, tmp_path):
+    """Was `Error: Permission denied: .../.out.rvhub-lock` with exit 1 (issue 26, item 8)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _lock(locked, True)
+    try:
+        out = locked / "out"
+        r = run("compress", vec, "-o", out, "--dtype", "float32")
+        line = assert_clean_failure(r, match=f"cannot write {out}", output=out)
+        assert r.exit_code == 2 and ("not permitted" in line or "denied" in line), line
+    finally:
+        _lock(locked, False)

@@ -276,7 +276,7 @@ def test_scores_file_mistakes_are_one_line(vec, tmp_path, text, match):
 def test_lm_eval_file_passed_as_scores_says_what_to_do(tmp_path):
     path = _write(tmp_path, "results.json", lm_eval_results(0.5, 0.5))
     with pytest.raises(
-        InputError, match="looks like lm-evaluation-harness output; pass it as --lm-eval"
+        InputError, match="looks like lm-evaluation-harness output; pass it as `lm_eval`"
     ):
         load_scores([path])
 

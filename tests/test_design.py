@@ -21,6 +21,8 @@ from rvhub import (
     extract_vector,
     load_vector,
 )
+from rvhub.card.build import CardOptions
+from rvhub.card.scores import load_scores
 from rvhub.cli import extract as extract_command
 from rvhub.cli import flag_message
 from rvhub.constants import DEFAULT_MAX_SHARD
@@ -164,8 +166,8 @@ CASES = [
     ),
     (
         "existing output",
-        lambda t, o: apply_to_checkpoint(load_vector(t["vec"]), t["target"], t["a"]),
-        lambda t, o: ["apply", t["vec"], t["target"], "-o", t["a"]],
+        lambda t, o: apply_to_checkpoint(load_vector(t["vec"]), t["target"], t["unrelated"]),
+        lambda t, o: ["apply", t["vec"], t["target"], "-o", t["unrelated"]],
         "--overwrite",
     ),
     (
@@ -191,6 +193,18 @@ CASES = [
         lambda t, o: _evaluate(t, o, batch_size="many"),
         lambda t, o: [*_eval_args(t, o), "--tasks", "toy_addition", "--batch-size", "many"],
         "--batch-size",
+    ),
+    (
+        "lm-eval file without a condition",
+        lambda t, o: CardOptions.from_files(lm_eval=[str(o / "results.json")]),
+        lambda t, o: ["card", t["vec"], "-o", o / "README.md", "--lm-eval", o / "results.json"],
+        "--lm-eval",
+    ),
+    (
+        "unknown lm-eval condition",
+        lambda t, o: load_scores(lm_eval=["plsu=results.json"]),
+        lambda t, o: ["card", t["vec"], "-o", o / "README.md", "--lm-eval", "plsu=results.json"],
+        "--lm-eval: unknown condition 'plsu'",
     ),
 ]
 
@@ -287,26 +301,60 @@ def _other_type_target(toy: dict[str, Path], family, root: Path) -> Path:
     return folder
 
 
+def _reshaped_target(toy: dict[str, Path], root: Path, bad: str) -> Path:
+    """The toy target with a wider MLP (``shapes``) or 8 more tokens (``vocab``)."""
+    from transformers import AutoConfig
+
+    folder = root / f"{bad}-target"
+    if bad == "vocab":
+        model = _model(toy["target"])
+        model.resize_token_embeddings(model.config.vocab_size + 8)
+    else:
+        config = AutoConfig.from_pretrained(toy["target"])
+        config.intermediate_size += 16
+        model = type(_model(toy["target"]))(config)
+    model.save_pretrained(folder)
+    toy_transfer.toy_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _nonfinite_vector(toy: dict[str, Path], root: Path) -> Path:
+    """A vector whose one delta holds a NaN (extracted with ``allow_nonfinite=True``)."""
+    from safetensors.torch import load_file, save_file
+
+    a = root / "a-nan"
+    shutil.copytree(toy["a"], a)
+    weights = load_file(a / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    weights[name][0, 0] = float("nan")
+    save_file(weights, a / "model.safetensors", metadata={"format": "pt"})
+    return extract_vector(a, toy["b"]).save(root / "vec-nan", allow_nonfinite=True)
+
+
 @pytest.mark.parametrize(
     ("bad", "expected"),
     [
         ("unrelated", "not of the vector's lineage"),
         ("model_type", "the vector was made for model_type llama, the target is qwen2"),
+        ("shapes", "the vector does not fit the target: shape differs for"),
+        ("vocab", "vocabulary size differs"),
         ("scale", "would change the weights by"),
+        ("nonfinite", "holds NaN/Inf values"),
     ],
 )
 def test_every_apply_path_refuses_a_bad_target_with_one_message(
     toy, family, tmp_path, bad, expected
 ):
     pytest.importorskip("lm_eval")
-    target = {
-        "unrelated": toy["unrelated"],
-        "model_type": _other_type_target(toy, family, tmp_path) if bad == "model_type" else None,
-        "scale": toy["target"],
-    }[bad]
-    assert target is not None
+    if bad == "model_type":
+        target = _other_type_target(toy, family, tmp_path)
+    elif bad in ("shapes", "vocab"):
+        target = _reshaped_target(toy, tmp_path, bad)
+    else:
+        target = toy["unrelated"] if bad == "unrelated" else toy["target"]
     scale = 1e6 if bad == "scale" else 1.0
-    vec = load_vector(toy["vec"])
+    vector = _nonfinite_vector(toy, tmp_path) if bad == "nonfinite" else toy["vec"]
+    vec = load_vector(vector)
     messages = {
         "disk": _library_message(
             lambda: apply_to_checkpoint(vec, target, tmp_path / "disk", scale=scale)
@@ -324,15 +372,15 @@ def test_every_apply_path_refuses_a_bad_target_with_one_message(
         ),
     }
     if bad != "scale":  # check answers for α = 1: the scale has no flag there
-        messages["check"] = _library_message(lambda: check_target(toy["vec"], target))
+        messages["check"] = _library_message(lambda: check_target(vector, target))
     assert expected in messages["disk"]
     assert len(set(messages.values())) == 1, messages
-    cli = run("apply", toy["vec"], target, "-o", tmp_path / "cli", "--scale", str(scale))
+    cli = run("apply", vector, target, "-o", tmp_path / "cli", "--scale", str(scale))
     line = assert_clean_failure(cli, match=expected, output=tmp_path / "cli")
     assert line == "Error: " + " ".join(flag_message(messages["disk"]).split())
     if bad != "scale":
-        checked = run("check", toy["vec"], target)
-        assert checked.exit_code == 3 and line in checked.stderr
+        checked = run("check", vector, target)
+        assert checked.exit_code == cli.exit_code and line in checked.stderr
 
 
 def test_options_and_individual_parameters_are_not_mixed(toy, tmp_path):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from rvhub import load_vector
-from tests.cli_helpers import run
+from tests.cli_helpers import assert_clean_failure, run
 from tests.fp8_models import dequantized, fp8_family
 
 
@@ -216,3 +217,15 @@ def test_any_flat_range_is_dequantized_like_the_whole_weight() -> None:
         mid = (hi - lo) // 3
         part = slab.decode(mid, hi - lo, torch.empty(hi - lo - mid))
         assert torch.equal(part, expected[lo + mid : hi]), (lo, hi)
+
+
+def test_eval_refuses_an_fp8_target_it_cannot_evaluate_as_apply_writes_it(tmp_path: Path) -> None:
+    """transformers dequantized the FP8 target and the sweep evaluated round_bf16(θ + α·v)
+    while `rvhub apply` writes a requantized FP8 model (issue 26, item 5): refused, one line."""
+    pytest.importorskip("lm_eval")
+    fam = fp8_family(tmp_path)
+    vec, out = tmp_path / "vec", tmp_path / "eval"
+    assert run("extract", fam["a"], fam["b"], "-o", vec).exit_code == 0
+    r = run("eval", vec, fam["target"], "--tasks", "toy_addition", "-o", out)
+    assert_clean_failure(r, match="is block-quantized FP8", output=out)
+    assert r.exit_code == 3 and "--dtype bfloat16" in r.stderr

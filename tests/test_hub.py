@@ -361,3 +361,41 @@ def _scores(tmp_path: Path) -> Path:
 
 def _folder_files(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in folder.iterdir() if p.is_file()}
+
+
+def test_push_uploads_the_card_built_by_the_card_module(logged_in, vec, tmp_path):
+    """The card is built in rvhub.card (what `rvhub card` shows); push uploads that object as
+    it is: its text, its plot and its .eval_results, and checks the artifact first."""
+    from rvhub.card import Benchmark, Scores
+    from rvhub.card.build import CardOptions, build_card
+
+    hub, (_, folder) = logged_in, vec
+    repo_id = hub.new_repo_id("built")
+    scores = Scores(target="Org/Instruct")
+    scores.benchmarks.append(
+        Benchmark(
+            task="gsm8k",
+            metric_type="exact_match",
+            metric_name="exact match",
+            dataset_id="openai/gsm8k",
+            values={"baseline": 0.5, "plus_vector": 0.6},
+        )
+    )
+    options = CardOptions(scores=scores, license="apache-2.0", target="Org/Instruct")
+    card = build_card(folder, repo_id=repo_id, **options.arguments())
+    assert card.files.keys() >= {"README.md", "layer_norms.png"}
+
+    result = push_vector(folder, repo_id, card=card)
+
+    pulled = Path(HfApi(token=hub.token).snapshot_download(repo_id, cache_dir=tmp_path / "c"))
+    for name, data in card.files.items():
+        assert (pulled / name).read_bytes() == data, name
+    assert result.changed and any(n.startswith(".eval_results/") for n in card.files)
+
+    # the card object is checked like a rendered one: a damaged artifact is still refused
+    data = (folder / "vector.safetensors").read_bytes()
+    (folder / "vector.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    hub.requests.clear()
+    with pytest.raises(Exception, match="vector.safetensors"):
+        push_vector(folder, repo_id, card=card)
+    assert not _writes(hub)

@@ -62,6 +62,15 @@ def test_an_unrelated_target_is_refused_on_disk_and_live(vec, unrelated, tmp_pat
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_the_lineage_warning_is_shown_once(vec, unrelated, tmp_path):
+    """`--allow-unrelated` printed the lineage warning twice, as WARNING: and as note: (issue
+    26, item 9)."""
+    r = run("apply", vec, unrelated, "-o", tmp_path / "out", "--allow-unrelated")
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.stderr.splitlines() if "lineage" in line]
+    assert len(lines) == 1, r.stderr
+
+
 def test_a_long_finetune_of_the_base_is_still_related(family, tmp_path):
     fam = family("qwen2", torch.float32)
     target = AutoModelForCausalLM.from_pretrained(fam["b"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from .._version import __version__
 from ..constants import CARD_NAME, EVAL_RESULTS_DIR, MANIFEST_NAME, PLOT_NAME
 from ..errors import InputError
 from ..evaluation.sweep import SWEEP_PLOT, as_dict
-from ..io.atomic import atomic_write
+from ..io.atomic import atomic_write, check_output
 from ..io.hashing import hash_file
 from ..io.progress import human_bytes
 from ..manifest import Manifest
@@ -61,22 +61,28 @@ class Card:
         out.update(self.extra_files)
         return out
 
-    def save(self, path: str | os.PathLike[str]) -> list[Path]:
-        """Write the card to ``path`` and the plot next to it; returns the paths written."""
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        inputs: Iterable[str | os.PathLike[str] | None] = (),
+    ) -> list[Path]:
+        """Write the card to ``path`` and the plot and ``.eval_results`` next to it (replacing
+        files of an earlier card); returns the paths written. A file that would be, or lie
+        inside, one of ``inputs`` (the vector folder, a scores file) is refused before any
+        is written."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, self.text.encode("utf-8"))
-        written = [path]
-        if self.plot_png is not None:
-            plot = path.parent / PLOT_NAME
-            atomic_write(plot, self.plot_png)
-            written.append(plot)
-        for name, data in self.extra_files.items():
-            extra = path.parent / name
-            extra.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(extra, data)
-            written.append(extra)
-        return written
+        files = {path: self.text.encode("utf-8")}
+        for name, data in self.files.items():
+            if name != CARD_NAME:
+                files[path.parent / name] = data
+        inputs = list(inputs)
+        for target in files:
+            check_output(target, overwrite=True, inputs=inputs, folder=False)
+        for target, data in files.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, data)
+        return list(files)
 
 
 def _num(value: Any, digits: int = 4, sign: bool = False) -> str:

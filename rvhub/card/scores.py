@@ -26,7 +26,7 @@ DEFAULT_TASK_TYPE = "text-generation"
 # The three measurements a benchmark row can hold: the target alone, target + α·v, target − α·v.
 CONDITIONS = ("baseline", "plus_vector", "minus_vector")
 CONDITION_LABELS = {"baseline": "baseline", "plus_vector": "+vector", "minus_vector": "-vector"}
-# What `--lm-eval COND=FILE` accepts as COND.
+# What `lm_eval` (CONDITION=FILE) accepts as CONDITION.
 LM_EVAL_CONDITIONS = {
     "baseline": "baseline",
     "base": "baseline",
@@ -92,23 +92,50 @@ def load_scores(
     paths: Iterable[str | os.PathLike[str]] = (),
     *,
     lm_eval: Mapping[str, str | os.PathLike[str]]
-    | Iterable[tuple[str, str | os.PathLike[str]]] = (),
+    | Iterable[str | tuple[str, str | os.PathLike[str]]] = (),
+    eval_dir: str | os.PathLike[str] | None = None,
 ) -> Scores:
-    """Read and combine score files: rvhub's YAML/JSON format and lm-eval-harness results.
+    """Read and combine score files: rvhub's YAML/JSON format, lm-eval-harness results and an
+    ``rvhub eval`` output folder (``eval_dir``, see :func:`load_sweep`).
 
     ``lm_eval`` maps a condition (``baseline``, ``plus`` or ``minus``) to a results file
-    written by ``lm_eval --output_path``; pairs may repeat a condition (one file per task run).
+    written by ``lm_eval --output_path``, as a mapping, ``(condition, file)`` pairs or
+    ``"CONDITION=FILE"`` strings; a condition may repeat (one file per task run).
     Rows of different files with the same task and metric are merged; a condition given twice
     for one row is an error.
 
     Example:
-        >>> load_scores(lm_eval=[("baseline", "base.json"), ("plus", "plus.json")])
+        >>> load_scores(lm_eval=["baseline=base.json", "plus=plus.json"])
     """
     parts: list[Scores] = [parse_scores_file(p) for p in paths]
-    pairs = lm_eval.items() if isinstance(lm_eval, Mapping) else lm_eval
-    for condition, path in pairs:
+    for condition, path in lm_eval_pairs(lm_eval):
         parts.append(parse_lm_eval(path, condition))
+    if eval_dir is not None:
+        parts.append(load_sweep(eval_dir))
     return combine_scores(parts)
+
+
+def lm_eval_pairs(
+    lm_eval: Mapping[str, str | os.PathLike[str]]
+    | Iterable[str | tuple[str, str | os.PathLike[str]]],
+) -> list[tuple[str, str | os.PathLike[str]]]:
+    """``(condition, file)`` pairs from a mapping, pairs or ``"CONDITION=FILE"`` strings."""
+    if isinstance(lm_eval, Mapping):
+        return list(lm_eval.items())
+    if isinstance(lm_eval, (str, os.PathLike)):
+        raise InputError("`lm_eval` takes a list of CONDITION=FILE strings, not one string")
+    out: list[tuple[str, str | os.PathLike[str]]] = []
+    for item in lm_eval:
+        if not isinstance(item, str):
+            out.append(item)
+            continue
+        condition, sep, file = item.partition("=")
+        if not sep or not file:
+            raise InputError(
+                f"`lm_eval` {item!r}: write CONDITION=FILE, e.g. `lm_eval` baseline=results.json"
+            )
+        out.append((condition, file))
+    return out
 
 
 def combine_scores(parts: Sequence[Scores]) -> Scores:
@@ -128,7 +155,7 @@ def combine_scores(parts: Sequence[Scores]) -> Scores:
                 )
         if part.sweep is not None:
             if out.sweep is not None:
-                raise InputError("two eval sweeps given; a card shows one (--eval DIR once)")
+                raise InputError("two eval sweeps given; a card shows one (`eval_dir` once)")
             out.sweep = part.sweep
         for bench in part.benchmarks:
             have = rows.get(bench.key)
@@ -209,7 +236,7 @@ def parse_scores_file(path: str | os.PathLike[str]) -> Scores:
     data = _read_structured(path, "scores file")
     if isinstance(data, dict) and "results" in data and "benchmarks" not in data:
         raise InputError(
-            f"{path} looks like lm-evaluation-harness output; pass it as --lm-eval baseline={path} "
+            f"{path} looks like lm-evaluation-harness output; pass it as `lm_eval` baseline={path} "
             "(or plus=/minus=)"
         )
     top = _check_keys(data, _TOP_KEYS, str(path))
@@ -268,7 +295,7 @@ def lm_eval_condition(name: str) -> str:
     condition = LM_EVAL_CONDITIONS.get(name.strip().lower())
     if condition is None:
         raise InputError(
-            f"--lm-eval: unknown condition {name!r}; write baseline=FILE, plus=FILE or minus=FILE"
+            f"`lm_eval`: unknown condition {name!r}; write baseline=FILE, plus=FILE or minus=FILE"
         )
     return condition
 

@@ -57,11 +57,13 @@ def write_artifact(
     exclude: Iterable[str] = (),
     overwrite: bool = False,
     options: WriteOptions | None = None,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
 ) -> Path:
     """Write ``source`` (with its ``provenance``) as a new artifact folder ``out``, atomically,
-    in ``options.encoding``."""
+    in ``options.encoding``. ``inputs`` are the paths the vector reads (:func:`check_output`)."""
     out_path = Path(out)
-    check_output(out_path, overwrite=overwrite)
+    inputs = list(inputs)
+    check_output(out_path, overwrite=overwrite, inputs=inputs)
     options = options or WriteOptions()
     codec = get_encoding(options.encoding)
     encoding = options.encoding
@@ -70,7 +72,7 @@ def write_artifact(
     if not names:
         raise InputError("every tensor was excluded: the vector would be empty")
     lineage = source.lineage()
-    with atomic_dir(out_path, overwrite=overwrite) as tmp:
+    with atomic_dir(out_path, overwrite=overwrite, inputs=inputs) as tmp:
         source.track_fingerprints()
         with torch_threads(resolve_threads(options.threads)):  # LoRA's SVDs, sparse encoding
             encoded = codec.write(WriteJob(source, names, tmp, options, provenance))

@@ -13,13 +13,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
+import logging
 import math
 import os
 import re
+import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,12 +367,16 @@ def run_sweep(
     seed: int = 0,
     lm_eval_options: Mapping[str, Any] | None = None,
     on_point: Callable[[SweepPoint], None] | None = None,
+    done: Mapping[float, SweepPoint] | None = None,
+    log_path: Path | None = None,
 ) -> Sweep:
     """Evaluate ``model`` at ``round(θ + α·v)`` for each α of ``scales`` (restored after).
 
     ``tasks`` are lm-eval task names (``include_path`` adds a folder of task YAMLs);
     ``limit``, ``batch_size``, ``num_fewshot`` and the seeds go to ``simple_evaluate``, which
-    runs with ``log_samples=False``. ``on_point`` sees each point as it is done.
+    runs with ``log_samples=False``. ``on_point`` sees each point as it is done; the α of
+    ``done`` (finished by an earlier run) are taken as they are. With ``log_path``, lm-eval's
+    log lines and the warnings raised while it runs go to that file (its progress bars stay).
     """
     lm_eval = require_lm_eval()
     from lm_eval.models.huggingface import HFLM
@@ -377,16 +384,14 @@ def run_sweep(
     tasks, scales = parse_tasks(tasks), parse_scales(scales)
     limit, batch_size = parse_limit(limit), parse_batch_size(batch_size)
     manager = _task_manager(tasks, str(include_path) if include_path else None)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    points: list[SweepPoint] = []
-    try:
-        for i, scale in enumerate(scales):
-            logger.info("α = %+g (%d/%d): setting θ + α·v", scale, i + 1, len(scales))
-            started = time.perf_counter()
-            switch.set_scale(scale)
-            switched = time.perf_counter()
+    lm: list[Any] = []  # made at the first point evaluated here (none when every α was kept)
+
+    def evaluate() -> dict[str, Any]:
+        with lm_eval_logged(log_path):
+            if not lm:
+                lm.append(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size))
             results = lm_eval.simple_evaluate(
-                model=lm,
+                model=lm[0],
                 tasks=list(tasks),
                 task_manager=manager,
                 limit=limit,
@@ -398,28 +403,79 @@ def run_sweep(
                 fewshot_random_seed=seed,
                 **dict(lm_eval_options or {}),
             )
-            if results is None:  # not rank 0 of a distributed run
-                raise InputError("lm-eval returned no results (a distributed run's other rank?)")
-            point = SweepPoint(
-                scale=scale,
-                results=results,
-                switch_seconds=switched - started,
-                eval_seconds=time.perf_counter() - switched,
-            )
+        if results is None:  # not rank 0 of a distributed run
+            raise InputError("lm-eval returned no results (a distributed run's other rank?)")
+        return dict(results)
+
+    points: list[SweepPoint] = []
+    done = done or {}
+    try:
+        for i, scale in enumerate(scales):
+            if scale in done:
+                points.append(done[scale])
+                continue
+            logger.info("α = %+g (%d/%d): setting θ + α·v", scale, i + 1, len(scales))
+            started = time.perf_counter()
+            switch.set_scale(scale)
+            switched = time.perf_counter()
+            results = evaluate()
+            point = SweepPoint(scale, results, switched - started, time.perf_counter() - switched)
             points.append(point)
             if on_point is not None:
                 on_point(point)
     finally:
         switch.restore()
-    settings = {
-        "limit": limit,
-        "batch_size": batch_size,
-        "num_fewshot": num_fewshot,
-        "seed": seed,
-        "include_path": str(include_path) if include_path else None,
-        "lm_eval_version": getattr(lm_eval, "__version__", None),
-    }
+    settings = dict(limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed)
+    settings.update(include_path=str(include_path) if include_path else None)
+    settings.update(lm_eval_version=getattr(lm_eval, "__version__", None))
     return Sweep(points=points, tasks=list(tasks), settings=settings)
+
+
+def _quiet_git_hash() -> str | None:
+    """lm-eval's ``get_git_commit_hash`` without git's ``fatal: not a git repository`` on the
+    terminal (lm-eval 0.4.13 runs ``git describe --always`` with the caller's stderr)."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+@contextlib.contextmanager
+def lm_eval_logged(log_path: Path | None) -> Iterator[None]:
+    """While lm-eval runs: its log lines (logger ``lm_eval``) and Python warnings go to
+    ``log_path`` instead of the terminal, and its git probe stays silent. Progress bars (tqdm,
+    on stderr) are left alone."""
+    import lm_eval.evaluator as evaluator
+
+    probe = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = _quiet_git_hash
+    if log_path is None:
+        try:
+            yield
+        finally:
+            evaluator.get_git_commit_hash = probe
+        return
+    handler = logging.FileHandler(log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "py.warnings")]
+    saved = [(lg, lg.propagate, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+        lg.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        for lg, propagate, level in saved:
+            lg.removeHandler(handler)
+            lg.propagate, lg.level = propagate, level
+        handler.close()
+        evaluator.get_git_commit_hash = probe
 
 
 def results_json(results: Mapping[str, Any]) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import check_config
-from ..errors import InputError
+from ..errors import CompatibilityError, InputError
 from ..hub.resolve import open_checkpoint
 from ..io.device import resolve_device
 from ..options import one_of
@@ -37,6 +37,13 @@ def load_eval_target(
     ckpt = open_checkpoint(target, revision=revision)
     if config_check:
         check_config(ckpt)
+    if ckpt.fp8_scales:
+        raise CompatibilityError(
+            f"{target} is block-quantized FP8: transformers dequantizes it on load, so a sweep "
+            "would evaluate bfloat16 weights, not the requantized FP8 model `rvhub apply` writes; "
+            "evaluate the model's bfloat16 release, or apply with `dtype='bfloat16'` and "
+            "evaluate that output with lm_eval"
+        )
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)

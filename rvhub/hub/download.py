@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..constants import MANIFEST_NAME, SAFE_INDEX, SAFE_SINGLE
-from ..errors import HubError, InputError
+from ..errors import InputError
 from ..manifest import Manifest, artifact_file
+from .errors import hub_error, network_errors
 
 # What a model checkpoint download fetches: weights as safetensors, config and tokenizer.
 CHECKPOINT_PATTERNS = [
@@ -27,71 +28,6 @@ CHECKPOINT_PATTERNS = [
     "added_tokens.json",
     "preprocessor_config.json",
 ]
-
-
-def _hub_error(exc: BaseException, repo_id: str, revision: str | None) -> HubError | InputError:
-    """Turn huggingface_hub / network exceptions into one clear line."""
-    from huggingface_hub import errors as hf_errors
-
-    rev = f" at revision {revision}" if revision else ""
-    if isinstance(exc, hf_errors.RevisionNotFoundError):
-        return InputError(f"{repo_id} has no revision {revision!r}; check the branch, tag or sha")
-    if isinstance(exc, hf_errors.GatedRepoError):
-        return HubError(
-            f"{repo_id} is gated: accept its terms on the Hub, then log in (hf auth login)"
-        )
-    if isinstance(exc, hf_errors.RepositoryNotFoundError):
-        return InputError(
-            f"{repo_id}: no such repo on the Hub (or it is private: log in with hf auth login "
-            "or set HF_TOKEN); for a local folder, check the path"
-        )
-    if isinstance(exc, hf_errors.LocalEntryNotFoundError):
-        from huggingface_hub import constants
-
-        fix = (
-            "unset HF_HUB_OFFLINE"
-            if constants.HF_HUB_OFFLINE
-            else "check the network and HF_ENDPOINT"
-        )
-        return HubError(
-            f"cannot reach the Hub for {repo_id}{rev} and it is not in the local cache "
-            f"(offline or network down); {fix}"
-        )
-    if isinstance(exc, hf_errors.EntryNotFoundError):
-        return InputError(f"{repo_id}{rev} lacks a file rvhub needs ({exc})".split("\n")[0])
-    if isinstance(exc, hf_errors.HfHubHTTPError):
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 403):
-            return HubError(
-                f"the Hub refused access to {repo_id} (HTTP {status}): check your token "
-                "(HF_TOKEN or hf auth login) and its permissions"
-            )
-        return HubError(f"the Hub failed a request for {repo_id}{rev}: {str(exc).splitlines()[0]}")
-    return HubError(
-        f"cannot reach the Hub for {repo_id}{rev}: {str(exc).splitlines()[0] or type(exc).__name__}"
-    )
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """httpx's errors under both names huggingface_hub has used (``httpx``, then ``httpx2``)."""
-    out: list[type[BaseException]] = []
-    for module in ("httpx2", "httpx"):
-        try:
-            out.append(__import__(module).HTTPError)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(out)
-
-
-def _network_errors() -> tuple[type[BaseException], ...]:
-    from huggingface_hub import errors as hf_errors
-
-    return (
-        hf_errors.HfHubHTTPError,
-        hf_errors.LocalEntryNotFoundError,
-        *_transport_errors(),
-        OSError,
-    )
 
 
 def download_checkpoint(
@@ -122,8 +58,8 @@ def download_checkpoint(
                         raise InputError(f"{repo_id}: {SAFE_INDEX} names {shard!r}; refusing it")
             if shards:
                 snapshot_download(repo_id, revision=revision, allow_patterns=shards, **hub)
-    except _network_errors() as e:
-        raise _hub_error(e, repo_id, revision) from None
+    except network_errors() as e:
+        raise hub_error(e, repo_id, revision) from None
     if not any(folder.glob("*.safetensors")):
         raise InputError(
             f"{repo_id} has no safetensors weights (only pickle .bin files?); rvhub refuses "
@@ -153,8 +89,8 @@ def download_vector_snapshot(
             repo_id, revision=revision, allow_patterns=[MANIFEST_NAME], **hub
         )
         manifest_path = Path(snapshot) / MANIFEST_NAME
-    except _network_errors() as e:
-        raise _hub_error(e, repo_id, revision) from None
+    except network_errors() as e:
+        raise hub_error(e, repo_id, revision) from None
     folder = manifest_path.parent
     if not manifest_path.is_file():
         raise InputError(
@@ -175,8 +111,8 @@ def download_vector_snapshot(
         snapshot_download(
             repo_id, revision=sha, allow_patterns=[*names, "README.md", "*.png"], **hub
         )
-    except _network_errors() as e:
-        raise _hub_error(e, repo_id, revision) from None
+    except network_errors() as e:
+        raise hub_error(e, repo_id, revision) from None
     return folder, {
         "kind": "hub",
         "repo_id": repo_id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,20 +12,20 @@ from typing import Any
 from urllib.parse import quote
 
 from .._version import __version__
-from ..card.metadata import hub_sources, local_source_license, split_front_matter
+from ..card.build import build_card, check_card
+from ..card.metadata import split_front_matter
 from ..card.plot import norms_plot
-from ..card.render import Card, card_extra_files, render_card
+from ..card.render import Card, card_extra_files
 from ..card.scores import Scores
 from ..constants import CARD_NAME, MANIFEST_NAME
 from ..errors import HubError, InputError, RvhubError
 from ..manifest import Manifest, artifact_file, verify_artifact
-from .download import _hub_error, _network_errors, _transport_errors
+from .errors import TOKEN_HELP, network_errors, push_error
 from .resolve import parse_hub_id
 
 logger = logging.getLogger("rvhub")
 
 
-TOKEN_HELP = "log in with `hf auth login` or set HF_TOKEN to a token with write access"
 # Files an earlier push may have left that the artifact being pushed no longer has (another
 # shard count, another encoding): deleted in the same commit so the repo equals the artifact.
 ARTIFACT_PATTERNS = (
@@ -64,119 +64,6 @@ def resolve_token(token: str | None = None) -> str:
     if not found:
         raise HubError(f"no Hugging Face token found: {TOKEN_HELP}")
     return found
-
-
-def _push_error(
-    exc: BaseException, repo_id: str, endpoint: str, revision: str | None
-) -> HubError | InputError:
-    """One line for a failed push; every such failure leaves the repo as it was."""
-    from huggingface_hub import errors as hf_errors
-
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    if isinstance(exc, hf_errors.HfHubHTTPError) and status == 401:
-        return HubError(
-            f"the Hub rejected the token (HTTP 401): it is invalid or expired; {TOKEN_HELP}"
-        )
-    if isinstance(exc, hf_errors.HfHubHTTPError) and status == 403:
-        namespace = repo_id.split("/", 1)[0]
-        return HubError(
-            f"no write access to {repo_id} (HTTP 403): {namespace!r} is not your namespace or one "
-            "of your organizations, or the token is read-only; nothing was pushed"
-        )
-    if isinstance(exc, hf_errors.HfHubHTTPError) and status == 412:
-        return HubError(
-            f"{repo_id} changed while pushing (HTTP 412); nothing was committed: push again"
-        )
-    if isinstance(exc, hf_errors.OfflineModeIsEnabled):
-        return HubError("cannot push with HF_HUB_OFFLINE=1; unset it to publish")
-    if isinstance(exc, (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError)):
-        return _hub_error(exc, repo_id, revision)
-    if isinstance(exc, (*_transport_errors(), OSError)):
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return HubError(f"cannot reach the Hub at {endpoint} ({reason}); nothing was pushed")
-    return HubError(f"push to {repo_id} failed: {str(exc).splitlines()[0]}")
-
-
-def source_licenses(
-    manifest: Manifest, *, token: str | bool | None = None, endpoint: str | None = None
-) -> dict[str, str | None]:
-    """The license of each source (``a``, ``b``) where one is known: a Hub source's card at its
-    recorded revision, a local source's README front matter. Best effort, never raises."""
-    from huggingface_hub import HfApi, constants
-
-    out: dict[str, str | None] = {}
-    api = HfApi(endpoint=endpoint, token=token)
-    for role in ("a", "b"):
-        info = manifest.sources.get(role)
-        if info is None:
-            continue
-        if info.kind == "local" and info.path:
-            out[role] = local_source_license(info.path)
-        elif info.kind == "hub" and info.repo_id and not constants.HF_HUB_OFFLINE:
-            try:
-                data = api.model_info(info.repo_id, revision=info.revision).card_data
-            except Exception as e:  # a missing card, a private repo, the network: no license
-                logger.info("no license for %s: %s", info.repo_id, str(e).splitlines()[0:1])
-                out[role] = None
-                continue
-            value = data.get("license") if data is not None else None
-            out[role] = value if isinstance(value, str) and value else None
-    return out
-
-
-def check_card(text: str) -> None:
-    """Parse a card with huggingface_hub's ``ModelCard`` (front matter, model-index)."""
-    from huggingface_hub import ModelCard
-
-    try:
-        ModelCard(text, ignore_metadata_errors=False)
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(
-            f"the card's metadata is not valid for the Hub: {str(e).splitlines()[0]}"
-        ) from None
-
-
-def build_card(
-    folder: Path,
-    manifest: Manifest | Mapping[str, Any],
-    *,
-    repo_id: str,
-    scores: Scores | None = None,
-    template: str | os.PathLike[str] | None = None,
-    license: str | None = None,
-    target: str | None = None,
-    token: str | bool | None = None,
-    endpoint: str | None = None,
-    plot: bool | bytes = True,
-    lookup_licenses: bool = True,
-) -> Card:
-    """Render and check the card for ``repo_id`` (what ``rvhub card`` shows and ``push`` uploads).
-
-    Without a ``license``, the sources' licenses are looked up on the Hub (``lookup_licenses``).
-    """
-    from huggingface_hub import constants
-
-    if not isinstance(manifest, Manifest):
-        manifest = Manifest.from_json(dict(manifest))
-    licenses = (
-        source_licenses(manifest, token=token, endpoint=endpoint)
-        if license is None and lookup_licenses and hub_sources(manifest)
-        else None
-    )
-    card = render_card(
-        folder,
-        manifest=manifest,
-        repo_id=repo_id,
-        scores=scores,
-        template=template,
-        license=license,
-        source_licenses=licenses,
-        target=target,
-        plot=plot,
-        endpoint=endpoint or constants.ENDPOINT,
-    )
-    check_card(card.text)
-    return card
 
 
 def _upload_operations(folder: Path, manifest: Manifest, card: Card) -> list[Any]:
@@ -228,7 +115,15 @@ def _ready_card(
             path / CARD_NAME,
             path / CARD_NAME,
         )
-    build_card(path, manifest, **card_args, endpoint=endpoint, plot=False, lookup_licenses=False)
+    build_card(
+        path,
+        manifest,
+        **card_args,
+        endpoint=endpoint,
+        plot=False,
+        lookup_licenses=False,
+        verify=False,
+    )
     return None
 
 
@@ -324,6 +219,35 @@ def _commit(
     return head, commit
 
 
+def _card_for_push(
+    card: Card | str | os.PathLike[str] | None,
+    path: Path,
+    manifest: Manifest,
+    card_args: dict[str, Any],
+    endpoint: str,
+) -> Callable[[str], Card]:
+    """Check the card and every file's digest before any request; returns the step that
+    gives the card to upload (rendering it may look the sources' licenses up on the Hub)."""
+    if isinstance(card, Card):
+        check_card(card.text)
+        verify_artifact(path, manifest, full=True)
+        return lambda token: card
+    text = _ready_card(card, path, manifest, card_args, endpoint)
+    plot_png = _verify_and_plot(path, manifest)
+    if text is not None:
+        ready = _ready_card_files(text, plot_png, card_args["scores"], card_args["target"])
+        return lambda token: ready
+    return lambda token: build_card(
+        path,
+        manifest,
+        **card_args,
+        token=token,
+        endpoint=endpoint,
+        plot=plot_png or False,
+        verify=False,  # just checked in full
+    )
+
+
 def push_vector(
     folder: str | os.PathLike[str],
     repo_id: str,
@@ -335,7 +259,7 @@ def push_vector(
     token: str | None = None,
     scores: Scores | None = None,
     template: str | os.PathLike[str] | None = None,
-    card: str | os.PathLike[str] | None = None,
+    card: Card | str | os.PathLike[str] | None = None,
     license: str | None = None,
     target: str | None = None,
     endpoint: str | None = None,
@@ -344,7 +268,9 @@ def push_vector(
 
     Checks every file against its digest in ``rvhub.json`` (and refuses the push on a
     mismatch) before talking to the Hub, renders the model card (``README.md`` + the norm
-    plot; ``card=`` uploads a ready README instead), creates the repo if missing
+    plot; ``card=`` uploads a ready card instead: a :class:`rvhub.card.Card` from
+    :func:`rvhub.card.build.build_card`, uploaded with its plot and ``.eval_results``, or a README
+    file), creates the repo if missing
     (``private``), the branch ``revision`` if missing, and commits the manifest, every listed
     file and the card together (``create_pr`` opens a pull request instead). Files of an
     earlier push that the artifact no longer has are deleted in the same commit. Pushing
@@ -364,22 +290,10 @@ def push_vector(
     url_base = api.endpoint.rstrip("/")
     card_args: dict[str, Any] = dict(repo_id=repo_id, scores=scores, template=template)
     card_args.update(license=license, target=target)
-    card_text = _ready_card(card, path, manifest, card_args, url_base)
-    plot_png = _verify_and_plot(path, manifest)
-    failures: tuple[type[BaseException], ...] = (ValueError, *_network_errors())
+    render = _card_for_push(card, path, manifest, card_args, url_base)
+    failures: tuple[type[BaseException], ...] = (ValueError, *network_errors())
     try:
-        rendered = (
-            build_card(
-                path,
-                manifest,
-                **card_args,
-                token=write_token,
-                endpoint=url_base,
-                plot=plot_png or False,
-            )
-            if card_text is None
-            else _ready_card_files(card_text, plot_png, scores, target)
-        )
+        rendered = render(write_token)
         message = commit_message or _commit_message(manifest)
         operations = _upload_operations(path, manifest, rendered)
         head, commit = _commit(
@@ -392,7 +306,7 @@ def push_vector(
 
         if isinstance(e, ValueError) and not isinstance(e, hf_errors.HfHubHTTPError):
             raise InputError(f"push to {repo_id} refused: {str(e).splitlines()[0]}") from None
-        raise _push_error(e, repo_id, url_base, branch) from None
+        raise push_error(e, repo_id, url_base, branch) from None
     changed = commit.oid != head or commit.pr_url is not None
     url = f"{url_base}/{repo_id}" + ("" if branch == "main" else f"/tree/{quote(branch, safe='')}")
     return PushResult(

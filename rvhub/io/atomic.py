@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from ..errors import InputError, RvhubError
+from ..errors import InputError
 
 TMP_MARK = ".rvhub-tmp-"
 
@@ -54,32 +54,101 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def check_output(path: Path, *, overwrite: bool) -> None:
-    """Refuse an existing output path unless ``overwrite``; call before any long work."""
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; pass `overwrite=True` to replace it")
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{path} exists and is not a folder")
-
-
-def check_disjoint(out: Path, inputs: Iterable[str | os.PathLike[str] | None]) -> None:
-    """Refuse an output that is, contains or lies inside one of ``inputs`` (with --overwrite
-    it would destroy what it reads)."""
-    o = Path(out).expanduser().resolve()
+def check_output(
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+    folder: bool = True,
+) -> None:
+    """The one output check every writer (extract, compress, apply, eval, card, merge) runs
+        before any long work, and again when it renames its result into place: an output that is,
+        contains or lies inside one of ``inputs`` is refused (with ``overwrite`` it would destroy
+        what it reads), and so is an existing one unless ``overwrite`` (or, for a ``folder`` output,
+    an existing file)."""
+    out = Path(path)
+    resolved = out.expanduser().resolve()
     for inp in inputs:
         if inp is None:
             continue
         i = Path(inp).expanduser().resolve()
-        if o == i or i in o.parents or o in i.parents:
+        if not i.exists():  # a Hub id, not a local path
+            continue
+        if resolved == i or i in resolved.parents or resolved in i.parents:
             raise InputError(
                 f"the output {out} is, contains or lies inside an input ({inp}); write to "
                 "another folder"
             )
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} already exists; pass `overwrite=True` to replace it")
+    if folder and out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder")
+
+
+def _unwritable(final: Path, exc: OSError) -> InputError:
+    reason = exc.strerror or type(exc).__name__
+    return InputError(f"cannot write {final}: {reason} (in {final.parent})")
+
+
+PARTIAL_MARK = ".rvhub-partial"
+
+
+def partial_dir(final: str | os.PathLike[str]) -> Path:
+    """Where a resumable writer of ``final`` keeps its work between runs (see :func:`atomic_dir`)."""
+    final = Path(final).expanduser().absolute()
+    return final.parent / f".{final.name}{PARTIAL_MARK}"
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+def _output_lock(final: Path) -> Iterator[None]:
+    """One writer per output path at a time (a lock file beside it)."""
+    lock_path = final.parent / f".{final.name}.rvhub-lock"
+    try:
+        lock_fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as e:
+        raise _unwritable(final, e) from None
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(
+                f"another rvhub process is writing {final}; wait for it or choose another output"
+            ) from None
+        yield
+    finally:
+        os.close(lock_fd)
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` over ``final`` (an old ``final`` goes in one more rename)."""
+    fsync_dir(tmp)
+    parent = final.parent
+    if final.exists():
+        trash = parent / f".{final.name}{TMP_MARK}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    fsync_dir(parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    final: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+    resumable: bool = False,
+) -> Iterator[Path]:
     """Yield a fresh temp folder; on success it replaces ``final`` in one rename.
+
+    ``final`` passes :func:`check_output` (``overwrite``, ``inputs``) before and at the rename.
+    ``resumable``: the work folder is :func:`partial_dir` (``.<name>.rvhub-partial``), reused
+    as found and kept when the work fails or is interrupted, so a later run can take up what
+    was finished; the caller decides what in it is still valid.
 
     Example:
         >>> with atomic_dir("out/vector") as tmp:
@@ -91,43 +160,31 @@ def atomic_dir(final: str | os.PathLike[str], *, overwrite: bool = False) -> Ite
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create {parent}: {e.strerror}") from None
-    check_output(final, overwrite=overwrite)
-    lock_path = parent / f".{final.name}.rvhub-lock"
-    lock_fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(
-                f"another rvhub process is writing {final}; wait for it or choose another output"
-            ) from None
+    inputs = list(inputs)
+    check_output(final, overwrite=overwrite, inputs=inputs)
+    with _output_lock(final):
         clean_stale_temps(parent, final.name)
-        tmp = parent / f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        if resumable:
+            tmp = partial_dir(final)
+        else:
+            tmp = parent / f".{final.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(exist_ok=resumable)
+        except OSError as e:
+            raise _unwritable(final, e) from None
         try:
             yield tmp
-            check_output(final, overwrite=overwrite)  # someone may have created it meanwhile
-            fsync_dir(tmp)
-            if final.exists():
-                trash = parent / f".{final.name}{TMP_MARK}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
-                os.rename(final, trash)
-                os.rename(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
-            fsync_dir(parent)
+            check_output(final, overwrite=overwrite, inputs=inputs)  # created meanwhile?
+            _publish(tmp, final)
         except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not resumable:
+                shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                raise RvhubError(
+                raise InputError(
                     f"no space left on the device while writing {final}; free space and retry "
                     "(nothing was written there)"
                 ) from None
             raise
-    finally:
-        os.close(lock_fd)
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path)
 
 
 def atomic_write(path: Path, data: bytes | str | Callable[[Path], object]) -> None:

@@ -11,13 +11,12 @@ them; unlike ``save_file`` it keeps the caller's tensor order instead of sorting
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import struct
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -249,9 +248,15 @@ class FileHandles:
                 os.close(fd)
             self._fds.clear()
 
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # at interpreter exit os may be gone already
-            self.close()
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # At interpreter exit module globals (os, contextlib) may already be None: this uses
+        # none of them, only what it was bound to when the class was made.
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:  # noqa: SIM105 (contextlib may be gone at interpreter exit)
+                _close(fd)
+            except OSError:
+                pass
 
 
 def read_range(

@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,6 @@ from ..io.atomic import atomic_dir, check_output
 from ..io.cores import resolve_threads
 from ..io.device import resolve_device
 from ..io.kernels import APPLY_BLOCK, ThreadScratch, axpy_into, single_thread
-from ..io.progress import logger
 from ..io.safetensors import (
     FileHandles,
     SafetensorsWriter,
@@ -55,6 +54,7 @@ def apply_to_checkpoint_files(
     *,
     provenance: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
 ) -> ApplyReport:
     """Write a new model folder ``out`` = ``ckpt + scale · v``; see :func:`rvhub.apply_to_checkpoint`.
 
@@ -73,7 +73,8 @@ def apply_to_checkpoint_files(
             "is kept)"
         )
     out_path = Path(out)
-    check_output(out_path, overwrite=overwrite)
+    inputs = [ckpt.path, *inputs]  # the vector's own paths, given by the caller
+    check_output(out_path, overwrite=overwrite, inputs=inputs)
     prepared = prepare_apply(vector, ApplyTarget.of_checkpoint(ckpt), options)
     report = prepared.report
     handles = FileHandles()
@@ -82,7 +83,7 @@ def apply_to_checkpoint_files(
     fp8 = _Fp8Requantizer(ckpt, prepared.plan.targets, source, options.alpha, handles)
     dequant = options.dtype is not None
     scale_names = {e.name: w for w, e in ckpt.fp8_scales.items()}
-    with atomic_dir(out_path, overwrite=overwrite) as tmp, single_thread():
+    with atomic_dir(out_path, overwrite=overwrite, inputs=inputs) as tmp, single_thread():
         streams = [
             (_opener(ckpt, path, entries, tmp, dequant), _blobs(entries, add, fp8, dequant))
             for path, entries in _file_entries(ckpt)
@@ -218,13 +219,13 @@ def _note_requantization(report: ApplyReport, fp8: _Fp8Requantizer) -> None:
             f"block kept {kept:.1%} of ‖α·v‖ "
             f"(relative error {report.requantization['rel_error']:.3f} against θ + α·v)"
         )
-        report.notes.append(line)
         if kept < 0.5:
-            logger.warning(
-                "%s: most of the vector is below one FP8 step of its blocks; write a bfloat16 "
-                "model instead (apply onto the unquantized release)",
-                line,
+            report.warn(
+                f"{line}: most of the vector is below one FP8 step of its blocks; write a "
+                "bfloat16 model instead (apply onto the unquantized release)"
             )
+        else:
+            report.notes.append(line)
 
 
 class _Fp8Requantizer:
@@ -357,8 +358,13 @@ def _drop_quantization(ckpt: Checkpoint, dest: Path, scale_names: set[str]) -> N
 
 def _copy_side_files(ckpt: Checkpoint, dest: Path) -> None:
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-    if ckpt.index is not None:
-        (dest / SAFE_INDEX).write_text(json.dumps(ckpt.index, indent=2) + "\n")
+    if ckpt.index is not None:  # listing every tensor the shards hold (see open_checkpoint)
+        index = dict(ckpt.index)
+        weight_map = dict(index.get("weight_map", {}))
+        for e in [*ckpt.entries.values(), *ckpt.fp8_scales.values()]:
+            weight_map.setdefault(e.name, e.path.relative_to(folder.resolve()).as_posix())
+        index["weight_map"] = weight_map
+        (dest / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     weight_files = {p.name for p in ckpt.files}
     for item in sorted(folder.iterdir()):
         if (

@@ -11,7 +11,6 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..constants import LINEAGE_REFUSE, LINEAGE_WARN
 from ..errors import CompatibilityError, InputError
-from ..io.progress import logger
 from ..lineage import Lineage, LineageReport, compare, sample_entries, sample_tensor
 
 if TYPE_CHECKING:
@@ -54,7 +53,8 @@ def _comparable(
 
 
 def enforce(report: LineageReport, *, allow_unrelated: bool) -> str | None:
-    """Raise for an unrelated target (unless allowed); return the note to show, if any."""
+    """Raise for an unrelated target (unless allowed); return the warning to show, if any
+    (the caller logs it once: :meth:`~.plan.ApplyReport.warn`)."""
     if report.verdict == "unrelated" and not allow_unrelated:
         worst = ", ".join(f"{n} at {d:.2f}" for n, d in report.far())
         raise CompatibilityError(
@@ -68,7 +68,6 @@ def enforce(report: LineageReport, *, allow_unrelated: bool) -> str | None:
         note = report.describe()
         if report.verdict == "uncertain":
             note += f"; between {LINEAGE_WARN} and {LINEAGE_REFUSE} the target may not descend from the vector's base"
-        logger.warning("%s", note)
         return note
     return None
 

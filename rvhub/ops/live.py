@@ -17,7 +17,6 @@ import torch
 
 from ..errors import CompatibilityError
 from ..io.kernels import add_scaled_, set_scaled_
-from ..io.progress import logger
 from ..manifest import Manifest
 from ..options import ApplyOptions, check_scale, split_excluded
 from ..sources import VectorSource
@@ -222,8 +221,7 @@ def _warn_overflow(model: torch.nn.Module, report: ApplyReport) -> None:
             f"float16 overflow: {bad[0]} (and {len(bad) - 1} more) now hold Inf/NaN after "
             f"adding {report.scale:g}·v; use a smaller scale or a bfloat16/float32 model"
         )
-        report.notes.append(msg)
-        logger.warning(msg)
+        report.warn(msg)
 
 
 class ScaleSwitch:

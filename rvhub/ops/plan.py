@@ -162,6 +162,7 @@ class ApplyReport:
     missing: list[str] = field(default_factory=list)  # vector tensors the target lacks
     untouched: list[str] = field(default_factory=list)  # target tensors the vector lacks
     notes: list[str] = field(default_factory=list)
+    warned: list[str] = field(default_factory=list)  # notes already logged as warnings
     scale: float = 1.0
     output: str | None = None
     lineage: dict[str, Any] | None = None  # the target's distance from the vector's base
@@ -178,6 +179,13 @@ class ApplyReport:
             notes=list(plan.notes),
             scale=scale,
         )
+
+    def warn(self, note: str) -> None:
+        """Log ``note`` as a warning, once, and keep it with the notes (a CLI prints the notes
+        it has not seen logged: :attr:`warned`)."""
+        logger.warning("%s", note)
+        self.notes.append(note)
+        self.warned.append(note)
 
     def summary(self) -> str:
         parts = [f"applied {len(self.applied)} tensors at scale {self.scale:g}"]
@@ -206,9 +214,7 @@ def zero_scale_note(scale: float, given: object) -> str | None:
     """The warning for α = 0 (``-0``, ``1e-400``): the result is the target unchanged."""
     if scale != 0.0:
         return None
-    note = f"scale {given!r} is 0: the result equals the target (nothing is added)"
-    logger.warning("%s", note)
-    return note
+    return f"scale {given!r} is 0: the result equals the target (nothing is added)"
 
 
 def check_finite(

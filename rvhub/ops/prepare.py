@@ -129,7 +129,9 @@ def prepare_apply(vector: VectorFacts, target: ApplyTarget, options: ApplyOption
     report = ApplyReport.from_plan(plan, options.alpha)
     report.lineage = lineage.as_json()
     zero = zero_scale_note(options.alpha, options.given_scale)
-    report.notes.extend(n for n in (zero, note) if n)
+    for warning in (zero, note):
+        if warning:
+            report.warn(warning)
     return PreparedApply(plan, lineage, report, wanted)
 
 
