@@ -38,6 +38,7 @@ _LAZY = {
     "Scores": "rvhub.card.scores",
     "apply_to_checkpoint": "rvhub.vector",
     "check_target": "rvhub.check",
+    "combine": "rvhub.vector",
     "compress_vector": "rvhub.vector",
     "download_vector": "rvhub.vector",
     "extract_vector": "rvhub.vector",
@@ -67,6 +68,7 @@ __all__ = [
     "__version__",
     "apply_to_checkpoint",
     "check_target",
+    "combine",
     "compress_vector",
     "download_vector",
     "extract_vector",
@@ -105,6 +107,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .vector import (
         ReasoningVector,
         apply_to_checkpoint,
+        combine,
         compress_vector,
         download_vector,
         extract_vector,

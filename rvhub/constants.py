@@ -53,6 +53,10 @@ LINEAGE_RUNS = 4
 LINEAGE_RUN_LENGTH = 16
 LINEAGE_WARN = 0.5
 LINEAGE_REFUSE = 0.9
+# The "already carries" guard (docs/reliability.md): warn when the target holds at least this
+# share of v, and at least this share of its difference from the vector's B lies along v.
+CARRIED_WARN = 0.5
+CARRIED_FIT = 0.5
 SVD_METHODS = ("randomized", "exact")
 
 # -- the import layers (tests/test_layering.py holds the package to them) -----------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
 ALGORITHM = f"{LINEAGE_RUNS} runs of {LINEAGE_RUN_LENGTH} values per tensor, seeded by crc32(name)"
-_ROLES = ("a", "b")
+_ROLE = re.compile(r"([ab])([1-9][0-9]*)?")  # a::, b:: and a<i>::, b<i>:: of base i
 _NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 
@@ -122,24 +123,46 @@ _FLOATS = ("F64", "F32", "F16", "BF16")
 
 @dataclass
 class Lineage:
-    """Sampled values of the vector's sources A and B, by tensor name."""
+    """Sampled values of the vector's sources A and B, by tensor name; a combination of
+    vectors keeps one such pair per further base in :attr:`more`."""
 
     a: dict[str, np.ndarray]
     b: dict[str, np.ndarray]
     shapes: dict[str, tuple[int, ...]]
+    more: tuple[Lineage, ...] = ()
+
+    def bases(self) -> list[Lineage]:
+        """One fingerprint per base: this one, then those of :attr:`more`."""
+        return [Lineage(self.a, self.b, self.shapes), *self.more]
+
+    @classmethod
+    def of_terms(cls, lineages: Iterable[Lineage | None]) -> Lineage | None:
+        """The fingerprint of a combination: every term's bases, each once."""
+        bases: list[Lineage] = []
+        for lineage in lineages:
+            for base in lineage.bases() if lineage is not None else []:
+                if not any(_same_base(base, seen) for seen in bases):
+                    bases.append(base)
+        if not bases:
+            return None
+        first = bases[0]
+        return cls(first.a, first.b, first.shapes, tuple(bases[1:]))
 
     def write(self, folder: Path, names: Iterable[str]) -> str:
         """Write ``lineage.safetensors`` for ``names`` into ``folder``; returns its file name.
 
-        Written by rvhub's own writer: safetensors' ``save_file`` orders metadata keys
-        differently from run to run (a hash map), and the same vector should give the same
+        Entries are ``a::<name>`` and ``b::<name>``, and ``a<i>::``/``b<i>::`` for the i-th
+        further base. Written by rvhub's own writer: safetensors' ``save_file`` orders metadata
+        keys differently from run to run (a hash map), and the same vector should give the same
         bytes."""
-        keep = [n for n in names if n in self.b]
-        tensors = {
-            f"{role}::{n}": np.ascontiguousarray(values[n], dtype="<f4")
-            for role, values in (("a", self.a), ("b", self.b))
-            for n in keep
-        }
+        names = list(names)
+        tensors = {}
+        for i, base in enumerate(self.bases()):
+            suffix = str(i) if i else ""
+            keep = [n for n in names if n in base.b]
+            for role, values in (("a", base.a), ("b", base.b)):
+                for n in keep:
+                    tensors[f"{role}{suffix}::{n}"] = np.ascontiguousarray(values[n], dtype="<f4")
         meta = {"format": "np", "rvhub_lineage": ALGORITHM}
         specs = [(key, "F32", t.shape) for key, t in tensors.items()]
         writer = SafetensorsWriter(folder / LINEAGE_FILE, specs, meta, hash_contents=False)
@@ -153,6 +176,11 @@ class Lineage:
         return LINEAGE_FILE
 
 
+def _same_base(x: Lineage, y: Lineage) -> bool:
+    names = [n for n in x.b if n in y.b]
+    return bool(names) and all(np.array_equal(x.b[n], y.b[n]) for n in names)
+
+
 def read_lineage(folder: Path, manifest: Manifest | Mapping[str, Any]) -> Lineage | None:
     """The fingerprint an artifact recorded, or None for one made before it existed
     (``manifest`` typed, or as ``rvhub.json`` holds it)."""
@@ -162,19 +190,26 @@ def read_lineage(folder: Path, manifest: Manifest | Mapping[str, Any]) -> Lineag
         return None
     path = artifact_file(folder, LINEAGE_FILE)
     entries, _ = read_header(path)
-    out: dict[str, dict[str, np.ndarray]] = {"a": {}, "b": {}}
+    out: dict[int, dict[str, dict[str, np.ndarray]]] = {}
     shapes = manifest.shapes
     with open(path, "rb") as f:
         for key, entry in entries.items():
             role, _, name = key.partition("::")
-            if role not in _ROLES or name not in shapes:
+            m = _ROLE.fullmatch(role)
+            if m is None or name not in shapes:
                 raise IntegrityError(f"{folder}: {LINEAGE_FILE} holds an unexpected entry {key!r}")
             expected = sum(e - s for s, e in runs_of(name, math.prod(shapes[name])))
             if entry.numel != expected or entry.dtype != "F32":
                 raise IntegrityError(f"{folder}: {LINEAGE_FILE} entry {key!r} has the wrong size")
             f.seek(entry.start)
-            out[role][name] = _as_float32(f.read(entry.nbytes), "F32")
-    return Lineage(out["a"], out["b"], shapes)
+            base = out.setdefault(int(m.group(2) or 0), {"a": {}, "b": {}})
+            base[m.group(1)][name] = _as_float32(f.read(entry.nbytes), "F32")
+    if sorted(out) != list(range(len(out))):
+        raise IntegrityError(f"{folder}: {LINEAGE_FILE} skips a base ({sorted(out)})")
+    bases = [Lineage(out[i]["a"], out[i]["b"], shapes) for i in sorted(out)]
+    if not bases:
+        return Lineage({}, {}, shapes)
+    return Lineage(bases[0].a, bases[0].b, shapes, tuple(bases[1:]))
 
 
 def sample_pair(a: Checkpoint, b: Checkpoint, names: list[str]) -> Lineage:
@@ -187,6 +222,43 @@ def sample_pair(a: Checkpoint, b: Checkpoint, names: list[str]) -> Lineage:
 
 
 @dataclass
+class Carried:
+    """How much of v = A − B a target T already holds, at the fingerprinted positions: the
+    least-squares coefficient of T − B on v (1: T is as far along v as A, e.g. T is A; 0: as
+    far as B). Its standard error is a jackknife over tensors (values within a tensor's runs
+    are not independent), and :meth:`explained` says how much of ‖T − B‖² lies along v
+    (docs/reliability.md calibrates both)."""
+
+    parts: list[tuple[float, float, float]] = field(
+        default_factory=list
+    )  # per tensor: v·v, d·v, d·d
+
+    def add(self, v: np.ndarray, d: np.ndarray) -> None:
+        self.parts.append((float(v @ v), float(d @ v), float(d @ d)))
+
+    def share(self) -> float | None:
+        vv = sum(p[0] for p in self.parts)
+        return sum(p[1] for p in self.parts) / vv if vv > 0.0 else None
+
+    def standard_error(self) -> float | None:
+        share, k = self.share(), len(self.parts)
+        if share is None or k < 3:
+            return None
+        vv, dv = sum(p[0] for p in self.parts), sum(p[1] for p in self.parts)
+        leave_out = [(dv - p[1]) / (vv - p[0]) for p in self.parts if vv - p[0] > 0.0]
+        mean = sum(leave_out) / len(leave_out)
+        return math.sqrt((k - 1) / k * sum((x - mean) ** 2 for x in leave_out))
+
+    def explained(self) -> float | None:
+        """The share of ‖T − B‖² along v (1: T lies on the line through B and A)."""
+        share = self.share()
+        dd = sum(p[2] for p in self.parts)
+        if share is None or dd == 0.0:
+            return None
+        return min(1.0, share * sum(p[1] for p in self.parts) / dd)
+
+
+@dataclass
 class LineageReport:
     """How far a target lies from the vector's B at the fingerprinted positions."""
 
@@ -195,6 +267,10 @@ class LineageReport:
     compared: int = 0
     verdict: str = "unknown"  # related | uncertain | unrelated | unknown
     reason: str = ""
+    # how much of v the target already holds: 1 = as far along v as A (see Carried)
+    carried: float | None = None
+    carried_se: float | None = None
+    carried_fit: float | None = None  # share of ‖T − B‖² along v
 
     def far(self, limit: int = 3) -> list[tuple[str, float]]:
         return sorted(self.tensors.items(), key=lambda kv: -kv[1])[:limit]
@@ -203,9 +279,13 @@ class LineageReport:
         if self.overall is None:
             return f"lineage not checked: {self.reason}"
         worst = ", ".join(f"{n} {d:.3f}" for n, d in self.far())
+        carried = ""
+        if self.carried is not None:
+            se = f" ± {self.carried_se:.0%}" if self.carried_se is not None else ""
+            carried = f"; it already carries {self.carried:.0%}{se} of the vector"
         return (
             f"lineage: the target lies {self.overall:.3f} (relative) from the vector's B over "
-            f"{self.compared} matrices ({self.verdict}); farthest: {worst}"
+            f"{self.compared} matrices ({self.verdict}){carried}; farthest: {worst}"
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -214,34 +294,55 @@ class LineageReport:
             "verdict": self.verdict,
             "compared": self.compared,
             "farthest": dict(self.far(5)),
+            "carried": self.carried,
+            "carried_se": self.carried_se,
+            "carried_fit": self.carried_fit,
             **({"reason": self.reason} if self.reason else {}),
         }
 
 
 def compare(reference: Lineage | None, target: Mapping[str, np.ndarray]) -> LineageReport:
-    """Distances between the vector's B and the target's samples (same names, same shapes)."""
+    """Distances between the vector's B and the target's samples (same names, same shapes),
+    and how much of the vector the target already carries (:class:`Carried`).
+
+    A combination of vectors carries one fingerprint per term (:attr:`Lineage.more`): the
+    target is measured against the nearest of their bases."""
     if reference is None:
         return LineageReport(
             None, reason="the vector has no lineage fingerprint (made before rvhub recorded one)"
         )
+    reports = [_compare_one(ref, target) for ref in reference.bases()]
+    measured = [r for r in reports if r.overall is not None]
+    return min(measured, key=lambda r: r.overall or 0.0) if measured else reports[0]
+
+
+def _compare_one(reference: Lineage, target: Mapping[str, np.ndarray]) -> LineageReport:
     num = den = 0.0
+    carried = Carried()
     report = LineageReport(None)
     for name, t in target.items():
         b = reference.b.get(name)
         if b is None or b.size != t.size or len(reference.shapes.get(name, ())) < 2:
             continue
-        nb = float(np.linalg.norm(b.astype(np.float64)))
+        b64, t64 = b.astype(np.float64), t.astype(np.float64)
+        nb = float(np.linalg.norm(b64))
         if nb == 0.0:
             continue
-        nd = float(np.linalg.norm(t.astype(np.float64) - b.astype(np.float64)))
+        nd = float(np.linalg.norm(t64 - b64))
         report.tensors[name] = nd / nb
         num += nd * nd
         den += nb * nb
+        a = reference.a.get(name)
+        if a is not None and a.size == b.size:
+            carried.add(a.astype(np.float64) - b64, t64 - b64)
     report.compared = len(report.tensors)
     if not report.compared:
         report.reason = "no fingerprinted matrix of the vector is in the target with its shape"
         return report
     report.overall = math.sqrt(num / den)
+    report.carried = carried.share()
+    report.carried_se = carried.standard_error()
+    report.carried_fit = carried.explained()
     if report.overall > LINEAGE_REFUSE:
         report.verdict = "unrelated"
     elif report.overall > LINEAGE_WARN:

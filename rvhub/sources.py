@@ -258,8 +258,8 @@ class CombinationSource(VectorSource):
         self.terms = list(terms)
 
     def lineage(self) -> Lineage | None:
-        """The first term's: terms of one artifact family share their B."""
-        return next((t.lineage() for _, t in self.terms if t.lineage() is not None), None)
+        """Every term's bases, each once (a target is measured against the nearest)."""
+        return Lineage.of_terms(t.lineage() for _, t in self.terms)
 
     def chunk(self, name: str, start: int, stop: int) -> torch.Tensor:
         out: torch.Tensor | None = None

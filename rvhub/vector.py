@@ -26,13 +26,14 @@ import torch
 from .checkpoint import Checkpoint, check_config
 from .constants import DEFAULT_MAX_SHARD, PICKLE_SUFFIXES
 from .encodings import open_source, write_artifact
-from .errors import InputError, IntegrityError
+from .errors import CompatibilityError, InputError, IntegrityError
 from .hub.resolve import open_checkpoint, resolve_artifact
 from .io.atomic import check_output
 from .io.device import resolve_device
 from .manifest import Manifest, Provenance, check_files_present, verify_artifact
 from .ops.disk import apply_to_checkpoint_files
 from .ops.extract import prepare_extract
+from .ops.lineage import check_related
 from .ops.live import apply_to_model
 from .ops.plan import ApplyReport
 from .ops.prepare import VectorFacts
@@ -173,12 +174,7 @@ class ReasoningVector:
         return list(self.terms) if self.terms else [(1.0, self)]
 
     def _combine(self, terms: list[tuple[float, ReasoningVector]]) -> ReasoningVector:
-        combination = tuple(
-            {"coef": c, "vector": str(v.path) if v.path else repr(v)} for c, v in terms
-        )
-        provenance = Provenance(model=self.provenance.model, combination=combination)
-        source = CombinationSource([(c, v.source) for c, v in terms])
-        return ReasoningVector(source, provenance, terms=tuple(terms))
+        return combine(terms)
 
     def __add__(self, other: object) -> ReasoningVector:
         if isinstance(other, (int, float)) and other == 0:
@@ -456,6 +452,53 @@ class ReasoningVector:
         return push_vector(self.path, repo_id, **kwargs)
 
 
+def _label(v: ReasoningVector) -> str:
+    return str(v.path) if v.path else (v.origin or {}).get("repo_id") or repr(v)
+
+
+def combine(
+    terms: Iterable[tuple[float, ReasoningVector]], *, allow_unrelated: bool = False
+) -> ReasoningVector:
+    """``Σ cᵢ·vᵢ``, lazily (what ``a * v + b * w`` builds), for vectors of one lineage.
+
+    Each term's lineage fingerprint is compared with the first's, as apply compares a target:
+    vectors whose bases lie farther apart than fine-tunes of one base do are refused unless
+    ``allow_unrelated`` (their sum would fit no model). The result records every term's
+    origin, sources and fingerprint.
+
+    Example:
+        >>> both = combine([(1.0, load_vector("user/reasoning")), (0.5, load_vector("user/code"))])
+    """
+    flat = [(c * k, leaf) for c, v in terms for k, leaf in v._terms()]
+    if not flat:
+        raise InputError("`terms` is empty: give at least one (coefficient, vector)")
+    first = flat[0][1]
+    types = {v.model_info.get("model_type") for _, v in flat} - {None}
+    if len(types) > 1:
+        raise CompatibilityError(
+            f"cannot combine vectors of different model types ({', '.join(sorted(map(str, types)))})"
+        )
+    check_related(
+        [(v.source.lineage(), _label(v)) for _, v in flat], allow_unrelated=allow_unrelated
+    )
+    combination = tuple(
+        {
+            "coef": c,
+            "vector": v.origin_record() or repr(v),
+            "sources": dict(v.provenance.sources),
+            **({"combination": list(v.provenance.combination)} if v.provenance.combination else {}),
+        }
+        for c, v in flat
+    )
+    provenance = Provenance(
+        model=first.provenance.model,
+        model_config=first.provenance.model_config,
+        combination=combination,
+    )
+    source = CombinationSource([(c, v.source) for c, v in flat])
+    return ReasoningVector(source, provenance, terms=tuple(flat))
+
+
 def extract_vector(
     a: str | os.PathLike[str] | Checkpoint,
     b: str | os.PathLike[str] | Checkpoint,
@@ -642,6 +685,7 @@ def apply_to_checkpoint(
 __all__ = [
     "ReasoningVector",
     "apply_to_checkpoint",
+    "combine",
     "compress_vector",
     "download_vector",
     "extract_vector",

@@ -9,11 +9,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rvhub import CompatibilityError, apply_to_checkpoint, extract_vector, load_vector
+from rvhub import (
+    CompatibilityError,
+    apply_to_checkpoint,
+    check_target,
+    extract_vector,
+    load_vector,
+)
 from rvhub.constants import LINEAGE_FILE, LINEAGE_WARN
 from rvhub.manifest import load_manifest
 from tests.cli_helpers import run
-from tests.models import build_model, finetune_like, save
+from tests.models import build_model, finetune_like, save, state_dict_of
 
 
 @pytest.fixture
@@ -124,3 +130,95 @@ def test_samples_read_without_torch_equal_torchs_values(family, dtype):
         whole = ckpt.get(name).reshape(-1).float()
         expected = torch.cat([whole[s:e] for s, e in runs_of(name, whole.numel())])
         assert torch.equal(torch.from_numpy(sample_entry(entry, handles)), expected), name
+
+
+# -- a target that already carries the vector (issue 26, item 4) -------------------------------
+def _b_plus(fam, k: float, folder):
+    """``B + k·(A − B)`` as a model folder (float32 arithmetic, stored in bf16)."""
+    a, b = state_dict_of(fam["a"]), state_dict_of(fam["b"])
+    model = AutoModelForCausalLM.from_pretrained(fam["b"])
+    model.load_state_dict(
+        {n: (b[n].float() + k * (a[n].float() - b[n].float())).to(b[n].dtype) for n in b},
+        strict=False,
+    )
+    return save(model, folder)
+
+
+@pytest.mark.parametrize(("where", "share"), [("a", 1.0), ("b+3v", 3.0), ("b+0.6v", 0.6)])
+def test_a_target_that_already_carries_the_vector_is_named(vec, family, tmp_path, where, share):
+    """Applying v = A − B onto A itself gives B + 2·v, with no word (issue 26, item 4)."""
+    fam = family("qwen2")
+    target = fam["a"] if where == "a" else _b_plus(fam, share, tmp_path / where)
+    result = check_target(vec, target)
+    assert result.lineage.carried == pytest.approx(share, abs=0.02)
+    assert result.lineage.carried_fit == pytest.approx(1.0, abs=0.02)
+    r = run("apply", vec, target, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    warned = [line for line in r.stderr.splitlines() if "already carries" in line]
+    assert len(warned) == 1, r.stderr
+    assert f"~{share:.0%}" in warned[0]
+    assert ("it looks like A" in warned[0]) == (where == "a")
+    checked = run("check", vec, target)
+    assert checked.exit_code == 0 and "already carries" in checked.stderr
+    assert f"it already carries {share:.0%}" in checked.output
+    live = load_vector(vec).apply_to(AutoModelForCausalLM.from_pretrained(target))
+    assert any("already carries" in n for n in live.notes)
+    assert live.lineage["carried"] == pytest.approx(share, abs=0.02)
+
+
+def test_a_sibling_fine_tune_is_not_said_to_carry_the_vector(vec, family, tmp_path):
+    """The family's target is another fine-tune of the base: its difference from B does not
+    lie along v, so no warning, whatever its measured share."""
+    r = run("apply", vec, family("qwen2")["target"], "-o", tmp_path / "out")
+    assert r.exit_code == 0 and "already carries" not in r.stderr, r.stderr
+    lineage = check_target(vec, family("qwen2")["target"]).lineage
+    assert lineage.carried_fit is not None and lineage.carried_fit < 0.5
+
+
+# -- combinations of vectors (issue 26, item 6) ------------------------------------------------
+def _other_lineage_vector(tmp_path):
+    """A vector of a family with the architecture of the others but another base (seed 42):
+    its A, B and target under ``tmp_path/other-family``."""
+    root = tmp_path / "other-family"
+    for i, role in enumerate(("a", "b", "target")):
+        model = build_model("qwen2", seed=42)
+        finetune_like(model, seed=200 + i)
+        save(model.to(torch.bfloat16), root / role)
+    return extract_vector(root / "a", root / "b").save(tmp_path / "other-vec")
+
+
+def test_combining_vectors_of_different_lineages_is_refused(vec, tmp_path):
+    from rvhub import combine
+
+    other = _other_lineage_vector(tmp_path)
+    v, w = load_vector(vec), load_vector(other)
+    for build in (lambda: v + w, lambda: w + v, lambda: (v - 0.5 * w) / 2):
+        with pytest.raises(CompatibilityError, match="cannot combine .* their bases lie"):
+            build()
+    both = combine([(1.0, v), (1.0, w)], allow_unrelated=True)
+    assert len(both.terms) == 2
+
+
+def test_a_combination_keeps_every_operand_and_fits_both_families(vec, family, tmp_path):
+    """(v + w).save wrote `sources: {}`, a list of absolute paths and v's fingerprint only, so
+    apply accepted v's family and refused w's, and w + v swapped that."""
+    from rvhub import combine
+
+    fam = family("qwen2")
+    other = _other_lineage_vector(tmp_path)
+    other_fam_target = tmp_path / "other-family" / "target"
+    v, w = load_vector(vec), load_vector(other)
+    for name, terms in (("vw", [(1.0, v), (0.5, w)]), ("wv", [(0.5, w), (1.0, v)])):
+        folder = combine(terms, allow_unrelated=True).save(tmp_path / name)
+        manifest = load_manifest(folder)
+        recorded = manifest["combination"]
+        assert [t["coef"] for t in recorded] == [c for c, _ in terms]
+        for entry, (_, term) in zip(recorded, terms, strict=True):
+            assert entry["sources"] == json.loads(json.dumps(dict(term.provenance.sources)))
+            assert entry["vector"]["files_digest"] == {
+                n: term.manifest.digest(n) for n in term.manifest.files
+            }
+        lineage = load_vector(folder).source.lineage()
+        assert lineage is not None and len(lineage.bases()) == 2
+        for target in (fam["target"], other_fam_target):  # both families fit, in any order
+            assert check_target(folder, target).lineage.verdict == "related"

@@ -3,14 +3,15 @@ one, and say so when a vector carries no fingerprint to check with."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..checkpoint import Checkpoint
-from ..constants import LINEAGE_REFUSE, LINEAGE_WARN
+from ..constants import CARRIED_FIT, CARRIED_WARN, LINEAGE_REFUSE, LINEAGE_WARN
 from ..errors import CompatibilityError, InputError
+from ..io.progress import logger
 from ..lineage import Lineage, LineageReport, compare, sample_entries, sample_tensor
 
 if TYPE_CHECKING:
@@ -70,6 +71,59 @@ def enforce(report: LineageReport, *, allow_unrelated: bool) -> str | None:
             note += f"; between {LINEAGE_WARN} and {LINEAGE_REFUSE} the target may not descend from the vector's base"
         return note
     return None
+
+
+def carried_warning(report: LineageReport) -> str | None:
+    """The warning for a target that already holds much of the vector (it is A, or an earlier
+    apply's output), or None. Only a target whose difference from B lies mostly along v is
+    judged: for one that moved far in other directions (an instruct model) the share is too
+    uncertain to act on (docs/reliability.md)."""
+    share, fit = report.carried, report.carried_fit
+    if share is None or fit is None or share < CARRIED_WARN or fit < CARRIED_FIT:
+        return None
+    looks = (
+        "it looks like A, the model the vector was taken from"
+        if abs(share - 1.0) < 0.1
+        else f"it looks like the vector's B + {share:.2g}·v"
+    )
+    return (
+        f"the target already carries ~{share:.0%} of this vector ({fit:.0%} of its difference "
+        f"from the vector's B lies along it): {looks}; adding α·v gives B + ({share:.2g} + α)·v"
+    )
+
+
+def check_related(
+    lineages: Sequence[tuple[Lineage | None, str]], *, allow_unrelated: bool
+) -> LineageReport | None:
+    """Refuse to combine vectors whose bases are of different lineages (unless allowed): each
+    term's B is measured against the first fingerprinted term's as a target would be.
+    ``lineages`` pairs each term's fingerprint with the name to show; returns the farthest
+    report (None when fewer than two terms carry a fingerprint)."""
+    known = [(lin, label) for lin, label in lineages if lin is not None]
+    if len(known) < 2:
+        return None
+    (reference, first), worst = known[0], None
+    for lineage, label in known[1:]:
+        for base in lineage.bases():
+            report = compare(reference, base.b)
+            if report.overall is None:
+                continue
+            if worst is None or report.overall > (worst.overall or 0.0):
+                worst = report
+            if report.verdict == "unrelated" and not allow_unrelated:
+                raise CompatibilityError(
+                    f"cannot combine {label} with {first}: their bases lie "
+                    f"{report.overall:.2f} (relative) apart over {report.compared} matrices "
+                    f"(fine-tunes of one base stay under {LINEAGE_WARN}); a sum of vectors of "
+                    "different lineages fits no model; pass `allow_unrelated=True` to build it "
+                    "anyway"
+                )
+    if worst is not None and worst.verdict in ("uncertain", "unrelated"):
+        logger.warning(
+            "the vectors' bases lie %.2f (relative) apart: they may not share a lineage",
+            worst.overall,
+        )
+    return worst
 
 
 MAX_RELATIVE_CHANGE = 10.0  # ‖α·v‖ / ‖B‖ beyond which the result is the vector, not the model

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CompatibilityError
 from ..lineage import Lineage, LineageReport
 from ..options import ApplyOptions, split_excluded
-from .lineage import check_change_size, checkpoint_lineage, enforce
+from .lineage import carried_warning, check_change_size, checkpoint_lineage, enforce
 from .plan import ApplyPlan, ApplyReport, check_finite, plan_apply, zero_scale_note
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def prepare_apply(vector: VectorFacts, target: ApplyTarget, options: ApplyOption
     report = ApplyReport.from_plan(plan, options.alpha)
     report.lineage = lineage.as_json()
     zero = zero_scale_note(options.alpha, options.given_scale)
-    for warning in (zero, note):
+    for warning in (zero, note, carried_warning(lineage)):
         if warning:
             report.warn(warning)
     return PreparedApply(plan, lineage, report, wanted)
