@@ -57,7 +57,9 @@ def measure(toy: Path, work: Path) -> list[tuple[str, float | None, float, float
 
 
 def main() -> None:
-    logging.getLogger("rvhub").setLevel(logging.ERROR)  # the guard's own warnings: the table says it
+    logging.getLogger("rvhub").setLevel(
+        logging.ERROR
+    )  # the guard's own warnings: the table says it
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--toy", type=Path, nargs="*", default=[], help="existing toy folders")
     parser.add_argument("--seeds", type=int, nargs="*", default=[], help="train --quick toys")
