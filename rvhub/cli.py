@@ -273,6 +273,18 @@ threads_option = click.option(
 )
 
 
+base_model_option = click.option(
+    "--base-model",
+    "--target",
+    "base_model",
+    default=None,
+    metavar="MODEL",
+    help="The model A and B both descend from (a Hub id): the card's base_model, where the "
+    "vector is listed in the Hub's model tree, and a LoRA adapter's base_model_name_or_path "
+    "[default: found in A's and B's Hub metadata].",
+)
+
+
 def _encoding_options(func: Any) -> Any:
     """Options for writing a compressed vector (extract --encoding, compress)."""
     for option in reversed(
@@ -322,14 +334,6 @@ def _encoding_options(func: Any) -> Any:
                 default="peft",
                 show_default=True,
                 help="LoRA: write what this engine loads (its modules, ranks); the rest stays dense.",
-            ),
-            click.option(
-                "--base-model",
-                "--target",
-                "base_model",
-                default=None,
-                metavar="MODEL",
-                help="LoRA: the model the adapter is for (base_model_name_or_path) [default: A if a Hub id].",
             ),
             threads_option,
         ]
@@ -392,6 +396,7 @@ def _report_written(path: Path) -> None:
 )
 @no_config_check_option
 @_encoding_options
+@base_model_option
 def extract(
     a: str,
     b: str,
@@ -404,6 +409,7 @@ def extract(
     allow_nonfinite: bool,
     max_shard_size: str,
     no_config_check: bool,
+    base_model: str | None,
     **encoding_options: Any,
 ) -> None:
     """Compute the reasoning vector v = A − B and save it to OUTPUT.
@@ -428,6 +434,7 @@ def extract(
         revision_b=revision_b,
         exclude=exclude,
         config_check=not no_config_check,
+        base_model=base_model,
     )
     _report_written(vec.save(output, options=options, overwrite=overwrite))
 
@@ -815,6 +822,14 @@ def _card_options(func: Any) -> Any:
                 default=None,
                 help="The model the vector is meant for, shown in the usage examples.",
             ),
+            click.option(
+                "--base-model",
+                "base_model",
+                default=None,
+                metavar="MODEL",
+                help="Set or correct the card's base_model: the Hub id of the model A and B "
+                "descend from [default: the one recorded at extract].",
+            ),
         ]
     ):
         func = option(func)
@@ -832,6 +847,7 @@ def _card_arguments(options: dict[str, Any]) -> CardOptions:
         template=options["template"],
         license=options["license_"],
         target=options["target"],
+        base_model=options["base_model"],
     )
 
 
@@ -940,6 +956,7 @@ def push(
     "--dtype", default=None, metavar="DTYPE", help="Storage dtype [default: the vector's]."
 )
 @_encoding_options
+@base_model_option
 @exclude_option
 @overwrite_option
 @nonfinite_option
@@ -951,6 +968,7 @@ def compress(
     exclude: tuple[str, ...],
     overwrite: bool,
     allow_nonfinite: bool,
+    base_model: str | None,
     **encoding_options: Any,
 ) -> None:
     """Re-encode an existing vector: LoRA (a stock PEFT adapter) or lossless sparse.
@@ -966,6 +984,8 @@ def compress(
     options = WriteOptions.build(**encoding_options, dtype=dtype, allow_nonfinite=allow_nonfinite)
     check_output(output, overwrite=overwrite, inputs=[vector])
     vec = load_vector(vector, revision=revision)
+    if base_model is not None:
+        vec = vec.with_base_model(base_model)
     _report_written(vec.save(output, options=options, exclude=exclude, overwrite=overwrite))
 
 

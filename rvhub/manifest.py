@@ -271,6 +271,24 @@ class SourceFingerprint:
 
 
 @dataclass(frozen=True)
+class BaseModel:
+    """The vector's lineage root: the Hub id of the model A and B both descend from, and how
+    it was found (``given`` by the user, or ``hub`` metadata walked from A and B)."""
+
+    repo_id: str
+    found: str = "given"
+
+    @classmethod
+    def from_json(cls, data: Any) -> BaseModel | None:
+        if not isinstance(data, Mapping) or not isinstance(data.get("id"), str) or not data["id"]:
+            return None
+        return cls(data["id"], str(data.get("from") or "given"))
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.repo_id, "from": self.found}
+
+
+@dataclass(frozen=True)
 class Provenance:
     """Where a vector's deltas come from, as its manifest records it: the sources (by role),
     the model identity and config, what was excluded or skipped, and for a combination of
@@ -283,10 +301,13 @@ class Provenance:
     exclude_patterns: tuple[str, ...] = ()
     skipped_non_float: tuple[str, ...] = ()
     combination: tuple[Mapping[str, Any], ...] | None = None
+    # the lineage root: the model A and B descend from, whose descendants the vector fits
+    base_model: BaseModel | None = None
 
     @classmethod
     def of_manifest(cls, manifest: Manifest) -> Provenance:
         return cls(
+            base_model=manifest.base_model,
             sources={r: s.to_json() for r, s in manifest.sources.items()},
             model=manifest.model,
             model_config=manifest.model_config,
@@ -346,6 +367,7 @@ def build_manifest(
             if provenance.combination is not None
             else {}
         ),
+        **({"base_model": provenance.base_model.to_json()} if provenance.base_model else {}),
         "dtype": sorted(set(dtypes)),
         "files": files,
         "tensors": tensors,
@@ -354,6 +376,34 @@ def build_manifest(
     if compression is not None:
         manifest["compression"] = compression
     return manifest
+
+
+def _looks_local(text: str) -> bool:
+    return text.startswith(("/", ".", "~")) or Path(text).expanduser().exists()
+
+
+def published(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest as ``rvhub push`` uploads it: no local path of the user's. A local source
+    (or a combination term) keeps its folder ``name`` and content fingerprint instead of its
+    ``path``; a local lineage root keeps its folder name. Digests are untouched (they cover the
+    files, not the manifest)."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            out = {k: walk(v) for k, v in value.items() if k != "path"}
+            if isinstance(value.get("path"), str):
+                out["name"] = Path(value["path"]).name or value["path"]
+            return out
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    out = walk(data)
+    root = out.get("base_model")
+    if isinstance(root, dict) and isinstance(root.get("id"), str) and _looks_local(root["id"]):
+        root["id"] = Path(root["id"]).name
+        root["from"] = "local"
+    return out
 
 
 def file_info(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -593,6 +643,7 @@ class Manifest:
     compression: Compression | None = None
     lineage: Mapping[str, Any] | None = None
     combination: tuple[Mapping[str, Any], ...] = ()
+    base_model: BaseModel | None = None
     rvhub_version: str | None = None
     created_at: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -625,6 +676,7 @@ class Manifest:
             compression=Compression.from_json(data.get("compression")),
             lineage=data.get("lineage") or None,
             combination=tuple(data.get("combination") or ()),
+            base_model=BaseModel.from_json(data.get("base_model")),
             rvhub_version=data.get("rvhub_version"),
             created_at=data.get("created_at"),
             raw=data,

@@ -14,6 +14,7 @@ or a linear combination of other vectors. Arithmetic builds new lazy vectors, li
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -30,7 +31,7 @@ from .errors import CompatibilityError, InputError, IntegrityError
 from .hub.resolve import open_checkpoint, resolve_artifact
 from .io.atomic import check_output
 from .io.device import resolve_device
-from .manifest import Manifest, Provenance, check_files_present, verify_artifact
+from .manifest import BaseModel, Manifest, Provenance, check_files_present, verify_artifact
 from .ops.disk import apply_to_checkpoint_files
 from .ops.extract import prepare_extract
 from .ops.lineage import check_related
@@ -443,6 +444,14 @@ class ReasoningVector:
         recorded = self.manifest.stats.roundtrip_error if self.manifest is not None else None
         return verify_against(self.source, recorded, ca, cb, tolerance=tolerance)
 
+    def with_base_model(self, base_model: str) -> ReasoningVector:
+        """This vector with its lineage root set to ``base_model`` (a Hub id) when saved."""
+        if not base_model.strip():
+            raise InputError("`base_model` is empty: give a Hub id (org/name)")
+        root = BaseModel(base_model.strip(), "given")
+        provenance = dataclasses.replace(self.provenance, base_model=root)
+        return dataclasses.replace(self, provenance=provenance)
+
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> PushResult:
         """Publish this vector (it must be saved first) to ``repo_id``; see :func:`rvhub.push_vector`."""
         if self.path is None:
@@ -510,6 +519,7 @@ def extract_vector(
     cache_dir: str | os.PathLike[str] | None = None,
     local_files_only: bool = False,
     config_check: bool = True,
+    base_model: str | None = None,
 ) -> ReasoningVector:
     """The reasoning vector ``v = A − B`` between two checkpoints, computed lazily.
 
@@ -517,6 +527,10 @@ def extract_vector(
     ``org/name@revision``). Nothing is read beyond the headers until the vector is saved or
     applied; the math is float32. A checkpoint without a usable ``config.json`` is refused
     unless ``config_check=False``.
+
+    ``base_model`` is the model A and B both descend from (the vector's lineage root, what its
+    card declares as ``base_model``); by default it is looked up in A's and B's Hub metadata
+    (:func:`rvhub.hub.lineage.shared_root`), and stays unknown for local sources.
 
     Example:
         >>> v = extract_vector("org/qwen-grpo", "org/qwen-sft")
@@ -528,7 +542,26 @@ def extract_vector(
     ca = a if isinstance(a, Checkpoint) else _open(a, revision_a, hub)
     cb = b if isinstance(b, Checkpoint) else _open(b, revision_b, hub)
     source, provenance = prepare_extract(ca, cb, exclude=exclude, config_check=config_check)
-    return ReasoningVector(source, provenance)
+    root = _lineage_root(provenance, base_model, hub)
+    return ReasoningVector(source, dataclasses.replace(provenance, base_model=root))
+
+
+def _lineage_root(provenance: Provenance, given: str | None, hub: HubOptions) -> BaseModel | None:
+    """The vector's lineage root: ``given``, else the nearest Hub model A and B share."""
+    if given is not None:
+        if not given.strip():
+            raise InputError("`base_model` is empty: give a Hub id (org/name)")
+        return BaseModel(given.strip(), "given")
+    a, b = provenance.source("a"), provenance.source("b")
+    if a.kind != "hub" or b.kind != "hub" or not a.repo_id or not b.repo_id:
+        return None
+    from huggingface_hub import HfApi
+
+    from .hub.lineage import shared_root
+
+    api = HfApi(token=hub.token)
+    root = shared_root(a.repo_id, b.repo_id, api=api, revision_a=a.revision, revision_b=b.revision)
+    return BaseModel(root, "hub") if root else None
 
 
 def _path_or_none(path: str | os.PathLike[str] | None) -> str | None:

@@ -80,6 +80,7 @@ def vec(family, tmp_path_factory):
         "a": {"kind": "hub", "repo_id": "org/qwen-grpo", "revision": "a" * 40},
         "b": {"kind": "hub", "repo_id": "org/qwen-sft", "revision": "b" * 40},
     }
+    manifest["base_model"] = {"id": "org/qwen-base", "from": "hub"}  # their shared root
     (folder / "rvhub.json").write_text(json.dumps(manifest))
     return folder
 
@@ -100,7 +101,10 @@ def test_default_card_metadata_is_what_the_hub_reads(vec, tmp_path):
 
     assert data.library_name == "rvhub"
     assert data.tags == ["rvhub", "reasoning-vector", "task-arithmetic", "dense"]
-    assert data.base_model == ["org/qwen-grpo", "org/qwen-sft"]
+    # the lineage root, one id, as an adapter: the vector sits in the tree of the base its
+    # targets descend from (issue 29); A and B are named in the body
+    assert data.base_model == "org/qwen-base" and data.base_model_relation == "adapter"
+    assert "org/qwen-grpo" in card.text.split("---", 2)[2] and "org/qwen-sft" in card.text
     assert data.license == "apache-2.0"
     assert data.model_name == "qwen-reasoning"
     assert [(r.dataset_type, r.metric_name, r.metric_value) for r in results] == [

@@ -6,6 +6,7 @@ olah: a push is proven by pulling it back and applying it.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 
 from rvhub import extract_vector, load_vector
 from rvhub.hub.push import push_vector
-from rvhub.manifest import load_manifest
+from rvhub.manifest import load_manifest, published
 from tests.cli_helpers import assert_clean_failure, run
 from tests.models import state_dict_of
 
@@ -84,8 +85,13 @@ def test_pushed_vector_pulls_back_and_applies_like_the_local_one(logged_in, vec,
         "revision": commits[0],
         "requested_revision": "main",
     }
-    for name in ("rvhub.json", "vector.safetensors"):
-        assert (pulled.path / name).read_bytes() == (folder / name).read_bytes()
+    assert (pulled.path / "vector.safetensors").read_bytes() == (
+        folder / "vector.safetensors"
+    ).read_bytes()
+    # the manifest as published: the local sources by folder name and fingerprint, no paths
+    local = json.loads((folder / "rvhub.json").read_text())
+    assert json.loads((pulled.path / "rvhub.json").read_text()) == published(local)
+    assert str(fam["a"]) not in (pulled.path / "rvhub.json").read_text()
     assert applied_local.exit_code == 0 and applied_hub.exit_code == 0, applied_hub.output
     local_sd, hub_sd = state_dict_of(local_out), state_dict_of(hub_out)
     assert local_sd.keys() == hub_sd.keys()
@@ -197,23 +203,48 @@ def test_branch_and_pull_request_leave_main_alone(logged_in, vec, family, tmp_pa
 
 
 def test_card_names_hub_sources_their_revisions_and_license(logged_in, family, tmp_path):
+    """The card declares the lineage root found by walking A's and B's Hub metadata (their
+    cards' base_model) as its one base_model, an adapter; A and B stay in the body (issue 29:
+    a list of base models reads as a merge, and puts the vector in the wrong trees)."""
     hub = logged_in
     fam = family("llama")
     a_id, b_id = hub.new_repo_id("grpo", namespace="org"), hub.new_repo_id("sft", namespace="org")
-    readme = "---\nlicense: apache-2.0\n---\n# model\n"
-    a_sha = hub.seed_repo(a_id, {**_folder_files(fam["a"]), "README.md": readme})
+    base_id = hub.new_repo_id("base", namespace="org")
+    hub.seed_repo(
+        base_id, {**_folder_files(fam["target"]), "README.md": "---\nlicense: mit\n---\n"}
+    )
+    readme = f"---\nlicense: apache-2.0\nbase_model: {base_id}\n---\n# model\n"
     b_sha = hub.seed_repo(b_id, {**_folder_files(fam["b"]), "README.md": readme})
+    a_readme = f"---\nlicense: apache-2.0\nbase_model: {b_id}\n---\n# RL from the SFT model\n"
+    a_sha = hub.seed_repo(a_id, {**_folder_files(fam["a"]), "README.md": a_readme})
     folder = tmp_path / "vec"
     assert run("extract", a_id, b_id, "-o", folder).exit_code == 0
+    assert load_manifest(folder)["base_model"] == {"id": base_id, "from": "hub"}
     repo_id = hub.new_repo_id("from-hub")
 
     pushed = run("push", folder, repo_id)
 
     assert pushed.exit_code == 0, pushed.output
     card = ModelCard.load(repo_id)
-    assert card.data.base_model == [a_id, b_id]
+    assert card.data.base_model == base_id and card.data.base_model_relation == "adapter"
     assert card.data.license == "apache-2.0"
-    assert a_sha in card.text and b_sha in card.text
+    assert a_sha in card.text and b_sha in card.text and a_id in card.text and b_id in card.text
+
+    # set or correct it on an existing vector, without extracting again
+    again = run("push", folder, repo_id, "--base-model", "org/another-base")
+    assert again.exit_code == 0, again.output
+    assert ModelCard.load(repo_id).data.base_model == "org/another-base"
+
+
+def test_local_sources_give_no_base_model_and_say_how_to_set_it(vec, tmp_path):
+    _, folder = vec
+    from rvhub.card import build_card
+
+    card = build_card(folder, repo_id="alice/vec")
+    assert card.metadata.get("base_model") is None
+    assert "rvhub card --base-model ORG/NAME" in card.text
+    given = extract_vector(vec[0]["a"], vec[0]["b"], base_model="org/base").save(tmp_path / "v")
+    assert build_card(given, repo_id="alice/vec").metadata["base_model"] == "org/base"
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

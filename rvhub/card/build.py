@@ -34,6 +34,7 @@ class CardOptions:
     template: str | os.PathLike[str] | None = None
     license: str | None = None
     target: str | None = None
+    base_model: str | None = None  # overrides the lineage root recorded at extract
     read: tuple[str, ...] = ()  # the files and folders the options were read from
 
     @classmethod
@@ -47,6 +48,7 @@ class CardOptions:
         template: str | os.PathLike[str] | None = None,
         license: str | None = None,
         target: str | None = None,
+        base_model: str | None = None,
     ) -> CardOptions:
         """Options from score files (rvhub's format), lm-eval results (``CONDITION=FILE``
         strings or ``(condition, file)`` pairs) and an ``rvhub eval`` output folder."""
@@ -57,6 +59,7 @@ class CardOptions:
             template=template,
             license=license,
             target=target,
+            base_model=base_model,
             read=tuple(str(p) for p in read if p is not None),
         )
 
@@ -67,6 +70,7 @@ class CardOptions:
             "template": self.template,
             "license": self.license,
             "target": self.target,
+            "base_model": self.base_model,
         }
 
 
@@ -131,11 +135,13 @@ def build_card(
     plot: bool | bytes = True,
     lookup_licenses: bool = True,
     verify: bool = True,
+    base_model: str | None = None,
 ) -> Card:
     """Render and check the card for ``repo_id`` (what ``rvhub card`` shows and ``push`` uploads).
 
     ``repo_id`` defaults to ``YOUR-USER/<folder name>``. Without a ``license``, the sources'
-    licenses are looked up on the Hub (``lookup_licenses``). The result is checked with
+    licenses are looked up on the Hub (``lookup_licenses``). ``base_model`` sets or corrects
+    the lineage root the card declares (default: the one recorded at extract). The result is checked with
     huggingface_hub's ``ModelCard``. With ``verify`` the artifact's files are checked against
     their digests first: a card is not made for a damaged vector.
 
@@ -168,6 +174,7 @@ def build_card(
         target=target,
         plot=plot,
         endpoint=endpoint or constants.ENDPOINT,
+        base_model=base_model,
     )
     check_card(card.text)
     return card

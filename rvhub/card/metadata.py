@@ -63,6 +63,34 @@ def model_index(name: str, scores: Scores | None) -> list[dict[str, Any]]:
     return [{"name": name, "results": results}]
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def is_local_name(name: str) -> bool:
+    """Whether a model name is a local path (absolute, relative with ``.``/``~``, existing
+    here, or not shaped like a Hub id ``org/name``) rather than a Hub id."""
+    if name.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(name):
+        return True
+    return Path(name).expanduser().exists()
+
+
+def public_model(name: str | None, *, local: bool | None = None) -> tuple[str | None, bool]:
+    """``(what a published card may call a model, whether it is local)``: a Hub id as it is; a
+    local path by its folder name only (a card never publishes the user's paths)."""
+    if not name:
+        return None, False
+    if local is None:
+        local = is_local_name(name)
+    return (Path(name).name or name if local else name), local
+
+
+def lineage_root(manifest: Manifest, override: str | None = None) -> str | None:
+    """The Hub id a card declares as ``base_model``: ``override``, else the root recorded at
+    extract; None when unknown or a local path."""
+    root = override or (manifest.base_model.repo_id if manifest.base_model else None)
+    return root if root and not is_local_name(root) else None
+
+
 def hub_sources(manifest: Manifest) -> list[str]:
     """The Hub ids of the vector's sources (A, B), for ``base_model``."""
     out = []
@@ -105,16 +133,21 @@ def card_metadata(
     name: str,
     scores: Scores | None = None,
     license: str | None = None,
+    base_model: str | None = None,
 ) -> dict[str, Any]:
-    """The card's YAML front matter as a dict (Hub keys, in the Hub's spelling)."""
+    """The card's YAML front matter as a dict (Hub keys, in the Hub's spelling).
+
+    ``base_model`` is the vector's lineage root (:func:`lineage_root`), declared with
+    ``base_model_relation: adapter`` so the Hub lists the vector in that model's tree, where the
+    models it fits are; A and B are named in the card's body, not here (a list of base models
+    reads as a merge on the Hub)."""
     meta: dict[str, Any] = {"library_name": "rvhub"}
     if license:
         meta["license"] = license
     tags = [*TAGS, manifest.encoding]
     meta["tags"] = tags
-    bases = hub_sources(manifest)
-    if bases:
-        meta["base_model"] = bases
+    if base_model:
+        meta["base_model"] = base_model
         meta["base_model_relation"] = "adapter"
     index = model_index(name, scores)
     if index:

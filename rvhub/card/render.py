@@ -33,7 +33,9 @@ from .metadata import (
     carried_license,
     dump_front_matter,
     hub_sources,
+    lineage_root,
     local_source_license,
+    public_model,
     split_front_matter,
 )
 from .plot import norms_plot, sweep_plot
@@ -134,7 +136,9 @@ def _source_view(
     else:
         view.update(
             path=info.get("path"),
-            label=Path(str(info.get("path", "?"))).name or str(info.get("path")),
+            label=info.get("name")
+            or Path(str(info.get("path", "?"))).name
+            or str(info.get("path")),
             content_fingerprint=info.get("content_fingerprint"),
         )
     return view
@@ -151,15 +155,20 @@ def card_context(
     target: str | None = None,
     plot: bool = True,
     endpoint: str = "https://huggingface.co",
+    base_model: str | None = None,
 ) -> dict[str, Any]:
-    """Every variable a card template sees (documented in ``docs/card.md``)."""
+    """Every variable a card template sees (documented in ``docs/card.md``). Models are named
+    by Hub id, local ones by folder name only (:func:`.metadata.public_model`)."""
     name = repo_id.rsplit("/", 1)[-1]
     licenses = dict(source_licenses or {})
     for role, record in manifest.sources.items():
         if role in ("a", "b") and role not in licenses and record.kind == "local" and record.path:
             licenses[role] = local_source_license(record.path)
     license = license or carried_license(licenses)
-    metadata = card_metadata(manifest, name=name, scores=scores, license=license)
+    root = lineage_root(manifest, base_model)
+    metadata = card_metadata(manifest, name=name, scores=scores, license=license, base_model=root)
+    measured, measured_local = public_model((scores.target if scores else None) or target)
+    usage, usage_local = public_model(target or (scores.target if scores else None))
     sources = [
         _source_view(role, record.to_json(), licenses.get(role), endpoint)
         for role, record in sorted(manifest.sources.items())
@@ -171,12 +180,14 @@ def card_context(
         "metadata_yaml": yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True),
         "license": license,
         "base_models": hub_sources(manifest),
+        "base_model": root,
         "sources": sources,
         **_manifest_view(folder, manifest),
         "scores": _score_rows(scores),
-        "scores_target": (scores.target if scores else None) or target,
+        "scores_target": measured,
+        "scores_target_local": measured_local,
         "scale": (scores.scale if scores and scores.scale is not None else 1.0),
-        "target": target or (scores.target if scores else None),
+        "target": None if usage_local else usage,
         "plot": PLOT_NAME if plot else None,
         "sweep": _sweep_view(scores.sweep) if scores and scores.sweep else None,
         "endpoint": endpoint,
@@ -272,10 +283,12 @@ def _sweep_view(sweep: Mapping[str, Any]) -> dict[str, Any]:
         )
     target = as_dict(sweep.get("target"))
     settings = as_dict(sweep.get("settings"))
+    shown, local = public_model(target.get("name"), local=target.get("local"))
     return {
         "scales": scales,
         "rows": rows,
-        "target": target.get("name"),
+        "target": shown,
+        "target_local": local,
         "lm_eval_version": settings.get("lm_eval_version"),
         "limit": settings.get("limit"),
         "plot": SWEEP_PLOT,
@@ -292,7 +305,8 @@ def eval_result_entries(scores: Scores, *, target: str | None = None) -> list[An
     metric and target go in ``notes``."""
     from huggingface_hub import EvalResultEntry
 
-    on = target or scores.target or "the target"
+    named, local = public_model(target or scores.target)
+    on = f"{named} (local)" if named and local else named or "the target"
     out = []
     if scores.sweep:
         for m in scores.sweep.get("metrics") or []:
@@ -434,6 +448,7 @@ def render_card(
     plot: bool | bytes = True,
     endpoint: str | None = None,
     manifest: Manifest | Mapping[str, Any] | None = None,
+    base_model: str | None = None,
 ) -> Card:
     """Render the model card of the artifact folder ``vector``.
 
@@ -462,6 +477,7 @@ def render_card(
         target=target,
         plot=png is not None,
         endpoint=(endpoint or "https://huggingface.co").rstrip("/"),
+        base_model=base_model,
     )
     body = render_template(context, template)
     if body.lstrip().startswith("---"):

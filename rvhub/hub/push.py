@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from ..card.render import Card, card_extra_files
 from ..card.scores import Scores
 from ..constants import CARD_NAME, MANIFEST_NAME
 from ..errors import HubError, InputError, RvhubError
-from ..manifest import Manifest, artifact_file, verify_artifact
+from ..manifest import Manifest, artifact_file, published, verify_artifact
 from .errors import TOKEN_HELP, network_errors, push_error
 from .resolve import parse_hub_id
 
@@ -82,10 +83,11 @@ def _upload_operations(folder: Path, manifest: Manifest, card: Card) -> list[Any
         if record.algorithm == "sha256":
             op.upload_info.sha256 = bytes.fromhex(record.digest)
         ops.append(op)
+    public = published(manifest.to_json())  # no local path of the user's goes up
     ops.append(
         CommitOperationAdd(
             path_in_repo=MANIFEST_NAME,
-            path_or_fileobj=artifact_file(folder, MANIFEST_NAME).read_bytes(),
+            path_or_fileobj=(json.dumps(public, indent=2, ensure_ascii=False) + "\n").encode(),
         )
     )
     for name, data in card.files.items():
@@ -263,6 +265,7 @@ def push_vector(
     license: str | None = None,
     target: str | None = None,
     endpoint: str | None = None,
+    base_model: str | None = None,
 ) -> PushResult:
     """Publish the artifact ``folder`` to the Hub repo ``repo_id`` in one commit.
 
@@ -289,7 +292,7 @@ def push_vector(
     api = HfApi(endpoint=endpoint, token=write_token)
     url_base = api.endpoint.rstrip("/")
     card_args: dict[str, Any] = dict(repo_id=repo_id, scores=scores, template=template)
-    card_args.update(license=license, target=target)
+    card_args.update(license=license, target=target, base_model=base_model)
     render = _card_for_push(card, path, manifest, card_args, url_base)
     failures: tuple[type[BaseException], ...] = (ValueError, *network_errors())
     try:

@@ -73,7 +73,7 @@ def engine_line(engine: str, report: Mapping[str, Any]) -> str:
 def _source_line(info: dict[str, Any]) -> str:
     if info.get("kind") == "hub":
         return f"{info.get('repo_id')} @ {info.get('revision')}"
-    text = str(info.get("path", "?"))
+    text = str(info.get("path") or (f"{info['name']} (local)" if info.get("name") else "?"))
     if info.get("content_fingerprint"):
         text += f" (content fingerprint {str(info['content_fingerprint'])[:12]}…)"
     return text

@@ -169,7 +169,9 @@ class LoraEncoding:
         uniform = not engine.per_module_rank
         _fit_engine_rank(engine, done, uniform)
         _fit_to_peft(done, job.provenance.model_config, conv1d, uniform)
-        base_model = lora.base_model or _hub_id(job.provenance.source("a"))
+        root = job.provenance.base_model
+        base_model = lora.base_model or (root.repo_id if root else None)
+        base_model = base_model or _hub_id(job.provenance.source("a"))
         try:
             adapter_files = write_peft_adapter(
                 job.folder,
