@@ -47,6 +47,7 @@ _LAZY = {
     "open_checkpoint": "rvhub.hub.resolve",
     "push_vector": "rvhub.hub.push",
     "render_card": "rvhub.card.render",
+    "search_vectors": "rvhub.search",
 }
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "open_checkpoint",
     "push_vector",
     "render_card",
+    "search_vectors",
 ]
 
 
@@ -104,6 +106,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .manifest import Manifest
     from .ops.plan import ApplyReport
     from .options import ApplyOptions, HubOptions, LoraOptions, WriteOptions
+    from .search import search_vectors
     from .vector import (
         ReasoningVector,
         apply_to_checkpoint,

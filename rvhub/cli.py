@@ -638,6 +638,77 @@ def check(
         click.echo(f"  {dist:8.4f}  {name}")
 
 
+@cli.command()
+@click.option(
+    "--for",
+    "model",
+    required=True,
+    metavar="MODEL",
+    help="The model you hold: a Hub id or a local folder (its card or config names its base).",
+)
+@click.option("--task", default=None, help="Sort by this task's Δ (e.g. gsm8k), best first.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list instead of the table.")
+def search(model: str, task: str | None, as_json: bool) -> None:
+    """List the rvhub vectors on the Hub made for MODEL's lineage, and whether each fits.
+
+    Walks MODEL up its base_model chain, lists the vectors whose card declares one of those
+    models as base_model, and checks each as `rvhub check` does from its rvhub.json and lineage
+    fingerprint (never its weights): model type always; shapes and lineage when MODEL's files
+    are on this machine.
+
+    \b
+    rvhub search --for Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
+    """
+    from .search import search_vectors
+
+    matches = search_vectors(model, task=task)
+    if as_json:
+        click.echo(json.dumps([m.as_json() for m in matches], indent=2))
+        return
+    if not matches:
+        click.echo(f"no rvhub vector on the Hub declares {model} or its base models as base_model")
+        return
+    rows = [
+        (
+            "vector",
+            "revision",
+            "encoding",
+            "size",
+            f"Δ {task or 'first metric'}",
+            "downloads",
+            "fits",
+        )
+    ]
+    for m in matches:
+        fits = {True: "yes", False: "no", None: "?"}[m.fits]
+        rows.append(
+            (
+                m.repo_id,
+                (m.revision or "")[:8],
+                m.encoding or "?",
+                human_bytes(m.size) if m.size is not None else "?",
+                _delta_cell(m, task),
+                str(m.downloads if m.downloads is not None else "?"),
+                fits,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for m in matches:
+        if m.fits is not True and m.reason:
+            click.echo(f"{m.repo_id}: {m.reason}")
+
+
+def _delta_cell(match: Any, task: str | None) -> str:
+    """``+0.045 (α +1)``: the best reported Δ of the first metric matching ``task``."""
+    for name, value in match.deltas.items():
+        if task is None or task.lower() in name.lower():
+            scale = match.best_scales.get(name)
+            return f"{value:+.3f}" + (f" (α {scale:+g})" if scale is not None else "")
+    return "–"
+
+
 @cli.command("eval")
 @click.argument("vector")
 @click.argument("target")

@@ -80,6 +80,7 @@ LAYERS: dict[str, int] = {
     "evaluation": 4,
     "vector": 5,
     "check": 5,
+    "search": 5,
     "cli": 6,
     "__init__": 6,
 }

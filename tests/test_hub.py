@@ -430,3 +430,41 @@ def test_push_uploads_the_card_built_by_the_card_module(logged_in, vec, tmp_path
     with pytest.raises(Exception, match="vector.safetensors"):
         push_vector(folder, repo_id, card=card)
     assert not _writes(hub)
+
+
+def test_nothing_pushed_names_a_local_path(logged_in, vec, tmp_path):
+    """The demo's card said "Measured on `<temp>/rvhub-demo-…/toy/instruct`", its usage lines
+    and .eval_results notes carried the path, and rvhub.json had `"path": "<temp>/.../rl"`
+    (issue 29, item 2). Local inputs under a temporary folder; the folder appears in none of
+    the uploaded files."""
+    hub, (fam, folder) = logged_in, vec
+    target = tmp_path / "models" / "my-instruct"
+    shutil.copytree(fam["target"], target)
+    results = {}
+    for cond, value in (("baseline", 0.5), ("plus", 0.6), ("minus", 0.4)):
+        data = {
+            "results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": value}},
+            "configs": {"gsm8k": {"dataset_path": "openai/gsm8k", "dataset_name": "main"}},
+            "n-shot": {"gsm8k": 5},
+            "config": {"model": "hf", "model_args": f"pretrained={target}"},
+        }
+        results[cond] = tmp_path / f"{cond}.json"
+        results[cond].write_text(json.dumps(data))
+    repo_id = hub.new_repo_id("no-paths")
+    args = [f"{c}={p}" for c, p in results.items()]
+    pushed = run(
+        "push", folder, repo_id, "--target", target,
+        *[x for a in args for x in ("--lm-eval", a)],
+    )  # fmt: skip
+    assert pushed.exit_code == 0, pushed.output + pushed.stderr
+    pulled = Path(HfApi(token=hub.token).snapshot_download(repo_id, cache_dir=tmp_path / "c"))
+    uploaded = [p for p in pulled.rglob("*") if p.is_file()]
+    assert any(p.parent.name == ".eval_results" for p in uploaded)
+    local_roots = {str(tmp_path), str(fam["a"].parent), str(folder.parent), "/tmp/"}
+    for path in uploaded:
+        data = path.read_bytes()
+        for root in local_roots:
+            assert root.encode() not in data, (path.name, root)
+    card = (pulled / "README.md").read_text()
+    assert "`my-instruct` (a local model)" in card  # named by folder, said to be local
+    assert "rvhub apply " + repo_id + " TARGET_MODEL" in card

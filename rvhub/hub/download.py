@@ -78,8 +78,9 @@ def download_vector_snapshot(
     repo_id: str, *, revision: str | None = None, only: list[str] | None = None, **hub: Any
 ) -> tuple[Path, dict[str, Any]]:
     """Download a vector repo: its manifest first, then exactly the files it lists; returns
-    (snapshot folder, provenance). ``hub``: huggingface_hub's ``token``, ``cache_dir``,
-    ``local_files_only``."""
+    (snapshot folder, provenance). ``only``: of the listed files, just these, and not the card
+    (``rvhub check`` and ``rvhub search`` fetch ``rvhub.json`` and ``lineage.safetensors``
+    alone). ``hub``: huggingface_hub's ``token``, ``cache_dir``, ``local_files_only``."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -105,12 +106,11 @@ def download_vector_snapshot(
     for name in names:
         artifact_file(folder, name)  # refuse ../ and absolute names before fetching anything
     sha = folder.name
-    if only is not None:
-        names = [n for n in names if n in only]
+    side = ["README.md", "*.png"]  # the card, for a full download (apply, inspect, card)
+    if only is not None:  # a check or a search: what it reads, nothing else
+        names, side = [n for n in names if n in only], []
     try:
-        snapshot_download(
-            repo_id, revision=sha, allow_patterns=[*names, "README.md", "*.png"], **hub
-        )
+        snapshot_download(repo_id, revision=sha, allow_patterns=[*names, *side], **hub)
     except network_errors() as e:
         raise hub_error(e, repo_id, revision) from None
     return folder, {

@@ -58,6 +58,7 @@ from .git_store import (
     matches_lfs_pattern,
     repo_path,
 )
+from .model_search import base_models, card_data, list_models
 
 _TYPE_FROM_PLURAL = {plural: singular for singular, plural in REPO_TYPE_DIRS.items()}
 _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -326,6 +327,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._delete_repo(json.loads(body or b"{}"))
         if path == "/api/validate-yaml" and method == "POST":
             return self._validate_yaml(json.loads(body or b"{}"))
+        if path == "/api/models" and method == "GET":
+            return self._list_models()
         if (match := _LFS_BATCH.match(path)) and method == "POST":
             ref = _RepoRef(
                 _TYPE_FROM_PLURAL.get(match[1] or "models", "model"), f"{match[2]}/{match[3]}"
@@ -612,6 +615,33 @@ class _Handler(BaseHTTPRequestHandler):
             ],
         )
 
+    # -- search: the model listing (tests/hub_server/model_search.py) ---------------------------
+
+    def _list_models(self) -> None:
+        state = self.server_state
+        user = self._user
+        mine = state.accounts.namespaces_of(user) if user else set()
+
+        def visible(repo_id: str, private: bool) -> bool:
+            return not private or repo_id.split("/", 1)[0] in mine
+
+        def downloads(repo_id: str) -> int:
+            wanted = f"/{repo_id}/resolve/"
+            return sum(
+                1
+                for r in list(state.requests)
+                if r.method == "GET" and wanted in r.path and r.path.endswith("/rvhub.json")
+            )
+
+        entries = list_models(
+            state.repos_dir,
+            self._query,
+            repo_of=state.git_repo_by_id,
+            visible=visible,
+            downloads=downloads,
+        )
+        self._send_json(200, entries)
+
     # -- reads: checked here, served by olah --------------------------------------------------
 
     def _proxy_api(
@@ -638,8 +668,11 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "revision":
             private = repo.get_setting("private") == "true"
 
+            card = card_data(repo, sha) if rest else {}
+            extra = {"baseModels": base_models(card)} if card.get("base_model") else {}
+
             def patch(info: dict[str, Any]) -> dict[str, Any]:
-                return {**info, "private": private}
+                return {**info, **extra, "private": private}
 
         self._proxy(upstream, body, patch_json=patch)
 
