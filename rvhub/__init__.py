@@ -44,6 +44,7 @@ _LAZY = {
     "extract_vector": "rvhub.vector",
     "load_scores": "rvhub.card.scores",
     "load_vector": "rvhub.vector",
+    "merge_vectors": "rvhub.vector",
     "open_checkpoint": "rvhub.hub.resolve",
     "push_vector": "rvhub.hub.push",
     "render_card": "rvhub.card.render",
@@ -75,6 +76,7 @@ __all__ = [
     "extract_vector",
     "load_scores",
     "load_vector",
+    "merge_vectors",
     "open_checkpoint",
     "push_vector",
     "render_card",
@@ -115,4 +117,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         download_vector,
         extract_vector,
         load_vector,
+        merge_vectors,
     )

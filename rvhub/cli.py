@@ -43,21 +43,25 @@ FLAGS: dict[str, str] = {
     "allow_nonfinite": "--allow-nonfinite",
     "allow_unrelated": "--allow-unrelated",
     "base_model": "--base-model",
-    "card": "--card",
     "batch_size": "--batch-size",
+    "card": "--card",
+    "density": "--density",
     "device": "--device",
     "dtype": "--dtype",
     "encoding": "--encoding",
     "energy": "--energy",
     "engine": "--for",
+    "epsilon": "--epsilon",
     "eval_dir": "--eval",
     "exclude": "--exclude",
+    "gamma": "--gamma",
     "include_path": "--include-path",
     "license": "--license",
     "limit": "--limit",
     "lm_eval": "--lm-eval",
     "max_error": "--max-error",
     "max_shard_size": "--max-shard-size",
+    "method": "--method",
     "num_fewshot": "--num-fewshot",
     "overwrite": "--overwrite",
     "private": "--private",
@@ -72,6 +76,7 @@ FLAGS: dict[str, str] = {
     "template": "--template",
     "threads": "--threads",
     "vocab": "--vocab",
+    "weights": "--weights",
 }
 NEGATED_FLAGS: dict[str, str] = {"config_check": "--no-config-check"}
 _PARAMETER = re.compile(r"`(\w+)(?:=([^`]*))?`")
@@ -636,6 +641,94 @@ def check(
     click.echo(lineage.describe())
     for name, dist in sorted(lineage.tensors.items(), key=lambda kv: -kv[1])[:10]:
         click.echo(f"  {dist:8.4f}  {name}")
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    """``0.5`` or ``0.5,0.3`` (one value, or one per vector) as floats."""
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: numbers separated by commas", param_hint=flag
+        ) from None
+
+
+@cli.command()
+@click.argument("vectors", nargs=-1, required=True)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output folder."
+)
+@click.option(
+    "--method",
+    type=click.Choice(
+        ["linear", "ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs",
+         "breadcrumbs_ties"]
+    ),
+    default="ties",
+    show_default=True,
+    help="How the deltas are combined (docs/merge.md); mergekit's methods and defaults.",
+)  # fmt: skip
+@click.option("--weights", default=None, help="Weight per vector (w1,w2,...; one for all) [1].")
+@click.option("--density", default=None, help="Share of each delta kept (one, or per vector) [1].")
+@click.option(
+    "--gamma", default=None, help="breadcrumbs: share of the largest entries dropped [0.01]."
+)
+@click.option("--epsilon", default=None, help="DELLA: spread of keep probabilities [0.15].")
+@click.option(
+    "--normalize/--no-normalize",
+    default=None,
+    help="Divide by the sum of the kept weights [the method's default].",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="DARE/DELLA masks' seed.")
+@click.option(
+    "--allow-unrelated",
+    is_flag=True,
+    help="Merge even when the vectors' bases are of different lineages.",
+)
+@_encoding_options
+@overwrite_option
+@nonfinite_option
+def merge(
+    vectors: tuple[str, ...],
+    output: Path,
+    method: str,
+    weights: str | None,
+    density: str | None,
+    gamma: str | None,
+    epsilon: str | None,
+    normalize: bool | None,
+    seed: int,
+    allow_unrelated: bool,
+    overwrite: bool,
+    allow_nonfinite: bool,
+    **encoding_options: Any,
+) -> None:
+    """Merge VECTORS (folders or Hub ids) into one vector with TIES, DARE, DELLA, breadcrumbs
+    or a weighted sum, streamed one tensor at a time.
+
+    \b
+    rvhub merge ./reasoning ./code -o ./both --method ties --density 0.5
+    rvhub merge ./v1 ./v2 ./v3 -o ./avg --method linear --weights 0.5,0.3,0.2
+    """
+    from .io.atomic import check_output
+    from .vector import load_vector, merge_vectors
+
+    options = WriteOptions.build(**encoding_options, allow_nonfinite=allow_nonfinite)
+    check_output(output, overwrite=overwrite, inputs=list(vectors))
+    merged = merge_vectors(
+        [load_vector(v) for v in vectors],
+        method=method,
+        weights=_floats(weights, "--weights"),
+        density=_floats(density, "--density"),
+        gamma=_floats(gamma, "--gamma"),
+        epsilon=_floats(epsilon, "--epsilon"),
+        normalize=normalize,
+        seed=seed,
+        allow_unrelated=allow_unrelated,
+    )
+    _report_written(merged.save(output, options=options, overwrite=overwrite))
 
 
 @cli.command()

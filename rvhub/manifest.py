@@ -303,11 +303,13 @@ class Provenance:
     combination: tuple[Mapping[str, Any], ...] | None = None
     # the lineage root: the model A and B descend from, whose descendants the vector fits
     base_model: BaseModel | None = None
+    merge: Mapping[str, Any] | None = None  # a merge's method and parameters (ops/merge.py)
 
     @classmethod
     def of_manifest(cls, manifest: Manifest) -> Provenance:
         return cls(
             base_model=manifest.base_model,
+            merge=manifest.merge,
             sources={r: s.to_json() for r, s in manifest.sources.items()},
             model=manifest.model,
             model_config=manifest.model_config,
@@ -368,6 +370,7 @@ def build_manifest(
             else {}
         ),
         **({"base_model": provenance.base_model.to_json()} if provenance.base_model else {}),
+        **({"merge": dict(provenance.merge)} if provenance.merge else {}),
         "dtype": sorted(set(dtypes)),
         "files": files,
         "tensors": tensors,
@@ -644,6 +647,7 @@ class Manifest:
     lineage: Mapping[str, Any] | None = None
     combination: tuple[Mapping[str, Any], ...] = ()
     base_model: BaseModel | None = None
+    merge: Mapping[str, Any] | None = None
     rvhub_version: str | None = None
     created_at: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -677,6 +681,7 @@ class Manifest:
             lineage=data.get("lineage") or None,
             combination=tuple(data.get("combination") or ()),
             base_model=BaseModel.from_json(data.get("base_model")),
+            merge=data.get("merge") if isinstance(data.get("merge"), dict) else None,
             rvhub_version=data.get("rvhub_version"),
             created_at=data.get("created_at"),
             raw=data,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +64,7 @@ class ReasoningVector:
     terms: tuple[tuple[float, ReasoningVector], ...] = field(default=(), repr=False)
     manifest: Manifest | None = field(default=None, repr=False)
     origin: dict[str, Any] | None = None
+    merged: tuple[ReasoningVector, ...] = field(default=(), repr=False)  # a merge's inputs
 
     @classmethod
     def from_state_dicts(
@@ -253,7 +254,7 @@ class ReasoningVector:
             record = self.provenance.source(role)
             if record.kind == "local" and record.path:
                 out.append(record.path)
-        for _, term in self.terms:
+        for term in (*(v for _, v in self.terms), *self.merged):
             out.extend(term.input_paths())
         return out
 
@@ -459,6 +460,75 @@ class ReasoningVector:
         from .hub.push import push_vector
 
         return push_vector(self.path, repo_id, **kwargs)
+
+
+def merge_vectors(
+    vectors: Sequence[ReasoningVector],
+    *,
+    method: str = "ties",
+    weights: Sequence[float] | float | None = None,
+    density: Sequence[float] | float | None = None,
+    gamma: Sequence[float] | float | None = None,
+    epsilon: Sequence[float] | float | None = None,
+    normalize: bool | None = None,
+    rescale: bool | None = None,
+    lambda_: float = 1.0,
+    seed: int = 0,
+    allow_unrelated: bool = False,
+) -> ReasoningVector:
+    """Merge several vectors' deltas with ``method`` (``linear``, ``ties``, ``dare_linear``,
+    ``dare_ties``, ``della``, ``della_linear``, ``breadcrumbs``, ``breadcrumbs_ties``),
+    lazily, like ``v + w``; parameters and defaults as mergekit's (:mod:`rvhub.ops.merge`,
+    docs/merge.md). ``weights``, ``density``, ``gamma`` and ``epsilon`` take one value or one
+    per vector. Vectors of different model types or shapes are refused, and so are vectors of
+    different lineages unless ``allow_unrelated``. The result records every input and the
+    method with its parameters.
+
+    Example:
+        >>> merged = merge_vectors([load_vector("u/reasoning"), load_vector("u/code")],
+        ...                        method="ties", density=0.5)
+        >>> merged.save("./merged")
+    """
+    from .ops.merge import MergeOptions, MergeSource
+
+    vectors = list(vectors)
+    if not vectors:
+        raise InputError("`vectors` is empty: give at least one")
+    types = {v.model_info.get("model_type") for v in vectors} - {None}
+    if len(types) > 1:
+        raise CompatibilityError(
+            f"cannot merge vectors of different model types ({', '.join(sorted(map(str, types)))})"
+        )
+    options = MergeOptions.build(
+        method,
+        len(vectors),
+        weights=weights,
+        density=density,
+        gamma=gamma,
+        epsilon=epsilon,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        seed=seed,
+    )
+    check_related(
+        [(v.source.lineage(), _label(v)) for v in vectors], allow_unrelated=allow_unrelated
+    )
+    source = MergeSource([v.source for v in vectors], options)
+    inputs = tuple(
+        {"weight": w, "vector": v.origin_record() or repr(v), "sources": dict(v.provenance.sources)}
+        for w, v in zip(options.weights, vectors, strict=True)
+    )
+    first = vectors[0].provenance
+    roots = {v.provenance.base_model for v in vectors}
+    provenance = Provenance(
+        model=first.model,
+        model_config=first.model_config,
+        combination=inputs,
+        merge=options.as_json(),
+        base_model=first.base_model if len(roots) == 1 else None,
+    )
+    return ReasoningVector(source, provenance, merged=tuple(vectors))
 
 
 def _label(v: ReasoningVector) -> str:
@@ -723,5 +793,6 @@ __all__ = [
     "download_vector",
     "extract_vector",
     "load_vector",
+    "merge_vectors",
     "parse_size",
 ]
