@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -225,11 +225,24 @@ def sparsify(
 
 def merge_tensor(name: str, deltas: Sequence[torch.Tensor], options: MergeOptions) -> torch.Tensor:
     """The merged delta of one tensor from each input's delta (float32, same shape)."""
+    return merge_stream(name, lambda i: deltas[i], len(deltas), tuple(deltas[0].shape), options)
+
+
+def merge_stream(
+    name: str,
+    read: Callable[[int], torch.Tensor],
+    count: int,
+    shape: tuple[int, ...],
+    options: MergeOptions,
+) -> torch.Tensor:
+    """:func:`merge_tensor` reading input ``i``'s delta with ``read(i)`` only when it is
+    sparsified and stacked, so at most one input's float32 copy exists beside the stack."""
     import torch
 
     spec = METHODS[options.method]
-    stacked = torch.empty((len(deltas), *deltas[0].shape), dtype=torch.float32)
-    for i, delta in enumerate(deltas):
+    stacked = torch.empty((count, *shape), dtype=torch.float32)
+    for i in range(count):
+        delta = read(i)
         if spec.sparsify:
             random = spec.sparsify in ("random", "della_magprune")
             delta = sparsify(
@@ -243,7 +256,7 @@ def merge_tensor(name: str, deltas: Sequence[torch.Tensor], options: MergeOption
             )
         stacked[i] = delta
         del delta
-    weights = torch.tensor(options.weights, dtype=stacked.dtype).reshape(-1, *[1] * deltas[0].dim())
+    weights = torch.tensor(options.weights, dtype=stacked.dtype).reshape(-1, *[1] * len(shape))
     stacked.mul_(weights)
     if spec.consensus:
         majority = (stacked.sum(dim=0) >= 0).to(stacked.dtype) * 2 - 1
@@ -318,9 +331,13 @@ class MergeSource(VectorSource):
                 with cache.lock:
                     cached = cache.tensors.get(name)
                 if cached is None:
-                    deltas = [s.get(name, torch.float32) for s in self.sources]
-                    cached = merge_tensor(name, deltas, self.options)
-                    del deltas
+                    cached = merge_stream(
+                        name,
+                        lambda i: self.sources[i].get(name, torch.float32),
+                        len(self.sources),
+                        self.shapes[name],
+                        self.options,
+                    )
                     with cache.lock:
                         while len(cache.tensors) >= 4:  # the tensors being streamed out
                             cache.tensors.pop(next(iter(cache.tensors)))
