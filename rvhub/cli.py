@@ -795,11 +795,11 @@ def search(model: str, task: str | None, as_json: bool) -> None:
 
 def _delta_cell(match: Any, task: str | None) -> str:
     """``+0.045 (α +1)``: the best reported Δ of the first metric matching ``task``."""
-    for name, value in match.deltas.items():
-        if task is None or task.lower() in name.lower():
-            scale = match.best_scales.get(name)
-            return f"{value:+.3f}" + (f" (α {scale:+g})" if scale is not None else "")
-    return "–"
+    name = match.metric(task)
+    if name is None:
+        return "–"
+    scale = match.best_scales.get(name)
+    return f"{match.deltas[name]:+.3f}" + (f" (α {scale:+g})" if scale is not None else "")
 
 
 @cli.command("eval")

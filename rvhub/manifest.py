@@ -381,7 +381,8 @@ def build_manifest(
     return manifest
 
 
-def _looks_local(text: str) -> bool:
+def looks_local(text: str) -> bool:
+    """Whether a model name is a path (absolute, ``.``/``~``-relative, or existing here)."""
     return text.startswith(("/", ".", "~")) or Path(text).expanduser().exists()
 
 
@@ -403,7 +404,7 @@ def published(data: Mapping[str, Any]) -> dict[str, Any]:
 
     out = walk(data)
     root = out.get("base_model")
-    if isinstance(root, dict) and isinstance(root.get("id"), str) and _looks_local(root["id"]):
+    if isinstance(root, dict) and isinstance(root.get("id"), str) and looks_local(root["id"]):
         root["id"] = Path(root["id"]).name
         root["from"] = "local"
     return out

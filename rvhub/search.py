@@ -43,12 +43,14 @@ class VectorMatch:
     fits: bool | None = None  # None: not checked (the target's files are not here)
     reason: str = ""
 
+    def metric(self, task: str | None) -> str | None:
+        """The first metric whose name contains ``task`` (the first of any without one)."""
+        return next((n for n in self.deltas if task is None or task.lower() in n.lower()), None)
+
     def delta(self, task: str | None) -> float | None:
-        """The Δ of the first metric whose name contains ``task`` (any metric without one)."""
-        for name, value in self.deltas.items():
-            if task is None or task.lower() in name.lower():
-                return value
-        return None
+        """The Δ of :meth:`metric` (None when no metric matches)."""
+        name = self.metric(task)
+        return None if name is None else self.deltas[name]
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -236,7 +238,7 @@ def _check(match: VectorMatch, target: Checkpoint | None, model: Any, api: Any) 
     match.encoding, match.size = manifest.encoding, manifest.nbytes
     try:
         if target is not None:
-            result = check_target(spec, target)
+            result = check_target(folder, target)  # the files just fetched, not a second fetch
             match.fits, match.reason = True, result.lineage.describe()
             return
         config = _hub_config(api, str(model))

@@ -16,7 +16,7 @@ import yaml
 
 from ..constants import CARD_NAME
 from ..errors import InputError
-from ..manifest import Manifest
+from ..manifest import Manifest, looks_local
 from .scores import CONDITION_LABELS, CONDITIONS, Scores
 
 logger = logging.getLogger("rvhub")
@@ -69,9 +69,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 def is_local_name(name: str) -> bool:
     """Whether a model name is a local path (absolute, relative with ``.``/``~``, existing
     here, or not shaped like a Hub id ``org/name``) rather than a Hub id."""
-    if name.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(name):
-        return True
-    return Path(name).expanduser().exists()
+    return not HUB_ID.fullmatch(name) or looks_local(name)
 
 
 def public_model(name: str | None, *, local: bool | None = None) -> tuple[str | None, bool]:

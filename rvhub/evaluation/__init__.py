@@ -156,7 +156,6 @@ def _sweep_into(
 
     with atomic_dir(folder, overwrite=overwrite, inputs=inputs, resumable=True) as work:
         finished = finished_points(work, key, resume=resume, final=folder)
-        resumed = len(finished)
         for point in finished.values():
             if on_point is not None:
                 on_point(point)
@@ -170,7 +169,7 @@ def _sweep_into(
         try:
             sweep = run(on_point=keep, done=finished, log_path=work / LOG_NAME)
         except BaseException:
-            if len(finished) > resumed or resumed:
+            if finished:
                 logger.warning(
                     "%d finished α point(s) are kept in %s: run the same command with "
                     "`resume=True` to evaluate only the rest",

@@ -8,19 +8,19 @@ Behaviour followed, and where it was read:
   substring of the id, case-insensitive), ``author`` (the namespace), ``sort`` (``downloads``,
   ``likes``, ``lastModified``, ``createdAt``, ``trendingScore``; descending, as the Hub's
   ``direction=-1`` default), ``limit``, ``expand`` (repeatable), ``full``, ``cardData``.
-- Derived tags, from the Hub's documentation of the model tree ("Model tree" in
-  hub-docs/docs/hub/model-cards.md): a card's ``base_model`` adds ``base_model:<id>`` and
-  ``base_model:<relation>:<id>`` (``base_model_relation``, default ``finetune`` for one base);
-  ``library_name`` and ``license`` add ``<library>`` and ``license:<id>``; the card's ``tags``
-  are kept.
+- Derived tags, as the Hub documents its model tree (quoted in issue 29; not checked against
+  the real Hub, which this machine cannot reach): a card's ``base_model`` adds
+  ``base_model:<id>`` and ``base_model:<relation>:<id>`` (``base_model_relation``, default
+  ``finetune`` for one base); ``library_name`` and ``license`` add ``<library>`` and
+  ``license:<id>``; the card's ``tags`` are kept.
 - ``baseModels`` as ``ModelInfo`` parses it: ``{"relation": ..., "models": [{"id": ...}]}``.
 - ``evalResults``: the entries of the repo's ``.eval_results/*.yaml`` files, each as
   ``{"filename": ..., "data": <entry>}``, the shape ``parse_eval_result_entries``
   (huggingface_hub 2.4.0, ``_eval_results.py``) reads from the API.
 - Private repos are listed only for their owner (the Hub's rule; the stand-in's accounts).
-- ``downloads``: the Hub counts a library's downloads on the files its registration in
-  huggingface.js names; rvhub is not registered, so the stand-in counts ``GET``s of
-  ``rvhub.json``, what a registration would name (docs/hub.md).
+- ``downloads``: an assumption, not the Hub's rule read from its source: the stand-in counts
+  ``GET``s of ``rvhub.json``, the file a library registration for rvhub would name
+  (docs/hub.md).
 
 One page: ``limit`` caps it and no ``Link`` header is sent (huggingface_hub's ``paginate``
 stops without one).
