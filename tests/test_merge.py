@@ -33,13 +33,16 @@ needs_mergekit = pytest.mark.skipif(
 
 
 def _family(root: Path, arch: str) -> dict[str, Path]:
-    """A base B and three fine-tunes A1..A3 of it (bf16), as mergekit merges them."""
+    """A base B and three fine-tunes A1..A3 of it, as mergekit merges them. float32: with
+    bf16 weights many deltas have equal magnitudes, and which of several equal magnitudes at a
+    threshold mergekit keeps depends on torch's unstable argsort (rvhub keeps the earliest:
+    test_equal_magnitudes_rank_in_tensor_order); continuous deltas make the ranking unique."""
     out = {}
     for i, role in enumerate(("b", "a1", "a2", "a3")):
         model = build_model(arch, seed=0)
         if role != "b":
             finetune_like(model, seed=300 + i, scale=0.05)
-        out[role] = save(model.to(torch.bfloat16), root / role)
+        out[role] = save(model.to(torch.float32), root / role)
     return out
 
 
@@ -118,7 +121,8 @@ def test_merge_equals_mergekit(family, tmp_path, method, theirs, per_model, shar
     assert set(mine) == set(ref)
     exact = total = 0
     for name, t in ref.items():
-        a, b = mine[name].float(), t.float()
+        # B is float32, so rvhub's model is too; mergekit's out_dtype rounds B + merged to bf16
+        a, b = mine[name].to(torch.bfloat16).float(), t.float()
         ulp = torch.finfo(torch.bfloat16).eps * torch.maximum(a.abs(), b.abs())
         assert bool(((a - b).abs() <= ulp + 1e-30).all()), name
         exact += int((a == b).sum())
@@ -167,6 +171,36 @@ def test_della_keeps_larger_entries_more_often():
     high = kept[ranks >= 900].mean().item()  # the 10 % largest
     assert low == pytest.approx(0.32, abs=0.03) and high == pytest.approx(0.68, abs=0.03)
     assert kept.mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_equal_magnitudes_rank_in_tensor_order(monkeypatch):
+    """TIES and breadcrumbs keep what a stable sort of |delta| keeps (the earlier of equal
+    magnitudes first), whatever the number of planning passes: on quantized deltas with many
+    ties at every threshold, against torch's stable sort, for many densities."""
+    import rvhub.ops.merge as merge
+
+    monkeypatch.setattr(merge, "_READ", 1000)  # several histogram and tie-finding passes
+
+    def reference(delta, method, density, gamma):
+        n, flat = delta.numel(), delta.reshape(-1).abs()
+        keep = torch.zeros(n)
+        if method == "ties":
+            order = torch.sort(flat, descending=True, stable=True).indices
+            keep[order[: max(1, int(density * n))]] = 1
+        else:
+            target, top = int(density * n), int(gamma * n)
+            bottom = max(0, n - target - top)
+            keep[torch.sort(flat, stable=True).indices[bottom : bottom + target]] = 1
+        return delta * keep.reshape_as(delta)
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        delta = torch.randint(-20, 21, (37, 53), generator=gen).float() / 16
+        density = 0.05 + 0.9 * torch.rand(1, generator=gen).item()
+        for method, gamma in (("ties", 0.0), ("breadcrumbs", 0.03), ("breadcrumbs", 0.0)):
+            options = MergeOptions.build(method, 1, density=density, gamma=gamma, normalize=False)
+            ours = merge_tensor("w", [delta], options)
+            assert torch.equal(ours, reference(delta, method, density, gamma)), (trial, method)
 
 
 def test_ties_elects_the_sign_and_averages_what_agrees():
