@@ -1,22 +1,28 @@
-"""The cost of one α point of a sweep: in memory (`rvhub eval`) vs apply to disk + reload.
+"""Memory and time of an α sweep's switches, beside the model's size and `rvhub apply`.
 
-    python benchmarks/eval_sweep.py [--repeat 3] [--layers 28] [--device cpu|cuda] [--dir DIR] [--pair DIR]
+    python benchmarks/eval_sweep.py [--layers 28] [--dir DIR] [--pair DIR] [--device cpu|cuda]
 
 Builds the Qwen2.5-1.5B-shaped bf16 pair of benchmarks/extract_apply.py (3.09 GB each),
-extracts v once, loads the target once, then per α of (1.5, -1, 0.5, 1) times in one run:
+extracts v once, then, each in its own process (peak RSS is per process), loads the target
+with transformers and switches α through (1.5, −1, 0.5, 1):
 
-* ``rvhub eval``'s switch: ``ScaleSwitch.set_scale(α)`` (write back the pristine θ of the
-  tensors v touches, add α·v from the vector file; exact ``round(θ + α·v)``);
-* what users do today: ``rvhub apply v target -o out --scale α`` (the CLI) followed by
-  ``AutoModelForCausalLM.from_pretrained(out)`` (and ``.to(device)``).
+* ``cached``: ``ScaleSwitch`` as `rvhub eval` ran it before (pristine θ of the touched tensors
+  and every delta kept, so later points are one fused pass);
+* ``host``:   ``ScaleSwitch(keep_deltas=False)``, what `rvhub eval` does for a model with no
+  files behind it (the pristine θ in host memory, v re-read at each point);
+* ``files``:  ``FileScaleSwitch``, what `rvhub eval` does for a model loaded from a folder (θ
+  re-read from the target's files at each point, nothing kept).
 
-Prints the medians and their ratio. On CUDA it also prints one pinned host-to-device copy of
-the vector's bytes, the floor a switch is compared with. Needs ~13 GB of free disk.
+Prints, per way: RSS after loading, peak RSS (and CUDA max allocated on a GPU), the first
+point's time and the median of the later ones; then `rvhub apply` of the same vector to disk
+(the target for a switch). Needs ~10 GB of free disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import shutil
 import statistics
 import subprocess
@@ -26,76 +32,95 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import torch
-from common import build_pair, work_dir
-
-from rvhub import load_vector
-from rvhub.ops.live import ScaleSwitch
+from common import build_pair, run_measured, rvhub_cmd, work_dir
 
 SCALES = (1.5, -1.0, 0.5, 1.0)
+WAYS = ("cached", "host", "files")
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def child(way: str, vec_dir: Path, target: Path, device: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from rvhub import load_vector
+    from rvhub.checkpoint import open_local_checkpoint
+    from rvhub.ops.live import FileScaleSwitch, ScaleSwitch
+    from rvhub.options import ApplyOptions
+
+    hf_logging.disable_progress_bar()
+    vec = load_vector(vec_dir)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16).to(device)
+    loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if way == "files":
+        switch = FileScaleSwitch.open(
+            vec.source, vec.facts(), model, open_local_checkpoint(target), ApplyOptions()
+        )
+        assert switch is not None
+    else:
+        switch = ScaleSwitch(vec.source, vec.facts(), model, keep_deltas=way == "cached")
+    times = []
+    for alpha in SCALES:
+        start = time.perf_counter()
+        switch.set_scale(alpha)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    out = {
+        "loaded_mb": loaded_mb,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "times": times,
+    }
+    if device.startswith("cuda"):
+        out["cuda_max_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dir", type=Path, default=None)
-    ap.add_argument(
-        "--pair", type=Path, default=None, help="reuse grpo/ and sft/ of an earlier run's folder"
-    )
+    ap.add_argument("--pair", type=Path, default=None, help="reuse grpo/ and sft/ of a run")
+    ap.add_argument("--child", nargs=3, metavar=("WAY", "VEC", "TARGET"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    if args.child:
+        way, vec, target = args.child
+        child(way, Path(vec), Path(target), args.device)
+        return
     root = work_dir("rvhub-eval-sweep-", args.dir)
     try:
-        if args.pair is not None:
-            a, b = args.pair / "grpo", args.pair / "sft"
-        else:
-            a, b = build_pair(root, layers=args.layers)
-        rvhub = [sys.executable, "-m", "rvhub.cli"]
-        subprocess.run([*rvhub, "extract", str(a), str(b), "-o", str(root / "vec")], check=True)
-        vec = load_vector(root / "vec")
-        model = AutoModelForCausalLM.from_pretrained(b, dtype=torch.bfloat16).to(args.device)
-        switch = ScaleSwitch(vec.source, vec.model_info, model, manifest=vec.manifest)
-        switch.set_scale(1.0)  # the first switch also keeps the pristine copy: not timed
-        in_memory, today = [], []
+        a, b = (
+            (args.pair / "grpo", args.pair / "sft") if args.pair else build_pair(root, args.layers)
+        )
+        vec = root / "vec"
+        subprocess.run([*rvhub_cmd("extract", str(a), str(b), "-o", str(vec), "--overwrite")],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        size_mb = sum(f.stat().st_size for f in b.glob("*.safetensors")) / 2**20
+        print(f"target: {size_mb / 1024:.2f} GiB bf16 ({args.layers} layers), α = {SCALES}")
+        print(f"  {'way':<8}{'RSS loaded':>12}{'peak RSS':>10}{'peak/model':>11}"
+              f"{'first α':>9}{'later α':>9}")  # fmt: skip
+        later_files = None
+        for way in WAYS:
+            cmd = [sys.executable, __file__, "--device", args.device, "--child", way, str(vec),
+                   str(b)]  # fmt: skip
+            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            first, later = r["times"][0], statistics.median(r["times"][1:])
+            if way == "files":
+                later_files = later
+            cuda = f"  CUDA max {r['cuda_max_mb']:.0f} MB" if "cuda_max_mb" in r else ""
+            print(f"  {way:<8}{r['loaded_mb']:>10.0f}MB{r['peak_mb']:>8.0f}MB"
+                  f"{r['peak_mb'] / size_mb:>10.2f}×{first:>8.2f}s{later:>8.2f}s{cuda}")  # fmt: skip
         out = root / "applied"
-        for _ in range(args.repeat):
-            for alpha in SCALES:
-                in_memory.append(timed(lambda a=alpha: switch.set_scale(a)))
-                shutil.rmtree(out, ignore_errors=True)
-
-                def disk_and_reload(alpha: float = alpha) -> None:
-                    cmd = [*rvhub, "apply", str(root / "vec"), str(b), "-o", str(out)]
-                    subprocess.run([*cmd, "--scale", str(alpha), "--device", "cpu"], check=True)
-                    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
-                    reloaded.to(args.device)
-
-                today.append(timed(disk_and_reload))
-        mem, disk = statistics.median(in_memory), statistics.median(today)
-        print(f"\nper α point, median of {len(in_memory)} ({args.device}):")
-        print(f"  rvhub eval switch (ScaleSwitch.set_scale)   {mem:8.2f} s")
-        print(f"  rvhub apply to disk + from_pretrained         {disk:8.2f} s")
-        print(f"  ratio (today / in memory)                     {disk / mem:8.1f}×")
-        if args.device.startswith("cuda"):
-            nbytes = sum(p.stat().st_size for p in (root / "vec").glob("vector*.safetensors"))
-            host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-            dev = torch.empty(nbytes, dtype=torch.uint8, device=args.device)
-            copies = [timed(lambda: dev.copy_(host, non_blocking=True)) for _ in range(5)]
-            floor = statistics.median(copies)
-            print(f"  one pinned H2D copy of the vector ({nbytes / 1e9:.2f} GB)   {floor:8.3f} s")
-            print(f"  switch / copy                                 {mem / floor:8.2f}×")
+        runs = []
+        for alpha in SCALES:
+            shutil.rmtree(out, ignore_errors=True)
+            runs.append(run_measured(rvhub_cmd("apply", str(vec), str(b), "-o", str(out),
+                                               "--scale", str(alpha))))  # fmt: skip
+        apply_s = statistics.median(r.seconds for r in runs)
+        print(f"  rvhub apply to disk (median of {len(runs)}): {apply_s:.2f} s")
+        if later_files is not None:
+            print(f"  files switch / apply: {later_files / apply_s:.2f}×")
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -25,7 +25,7 @@ import click
 from ._version import __version__
 from .constants import ENV_DEBUG
 from .engines import ENGINE_NAMES
-from .errors import RvhubError
+from .errors import InputError, RvhubError
 from .io.progress import human_bytes
 from .options import ApplyOptions, WriteOptions
 
@@ -862,6 +862,51 @@ def _delta_cell(match: Any, task: str | None) -> str:
     is_flag=True,
     help="Evaluate even when TARGET does not descend from the vector's base.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["hf", "vllm"]),
+    default="hf",
+    show_default=True,
+    help="hf: transformers in this process (lm-eval's hf model). vllm: a vLLM engine (lm-eval's "
+    "vllm model), α switched inside it; needs vLLM installed (docs/eval.md).",
+)
+@click.option(
+    "--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(min=1),
+    help="vllm: GPUs the model is split across.",
+)  # fmt: skip
+@click.option(
+    "--gpu-memory-utilization", default=None, type=click.FloatRange(0, 1, min_open=True),
+    help="vllm: the share of each GPU's memory vLLM may take (vLLM's default: 0.9).",
+)  # fmt: skip
+@click.option(
+    "--max-model-len", default=None, type=click.IntRange(min=1),
+    help="vllm: the longest sequence the engine serves (prompt + generation).",
+)  # fmt: skip
+@click.option(
+    "--model-args", default=None, metavar="K=V,...",
+    help="More arguments for lm-eval's model (as lm_eval --model_args spells them): vLLM's "
+    "engine arguments with --engine vllm (e.g. enforce_eager=True), HFLM's with hf.",
+)  # fmt: skip
+@click.option(
+    "--apply-chat-template", is_flag=False, flag_value="", default=None, metavar="[TEMPLATE]",
+    help="Wrap prompts in the target's chat template (or the named one), as lm-eval's "
+    "--apply_chat_template; instruct targets need it.",
+)  # fmt: skip
+@click.option(
+    "--fewshot-as-multiturn", is_flag=True,
+    help="Few-shot examples as chat turns (needs --apply-chat-template).",
+)  # fmt: skip
+@click.option("--system-instruction", default=None, help="A system prompt for every example.")
+@click.option(
+    "--gen-kwargs", default=None, metavar="K=V,...",
+    help="Generation arguments for generate_until tasks (lm-eval's --gen_kwargs), e.g. "
+    "temperature=0,max_gen_toks=512.",
+)  # fmt: skip
+@click.option("--seed", default=0, show_default=True, type=int, help="lm-eval's seeds.")
+@click.option(
+    "--log-samples", is_flag=True,
+    help="Keep every example's prompt and response: alpha_<α>/samples_<task>.jsonl.",
+)  # fmt: skip
 def eval_(
     vector: str,
     target: str,
@@ -882,6 +927,17 @@ def eval_(
     overwrite: bool,
     resume: bool,
     allow_unrelated: bool,
+    engine: str,
+    tensor_parallel_size: int,
+    gpu_memory_utilization: float | None,
+    max_model_len: int | None,
+    model_args: str | None,
+    apply_chat_template: str | None,
+    fewshot_as_multiturn: bool,
+    system_instruction: str | None,
+    gen_kwargs: str | None,
+    seed: int,
+    log_samples: bool,
 ) -> None:
     """Evaluate TARGET + α·VECTOR with lm-evaluation-harness for each α of --scales.
 
@@ -897,20 +953,37 @@ def eval_(
     rvhub eval ./vec Qwen/Qwen2.5-1.5B-Instruct --tasks gsm8k --scales -1,0,0.5,1 -o eval-out
     """
     from .evaluation import LOG_NAME, load_eval_target, metric_values, require_lm_eval
+    from .evaluation.vllm_engine import VllmOptions, parse_model_args
     from .io.atomic import check_output
     from .vector import load_vector
 
     options = ApplyOptions(exclude=exclude, vocab=vocab, allow_unrelated=allow_unrelated)
+    extra = parse_model_args(model_args)
+    lm_options = {
+        "apply_chat_template": (apply_chat_template or True)
+        if apply_chat_template is not None
+        else None,
+        "fewshot_as_multiturn": fewshot_as_multiturn or None,
+        "system_instruction": system_instruction,
+        "gen_kwargs": gen_kwargs,
+        "log_samples": log_samples or None,
+    }
+    vllm_only = {
+        "--tensor-parallel-size": tensor_parallel_size != 1,
+        "--gpu-memory-utilization": gpu_memory_utilization is not None,
+        "--max-model-len": max_model_len is not None,
+    }
+    if engine == "hf" and any(vllm_only.values()):
+        given = next(k for k, v in vllm_only.items() if v)
+        raise InputError(f"{given} is an option of --engine vllm")
+    if engine == "vllm" and (device != "auto" or dtype != "auto"):
+        raise InputError(
+            "--device and --dtype are options of --engine hf: vLLM places the model itself "
+            "(pass dtype=... in --model-args)"
+        )
     require_lm_eval()
     check_output(output, overwrite=overwrite, inputs=[vector, target, include_path])
     vec = load_vector(vector, revision=revision)
-    model, tokenizer, name = load_eval_target(
-        target,
-        revision=target_revision,
-        device=device,
-        dtype=dtype,
-        config_check=not no_config_check,
-    )
 
     def done(point: Any) -> None:
         shown = ", ".join(f"{m.task} {m.label} {m.value:.4g}" for m in metric_values(point.results))
@@ -918,22 +991,31 @@ def eval_(
             f"α = {point.scale:+g}: {shown} (set in {point.switch_seconds:.2f} s, evaluated in {point.eval_seconds:.1f} s)"
         )
 
-    sweep = vec.evaluate(
-        model,
-        tokenizer,
-        tasks=tasks,
-        scales=scales,
-        output_dir=output,
-        target=name,
-        include_path=include_path,
-        limit=limit,
-        batch_size=batch_size,
-        num_fewshot=num_fewshot,
-        options=options,
-        overwrite=overwrite,
-        resume=resume,
-        on_point=done,
-    )
+    common: dict[str, Any] = dict(
+        tasks=tasks, scales=scales, output_dir=output, include_path=include_path, limit=limit,
+        batch_size=batch_size, num_fewshot=num_fewshot, options=options, overwrite=overwrite,
+        resume=resume, on_point=done, seed=seed, lm_eval_options=lm_options,
+    )  # fmt: skip
+    if engine == "vllm":
+        engine_options = VllmOptions(
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            model_args=extra,
+        )
+        sweep = vec.evaluate(
+            target, engine="vllm", engine_options=engine_options, revision=target_revision,
+            config_check=not no_config_check, **common,
+        )  # fmt: skip
+    else:
+        model, tokenizer, name = load_eval_target(
+            target,
+            revision=target_revision,
+            device=device,
+            dtype=dtype,
+            config_check=not no_config_check,
+        )
+        sweep = vec.evaluate(model, tokenizer, target=name, model_args=extra, **common)
     for m in sweep.summary()["metrics"]:
         click.echo(
             f"best α for {m['task']} {m['label']}: {m['best']['scale']:+g} ({m['best']['value']:.4g}; reported, not applied)"

@@ -45,6 +45,7 @@ from .sources import CombinationSource, TensorDifferenceSource, VectorSource
 
 if TYPE_CHECKING:
     from .evaluation import Sweep, SweepPoint
+    from .evaluation.vllm_engine import VllmOptions
     from .hub.push import PushResult
 
 
@@ -360,8 +361,8 @@ class ReasoningVector:
 
     def evaluate(
         self,
-        model: torch.nn.Module,
-        tokenizer: Any,
+        model: torch.nn.Module | str | os.PathLike[str],
+        tokenizer: Any = None,
         *,
         tasks: Iterable[str] | str,
         scales: Iterable[float] | str = (-1.0, 0.0, 1.0),
@@ -378,25 +379,73 @@ class ReasoningVector:
         on_point: Callable[[SweepPoint], None] | None = None,
         options: ApplyOptions | None = None,
         resume: bool = False,
-        **lm_eval_options: Any,
+        engine: str = "hf",
+        engine_options: VllmOptions | None = None,
+        model_args: Mapping[str, Any] | None = None,
+        revision: str | None = None,
+        config_check: bool = True,
+        seed: int = 0,
+        lm_eval_options: Mapping[str, Any] | None = None,
+        **more_lm_eval_options: Any,
     ) -> Sweep:
-        """Run lm-evaluation-harness on ``model`` at ``θ + α·v`` for each α of ``scales``.
+        """Run lm-evaluation-harness on a target at ``θ + α·v`` for each α of ``scales``.
 
-        The model is set to exactly ``round(θ + α·v)`` from its pristine weights before each
-        point and restored afterwards (:class:`~rvhub.ops.live.ScaleSwitch`). ``tasks`` are
-        lm-eval task names (``include_path``: a folder of your own task YAMLs). With
-        ``output_dir`` each point's lm-eval results, ``sweep.json`` and the plot are written
-        there (``rvhub card --eval DIR`` reads them); finished points survive an interruption
-        and ``resume=True`` evaluates only the missing α. ``options`` (an
-        :class:`~rvhub.options.ApplyOptions`; its scale is ignored) replaces ``exclude``,
-        ``vocab`` and ``allow_unrelated``. Needs ``pip install "rvhub[eval]"``.
+        ``engine="hf"`` (default): ``model`` is a loaded transformers model (and ``tokenizer``
+        its tokenizer), set to exactly ``round(θ + α·v)`` from its pristine weights before each
+        point and restored afterwards (:class:`~rvhub.ops.live.ScaleSwitch`); ``model_args``
+        go to lm-eval's ``HFLM``. ``engine="vllm"``: ``model`` is the target's folder or Hub id
+        (``revision``), loaded once by vLLM through lm-eval's ``vllm`` model, and each α is set
+        inside the running engine from the target's and the vector's files, keeping no copy of
+        either (:mod:`rvhub.evaluation.vllm_engine`; ``engine_options``: tensor parallelism,
+        memory, vLLM's own arguments).
+
+        ``tasks`` are lm-eval task names (``include_path``: a folder of your own task YAMLs).
+        ``lm_eval_options`` (or keywords): ``apply_chat_template``, ``fewshot_as_multiturn``,
+        ``system_instruction``, ``gen_kwargs``, ``log_samples``, as ``simple_evaluate`` takes
+        them; ``seed`` seeds lm-eval. With ``output_dir`` each point's lm-eval results,
+        ``sweep.json`` and the plot are written there (``rvhub card --eval DIR`` reads them);
+        finished points survive an interruption and ``resume=True`` evaluates only the missing
+        α. ``options`` (an :class:`~rvhub.options.ApplyOptions`; its scale is ignored) replaces
+        ``exclude``, ``vocab`` and ``allow_unrelated``. Needs ``pip install "rvhub[eval]"``
+        (and vLLM for ``engine="vllm"``).
 
         Example:
             >>> sweep = load_vector("user/vec").evaluate(model, tok, tasks=["gsm8k"], scales=[-1, 0, 1])
             >>> sweep.summary()["metrics"][0]["best"]
+            >>> load_vector("user/vec").evaluate("Qwen/Qwen2.5-1.5B-Instruct", engine="vllm",
+            ...     tasks=["gsm8k"], apply_chat_template=True, output_dir="eval-out")
         """
-        from .evaluation import evaluate_vector
+        from .evaluation import evaluate_vector, evaluate_vector_vllm
 
+        apply = either(
+            options, ApplyOptions(exclude=exclude, vocab=vocab, allow_unrelated=allow_unrelated)
+        )
+        lm_options = {**dict(lm_eval_options or {}), **more_lm_eval_options}
+        if engine == "vllm":
+            if not isinstance(model, (str, os.PathLike)):
+                raise InputError(
+                    '`engine="vllm"` loads the target itself: give its folder or Hub id as '
+                    "`model`, not a loaded model"
+                )
+            if model_args:
+                raise InputError("`model_args` of the vllm engine go in `engine_options`")
+            return evaluate_vector_vllm(
+                self, model, tasks=tasks, scales=scales, output_dir=output_dir,
+                revision=revision, include_path=include_path, limit=limit,
+                batch_size=batch_size, num_fewshot=num_fewshot, apply=apply,
+                overwrite=overwrite, resume=resume, on_point=on_point,
+                lm_eval_options=lm_options, engine=engine_options, seed=seed,
+                config_check=config_check,
+            )  # fmt: skip
+        if engine != "hf":
+            raise InputError(f"`engine` must be hf or vllm, not {engine!r}")
+        if isinstance(model, (str, os.PathLike)):
+            raise InputError(
+                '`engine="hf"` evaluates a loaded model: load it with '
+                '`rvhub.evaluation.load_eval_target(path)` first, or pass `engine="vllm"`'
+            )
+        if engine_options is not None:
+            raise InputError('`engine_options` are options of `engine="vllm"`')
         return evaluate_vector(
             self.facts(),
             self.source,
@@ -410,15 +459,15 @@ class ReasoningVector:
             limit=limit,
             batch_size=batch_size,
             num_fewshot=num_fewshot,
-            apply=either(
-                options, ApplyOptions(exclude=exclude, vocab=vocab, allow_unrelated=allow_unrelated)
-            ),
+            apply=apply,
             overwrite=overwrite,
             resume=resume,
             on_point=on_point,
-            lm_eval_options=lm_eval_options,
+            lm_eval_options=lm_options,
             record=self.origin_record(),
             inputs=self.input_paths(),
+            seed=seed,
+            model_args=model_args,
         )
 
     def origin_record(self) -> dict[str, Any]:

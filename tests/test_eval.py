@@ -15,7 +15,9 @@ from huggingface_hub import ModelCard, parse_eval_result_entries
 
 from rvhub import extract_vector, load_vector
 from rvhub.card.scores import parse_lm_eval
-from rvhub.ops.live import ScaleSwitch
+from rvhub.checkpoint import open_local_checkpoint
+from rvhub.ops.live import FileScaleSwitch, ScaleSwitch
+from rvhub.options import ApplyOptions
 from tests.cli_helpers import assert_clean_failure, run
 from tests.models import finetune_like, state_dict_of
 
@@ -82,14 +84,24 @@ def test_eval_writes_lm_eval_results_per_alpha_sweep_json_and_plot(sweep_dir: Pa
     assert (sweep_dir / "eval_sweep.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_every_alpha_of_a_sweep_is_bit_identical_to_on_disk_apply(family, tmp_path) -> None:
+@pytest.mark.parametrize("way", ["cached", "host", "files"])
+def test_every_alpha_of_a_sweep_is_bit_identical_to_on_disk_apply(family, tmp_path, way) -> None:
+    """Each way of switching α: the pristine θ and the deltas kept (cached), the pristine θ
+    kept in host memory and v re-read (host: a model with no files), θ re-read from the
+    target's files (files: what `rvhub eval` does for a model loaded from a folder)."""
     fam = family("qwen2")  # bf16: α = 0.5 and 1.5 round, so accumulated differences would show
     vec = load_vector(extract_vector(fam["a"], fam["b"]).save(tmp_path / "vec"))
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fam["target"], dtype=torch.bfloat16)
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
-    switch = ScaleSwitch(vec.source, vec.model_info, model, manifest=vec.manifest)
+    if way == "files":
+        switch = FileScaleSwitch.open(
+            vec.source, vec.facts(), model, open_local_checkpoint(fam["target"]), ApplyOptions()
+        )
+        assert switch is not None
+    else:
+        switch = ScaleSwitch(vec.source, vec.facts(), model, keep_deltas=way == "cached")
     for i, alpha in enumerate((1.5, -1.0, 0.5, 0.0, 1.0, 1.5)):
         switch.set_scale(alpha)
         out = tmp_path / f"disk{i}"
@@ -101,6 +113,23 @@ def test_every_alpha_of_a_sweep_is_bit_identical_to_on_disk_apply(family, tmp_pa
     switch.restore()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, pristine[name]), name
+
+
+def test_file_switch_is_refused_when_the_model_is_not_what_its_files_hold(family, tmp_path):
+    """θ is re-read from the files only when every touched tensor holds exactly the files'
+    values in their dtype; a model changed after loading, or loaded in another dtype, keeps
+    its own θ instead (ScaleSwitch) — never the files' θ silently."""
+    from transformers import AutoModelForCausalLM
+
+    fam = family("qwen2")
+    vec = load_vector(extract_vector(fam["a"], fam["b"]).save(tmp_path / "vec"))
+    ckpt = open_local_checkpoint(fam["target"])
+    model = AutoModelForCausalLM.from_pretrained(fam["target"], dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] += 1.0
+    assert FileScaleSwitch.open(vec.source, vec.facts(), model, ckpt, ApplyOptions()) is None
+    wider = AutoModelForCausalLM.from_pretrained(fam["target"], dtype=torch.float32)
+    assert FileScaleSwitch.open(vec.source, vec.facts(), wider, ckpt, ApplyOptions()) is None
 
 
 def test_card_eval_puts_the_sweep_in_the_card_and_eval_results(sweep_dir, toy, tmp_path) -> None:

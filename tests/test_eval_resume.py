@@ -17,7 +17,7 @@ import torch
 from rvhub import extract_vector, load_vector
 from rvhub.errors import InputError
 from rvhub.io.atomic import partial_dir
-from rvhub.ops.live import ScaleSwitch
+from rvhub.ops.live import FileScaleSwitch
 from tests.cli_helpers import assert_clean_failure, run, tree_snapshot
 from tests.models import finetune_like
 
@@ -105,9 +105,9 @@ def test_an_interrupted_sweep_keeps_its_points_and_resume_runs_only_the_rest(
     assert tree_snapshot(work) == before
 
     switched: list[float] = []
-    real = ScaleSwitch.set_scale
+    real = FileScaleSwitch.set_scale  # the target was loaded from its folder: θ re-read
     monkeypatch.setattr(
-        ScaleSwitch, "set_scale", lambda self, s: (switched.append(s), real(self, s))[1]
+        FileScaleSwitch, "set_scale", lambda self, s: (switched.append(s), real(self, s))[1]
     )
     sweep = _sweep(toy, out, resume=True)
 

@@ -25,7 +25,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -361,9 +361,25 @@ def answer_logprobs(model: LlamaForCausalLM, seq: torch.Tensor, n_prompt: int) -
     return torch.log_softmax(logits, -1).gather(-1, seq[:, n_prompt:, None])[..., 0]
 
 
-def grpo_train(model: LlamaForCausalLM, rng: random.Random, seed: int, s: Settings) -> None:
+Problems = Callable[[random.Random, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def addition_problems(rng: random.Random, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` training additions (prompts, answers): what GRPO practises by default."""
+    return addition_batch([train_pair(rng) for _ in range(n)])
+
+
+def grpo_train(
+    model: LlamaForCausalLM,
+    rng: random.Random,
+    seed: int,
+    s: Settings,
+    problems: Problems = addition_problems,
+    answer_len: int = ANSWER_LEN,
+) -> None:
     """GRPO without a critic: K samples per prompt, reward = exact match, advantage = reward
     minus the group mean over the group std; a k3 KL penalty to the starting (SFT) model.
+    ``problems(rng, n)`` draws the prompts and answers (additions unless told otherwise).
 
     One gradient step per batch of fresh samples, so the policy ratio is 1 and PPO's clipping
     would never act; it is left out.
@@ -375,11 +391,11 @@ def grpo_train(model: LlamaForCausalLM, rng: random.Random, seed: int, s: Settin
     sampler = torch.Generator().manual_seed(seed)
     rewards_seen: list[float] = []
     for step in range(s.rl_steps):
-        prompts, answers = addition_batch([train_pair(rng) for _ in range(s.rl_prompts)])
+        prompts, answers = problems(rng, s.rl_prompts)
         prompts = prompts.repeat_interleave(s.rl_group, 0)
         answers = answers.repeat_interleave(s.rl_group, 0)
         model.eval()
-        completions = generate(model, prompts, ANSWER_LEN, generator=sampler)
+        completions = generate(model, prompts, answer_len, generator=sampler)
         rewards = exact_match(completions, answers).float().view(s.rl_prompts, s.rl_group)
         mean, std = rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)
         advantage = (rewards - mean) / (std + 1e-4)  # 0 where a group agrees

@@ -18,9 +18,16 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InputError
 from ..io.atomic import atomic_dir, check_output
 from ..io.progress import logger
-from ..ops.live import ScaleSwitch
+from ..ops.live import FileScaleSwitch, ScaleSwitch
 from ..options import ApplyOptions
-from .resume import finished_points, forget_key, keep_point, model_sample, sweep_key
+from .resume import (
+    checkpoint_sample,
+    finished_points,
+    forget_key,
+    keep_point,
+    model_sample,
+    sweep_key,
+)
 from .sweep import (
     INSTALL_HINT,
     SWEEP_NAME,
@@ -28,6 +35,7 @@ from .sweep import (
     MetricValue,
     Sweep,
     SweepPoint,
+    check_lm_eval_options,
     metric_values,
     parse_batch_size,
     parse_limit,
@@ -46,6 +54,7 @@ if TYPE_CHECKING:
 
     from ..ops.prepare import VectorFacts
     from ..sources import VectorSource
+    from .vllm_engine import VllmOptions
 
 
 def _model_folder(model: Any) -> str | None:
@@ -78,6 +87,8 @@ def evaluate_vector(
     lm_eval_options: Mapping[str, Any] | None = None,
     record: Mapping[str, Any] | None = None,
     inputs: Iterable[str | os.PathLike[str] | None] = (),
+    seed: int = 0,
+    model_args: Mapping[str, Any] | None = None,
 ) -> Sweep:
     """Run lm-evaluation-harness on ``model`` at ``θ + α·v`` for each α of ``scales``; see
     :meth:`rvhub.ReasoningVector.evaluate`. ``vector`` is what the apply pre-flight reads of
@@ -88,18 +99,170 @@ def evaluate_vector(
 
     With ``output_dir`` each finished α is kept (:mod:`.resume`): an interrupted sweep leaves
     them in ``.<name>.rvhub-partial`` beside it, and ``resume=True`` evaluates only the
-    missing α. lm-eval's log lines go to ``lm-eval.log`` in the output."""
-    task_list, alpha = parse_tasks(tasks), parse_scales(scales)
-    count, batch = parse_limit(limit), parse_batch_size(batch_size)
+    missing α. lm-eval's log lines go to ``lm-eval.log`` in the output. ``model_args`` go to
+    lm-eval's ``HFLM`` (e.g. ``max_length``)."""
+    options = apply or ApplyOptions()
+    hf_args = dict(model_args or {})
+    taken = sorted({"pretrained", "tokenizer", "batch_size"} & set(hf_args))
+    if taken:
+        raise InputError(f"`model_args` may not set {', '.join(taken)}: rvhub sets them")
     inputs = [*inputs, include_path, _model_folder(model)]
+    _check_sweep_output(output_dir, overwrite, resume, inputs)
+    switch = _switch_for(source, vector, model, options)
+    config = getattr(model, "config", None)
+    name = target or getattr(config, "_name_or_path", None) or None
+    return _evaluate(
+        switch, model, tokenizer, None, _hf_record(hf_args), model_sample(model),
+        tasks=tasks, scales=scales, output_dir=output_dir, name=name,
+        include_path=include_path, limit=limit, batch_size=batch_size,
+        num_fewshot=num_fewshot, options=options, overwrite=overwrite, resume=resume,
+        on_point=on_point, lm_eval_options=lm_eval_options, record=record, inputs=inputs,
+        seed=seed,
+    )  # fmt: skip
+
+
+def _switch_for(
+    source: VectorSource, vector: VectorFacts, model: Any, options: ApplyOptions
+) -> FileScaleSwitch | ScaleSwitch:
+    """Re-read θ from the model's files at each α when it holds exactly what they hold (no
+    copy kept); otherwise keep the touched tensors' pristine θ in host memory."""
+    from ..checkpoint import open_local_checkpoint
+    from ..errors import RvhubError
+
+    folder = _model_folder(model)
+    switch = None
+    if folder is not None:
+        try:
+            ckpt = open_local_checkpoint(Path(folder))
+        except (RvhubError, OSError):
+            ckpt = None
+        if ckpt is not None:
+            switch = FileScaleSwitch.open(source, vector, model, ckpt, options)
+    if switch is not None:
+        logger.info("α switches re-read θ from %s (no copy of the model is kept)", folder)
+        return switch
+    logger.info("α switches keep the touched tensors' θ in host memory (no files behind them)")
+    return ScaleSwitch(source, vector, model, options=options, keep_deltas=False)
+
+
+def _hf_record(model_args: Mapping[str, Any]) -> dict[str, Any]:
+    import transformers
+
+    out: dict[str, Any] = {"name": "hf", "transformers": transformers.__version__}
+    if model_args:
+        out["model_args"] = dict(model_args)
+    return out
+
+
+def evaluate_vector_vllm(
+    vector: Any,
+    target: str | os.PathLike[str],
+    *,
+    tasks: Iterable[str] | str,
+    scales: Iterable[float] | str = (-1.0, 0.0, 1.0),
+    output_dir: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+    include_path: str | os.PathLike[str] | None = None,
+    limit: int | float | None = None,
+    batch_size: int | str = "auto",
+    num_fewshot: int | None = None,
+    apply: ApplyOptions | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    on_point: Callable[[SweepPoint], None] | None = None,
+    lm_eval_options: Mapping[str, Any] | None = None,
+    engine: VllmOptions | None = None,
+    seed: int = 0,
+    config_check: bool = True,
+) -> Sweep:
+    """:func:`evaluate_vector` on a vLLM engine (:mod:`.vllm_engine`): ``target`` (a model
+    folder or Hub id) is loaded once by vLLM through lm-eval's ``vllm`` model, and each α is
+    set inside the running engine from the target's and the vector's files (no copy of θ or v
+    is kept). ``engine`` holds vLLM's arguments (tensor parallelism, memory, pass-through)."""
+    from ..checkpoint import check_config
+    from ..hub.resolve import open_checkpoint
+    from ..ops.disk import applied_tensors
+    from .vllm_engine import (
+        VllmOptions,
+        VllmSwitch,
+        engine_environment,
+        require_vllm,
+        start_engine,
+        vector_folder,
+    )
+
+    require_lm_eval()
+    version = require_vllm()
+    engine = engine or VllmOptions()
+    options = apply or ApplyOptions()
+    ckpt = open_checkpoint(target, revision=revision)
+    if config_check:
+        check_config(ckpt)
+    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    inputs = [*vector.input_paths(), include_path, folder]
+    _check_sweep_output(output_dir, overwrite, resume, inputs)
+    applied_tensors(vector.facts(), vector.source, ckpt, options)  # the pre-flight, before vLLM
+    count = parse_batch_size(batch_size)
+    vec_dir, tmp = vector_folder(vector)
+    try:
+        engine_environment()
+        lm = start_engine(folder, engine, batch_size=count, seed=seed)
+        switch = VllmSwitch(lm.model, vec_dir, folder, options)
+        name = str(ckpt.source.get("repo_id") or target) if ckpt.source else str(target)
+        return _evaluate(
+            switch, None, None, lm, engine.record(version), checkpoint_sample(ckpt),
+            tasks=tasks, scales=scales, output_dir=output_dir, name=name,
+            include_path=include_path, limit=limit, batch_size=count,
+            num_fewshot=num_fewshot, options=options, overwrite=overwrite, resume=resume,
+            on_point=on_point, lm_eval_options=lm_eval_options,
+            record=vector.origin_record(), inputs=inputs, seed=seed,
+        )  # fmt: skip
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _check_sweep_output(
+    output_dir: str | os.PathLike[str] | None,
+    overwrite: bool,
+    resume: bool,
+    inputs: list[str | os.PathLike[str] | None],
+) -> None:
     if output_dir is not None:
         check_output(Path(output_dir), overwrite=overwrite, inputs=inputs)
     elif resume:
         raise InputError("`resume` takes up a sweep written to `output_dir`; give one")
-    options = apply or ApplyOptions()
-    switch = ScaleSwitch(source, vector, model, options=options)
-    config = getattr(model, "config", None)
-    name = target or getattr(config, "_name_or_path", None) or None
+
+
+def _evaluate(
+    switch: Any,
+    model: Any,
+    tokenizer: Any,
+    lm: Any,
+    engine: Mapping[str, Any],
+    target_sample: str,
+    *,
+    tasks: Iterable[str] | str,
+    scales: Iterable[float] | str,
+    output_dir: str | os.PathLike[str] | None,
+    name: str | None,
+    include_path: str | os.PathLike[str] | None,
+    limit: int | float | None,
+    batch_size: int | str,
+    num_fewshot: int | None,
+    options: ApplyOptions,
+    overwrite: bool,
+    resume: bool,
+    on_point: Callable[[SweepPoint], None] | None,
+    lm_eval_options: Mapping[str, Any] | None,
+    record: Mapping[str, Any] | None,
+    inputs: list[str | os.PathLike[str] | None],
+    seed: int,
+) -> Sweep:
+    """The sweep on either engine: points kept in the output as they finish, then written."""
+    task_list, alpha = parse_tasks(tasks), parse_scales(scales)
+    count, batch = parse_limit(limit), parse_batch_size(batch_size)
+    lm_options = check_lm_eval_options(lm_eval_options)
     run = functools.partial(
         run_sweep,
         switch,
@@ -111,7 +274,10 @@ def evaluate_vector(
         limit=count,
         batch_size=batch,
         num_fewshot=num_fewshot,
-        lm_eval_options=lm_eval_options,
+        seed=seed,
+        lm_eval_options=lm_options,
+        lm=lm,
+        engine=engine,
     )
     if output_dir is None:
         sweep = run(on_point=on_point)
@@ -121,14 +287,16 @@ def evaluate_vector(
             "batch_size": batch,
             "num_fewshot": num_fewshot,
             "include_path": include_path,
-            "lm_eval_options": lm_eval_options,
+            "lm_eval_options": lm_options,
             "exclude": options.exclude,
             "vocab": options.vocab,
+            "seed": seed,
+            "engine": dict(engine),
         }
         key = sweep_key(
             vector=dict(record or {}),
             target=name,
-            target_sample=model_sample(model),
+            target_sample=target_sample,
             tasks=task_list,
             settings=settings,
         )
@@ -192,6 +360,7 @@ __all__ = [
     "Sweep",
     "SweepPoint",
     "evaluate_vector",
+    "evaluate_vector_vllm",
     "load_eval_target",
     "metric_values",
     "read_sweep",

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..io.atomic import atomic_write
-from .sweep import SweepPoint, results_json
+from .sweep import SweepPoint, write_point
 
 PARTIAL_NAME = "partial.json"
 PARTIAL_FORMAT = "rvhub.eval-partial"
@@ -37,6 +37,25 @@ def model_sample(model: Any) -> str:
             step = max(1, flat.numel() // 64)
             h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
             h.update(flat[::step][:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_sample(ckpt: Any) -> str:
+    """:func:`model_sample` of a checkpoint's files (names, shapes, dtypes, 64 values each)."""
+    import torch
+
+    from ..io.safetensors import FileHandles, read_range
+
+    h = hashlib.blake2b(digest_size=16)
+    handles = FileHandles()
+    try:
+        for name, entry in sorted(ckpt.entries.items()):
+            step = max(1, entry.numel // 64)
+            h.update(f"{name}{tuple(entry.shape)}{entry.torch_dtype}".encode())
+            values = [read_range(entry, i, i + 1, handles) for i in range(0, entry.numel, step)]
+            h.update(torch.cat(values[:64]).float().numpy().tobytes())
+    finally:
+        handles.close()
     return h.hexdigest()
 
 
@@ -97,8 +116,7 @@ def keep_point(
     work: Path, key: Mapping[str, Any], point: SweepPoint, points: list[SweepPoint]
 ) -> None:
     """Write ``point``'s results, then the record naming every finished point."""
-    (work / point.dirname).mkdir(exist_ok=True)
-    atomic_write(work / point.dirname / "results.json", results_json(point.results).encode())
+    write_point(work, point)
     record = {
         "format": PARTIAL_FORMAT,
         "key": dict(key),

@@ -25,13 +25,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .._version import __version__
 from ..errors import InputError
 from ..io.atomic import atomic_write
 from ..io.progress import logger
-from ..ops.live import ScaleSwitch
 
 SWEEP_FORMAT = "rvhub.eval-sweep"
 SWEEP_VERSION = 1
@@ -353,8 +352,17 @@ def _task_manager(tasks: Sequence[str], include_path: str | None) -> Any:
     return manager
 
 
+class Switch(Protocol):
+    """What a sweep switches α with: :class:`~rvhub.ops.live.ScaleSwitch` (transformers) or
+    :class:`~rvhub.evaluation.vllm_engine.VllmSwitch` (a vLLM engine)."""
+
+    def set_scale(self, scale: float) -> Any: ...
+
+    def restore(self) -> None: ...
+
+
 def run_sweep(
-    switch: ScaleSwitch,
+    switch: Switch,
     model: Any,
     tokenizer: Any,
     *,
@@ -369,39 +377,49 @@ def run_sweep(
     on_point: Callable[[SweepPoint], None] | None = None,
     done: Mapping[float, SweepPoint] | None = None,
     log_path: Path | None = None,
+    lm: Any = None,
+    engine: Mapping[str, Any] | None = None,
 ) -> Sweep:
     """Evaluate ``model`` at ``round(θ + α·v)`` for each α of ``scales`` (restored after).
 
     ``tasks`` are lm-eval task names (``include_path`` adds a folder of task YAMLs);
-    ``limit``, ``batch_size``, ``num_fewshot`` and the seeds go to ``simple_evaluate``, which
-    runs with ``log_samples=False``. ``on_point`` sees each point as it is done; the α of
+    ``limit``, ``batch_size``, ``num_fewshot``, the seeds and ``lm_eval_options``
+    (``apply_chat_template``, ``fewshot_as_multiturn``, ``system_instruction``,
+    ``gen_kwargs``, ``log_samples``: :data:`LM_EVAL_OPTIONS`) go to ``simple_evaluate``.
+    ``lm`` is lm-eval's model object when the caller made it (a vLLM engine,
+    :mod:`.vllm_engine`); by default an ``HFLM`` around ``model`` is made at the first point.
+    ``engine`` is recorded in the settings. ``on_point`` sees each point as it is done; the α of
     ``done`` (finished by an earlier run) are taken as they are. With ``log_path``, lm-eval's
     log lines and the warnings raised while it runs go to that file (its progress bars stay).
     """
     lm_eval = require_lm_eval()
-    from lm_eval.models.huggingface import HFLM
 
     tasks, scales = parse_tasks(tasks), parse_scales(scales)
     limit, batch_size = parse_limit(limit), parse_batch_size(batch_size)
     manager = _task_manager(tasks, str(include_path) if include_path else None)
-    lm: list[Any] = []  # made at the first point evaluated here (none when every α was kept)
+    options = check_lm_eval_options(lm_eval_options)
+    made: list[Any] = [] if lm is None else [lm]  # an HFLM is made at the first point evaluated
 
     def evaluate() -> dict[str, Any]:
         with lm_eval_logged(log_path):
-            if not lm:
-                lm.append(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size))
+            if not made:
+                from lm_eval.models.huggingface import HFLM
+
+                hf_args = dict((engine or {}).get("model_args") or {})
+                made.append(
+                    HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **hf_args)
+                )
             results = lm_eval.simple_evaluate(
-                model=lm[0],
+                model=made[0],
                 tasks=list(tasks),
                 task_manager=manager,
                 limit=limit,
                 num_fewshot=num_fewshot,
-                log_samples=False,
                 random_seed=seed,
                 numpy_random_seed=seed,
                 torch_random_seed=seed,
                 fewshot_random_seed=seed,
-                **dict(lm_eval_options or {}),
+                **{"log_samples": False, **options},
             )
         if results is None:  # not rank 0 of a distributed run
             raise InputError("lm-eval returned no results (a distributed run's other rank?)")
@@ -425,10 +443,49 @@ def run_sweep(
                 on_point(point)
     finally:
         switch.restore()
-    settings = dict(limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed)
+    settings: dict[str, Any] = dict(
+        limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed
+    )
     settings.update(include_path=str(include_path) if include_path else None)
     settings.update(lm_eval_version=getattr(lm_eval, "__version__", None))
+    settings.update(lm_eval_options=options, engine=dict(engine or {"name": "hf"}))
     return Sweep(points=points, tasks=list(tasks), settings=settings)
+
+
+# simple_evaluate's options an instruct target needs, as lm-eval's CLI spells them
+# (--apply_chat_template [TEMPLATE], --fewshot_as_multiturn, --system_instruction,
+# --gen_kwargs, --log_samples); read from lm_eval 0.4.13's evaluator.simple_evaluate.
+LM_EVAL_OPTIONS = {
+    "apply_chat_template": (bool, str),
+    "fewshot_as_multiturn": (bool,),
+    "system_instruction": (str,),
+    "gen_kwargs": (str, dict),
+    "log_samples": (bool,),
+}
+
+
+def check_lm_eval_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The lm-eval options given (None values dropped), each of a type lm-eval takes; one
+    line naming an unknown one."""
+    out = {}
+    for name, value in (options or {}).items():
+        if value is None:
+            continue
+        kinds = LM_EVAL_OPTIONS.get(name)
+        if kinds is None:
+            known = ", ".join(LM_EVAL_OPTIONS)
+            hint = difflib.get_close_matches(name, list(LM_EVAL_OPTIONS), n=1)
+            raise InputError(
+                f"unknown lm-eval option {name!r}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f": rvhub passes {known}"
+            )
+        if not isinstance(value, kinds):
+            raise InputError(f"lm-eval option `{name}`: {value!r} is not a {kinds[0].__name__}")
+        out[name] = value
+    if out.get("fewshot_as_multiturn") and not out.get("apply_chat_template"):
+        raise InputError("`fewshot_as_multiturn` needs `apply_chat_template` (as in lm-eval)")
+    return out
 
 
 def _quiet_git_hash() -> str | None:
@@ -487,13 +544,36 @@ def results_json(results: Mapping[str, Any]) -> str:
     return json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
 
 
+def write_point(folder: Path, point: SweepPoint) -> None:
+    """``alpha_<α>/results.json`` and, when lm-eval logged them, one
+    ``samples_<task>.jsonl`` per task beside it (as lm-eval's CLI writes samples: apart from
+    the results)."""
+    where = folder / point.dirname
+    where.mkdir(exist_ok=True)
+    results = dict(point.results)
+    samples = results.pop("samples", None)
+    if isinstance(samples, Mapping):
+        try:
+            from lm_eval.utils import handle_non_serializable
+        except ImportError:  # pragma: no cover - samples come from lm-eval
+            handle_non_serializable = str
+        for task, rows in samples.items():
+            lines = "".join(
+                json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n"
+                for row in rows
+            )
+            name = re.sub(r"[^\w.-]", "_", str(task))
+            atomic_write(where / f"samples_{name}.jsonl", lines.encode())
+    atomic_write(where / "results.json", results_json(results).encode())
+
+
 def write_sweep(sweep: Sweep, out: str | os.PathLike[str], *, plot: bytes | None = None) -> Path:
-    """Write each point's ``alpha_<α>/results.json``, ``sweep.json`` and the plot into ``out``."""
+    """Write each point's ``alpha_<α>/results.json`` (and logged samples), ``sweep.json`` and
+    the plot into ``out``."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     for point in sweep.points:
-        (folder / point.dirname).mkdir(exist_ok=True)
-        atomic_write(folder / point.dirname / "results.json", results_json(point.results).encode())
+        write_point(folder, point)
     if plot is not None:
         atomic_write(folder / SWEEP_PLOT, plot)
     summary = sweep.summary()

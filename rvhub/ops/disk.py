@@ -22,7 +22,7 @@ import torch
 from ..architecture import model_identity
 from ..checkpoint import Checkpoint
 from ..constants import APPLIED_RECORD, CARD_NAME, SAFE_INDEX, SLAB_ELEMS
-from ..errors import InputError
+from ..errors import CompatibilityError, InputError
 from ..io.atomic import atomic_dir, check_output
 from ..io.cores import resolve_threads
 from ..io.device import resolve_device
@@ -39,7 +39,7 @@ from ..io.stream import Blob, SlabPool, pool_limit, write_streams
 from ..options import ApplyOptions
 from ..sources import VectorSource
 from .plan import ApplyReport
-from .prepare import ApplyTarget, VectorFacts, prepare_apply
+from .prepare import ApplyTarget, PreparedApply, VectorFacts, prepare_apply
 
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 SKIP_SIDE = {SAFE_INDEX, CARD_NAME, APPLIED_RECORD}
@@ -107,6 +107,60 @@ def apply_to_checkpoint_files(
         (tmp / APPLIED_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
     report.output = str(out_path.absolute())
     return report
+
+
+def applied_tensors(
+    vector: VectorFacts, source: VectorSource, ckpt: Checkpoint, options: ApplyOptions
+) -> tuple[ApplyReport, Iterator[tuple[str, torch.Tensor]]]:
+    """Every tensor of ``ckpt`` in checkpoint format, the ones the vector touches set to
+    ``round(θ + α·v)`` by the code :func:`apply_to_checkpoint_files` writes with (so the same
+    bytes), one tensor at a time: θ re-read from the files, nothing kept between tensors.
+
+    The pre-flight runs here (its report is returned); the tensors are made as the iterator is
+    consumed (:func:`stream_applied`). FP8 targets are refused: an engine would have to
+    requantize them (``rvhub apply`` writes them)."""
+    prepared = prepare_streamed(vector, ckpt, options)
+    return prepared.report, stream_applied(source, ckpt, prepared.plan.targets, options.alpha)
+
+
+def prepare_streamed(vector: VectorFacts, ckpt: Checkpoint, options: ApplyOptions) -> PreparedApply:
+    """The apply pre-flight of :func:`applied_tensors` (FP8 targets refused)."""
+    if ckpt.fp8_scales:
+        raise CompatibilityError(
+            f"{ckpt.path} is block-quantized FP8: set α in an engine only on its bfloat16 "
+            "release (or `rvhub apply --dtype bfloat16` and evaluate that output)"
+        )
+    return prepare_apply(vector, ApplyTarget.of_checkpoint(ckpt), options)
+
+
+def stream_applied(
+    source: VectorSource,
+    ckpt: Checkpoint,
+    targets: Mapping[str, tuple[str, int | None]],
+    alpha: float,
+    only: Iterable[str] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for each tensor of ``ckpt`` (or of ``only``) in file order (a
+    layer's tensors together): θ as stored, or ``round(θ + α·v)`` for the ``targets`` of an
+    apply plan (target name → vector name and rows), on the CPU, one at a time."""
+    wanted = None if only is None else set(only)
+    handles = FileHandles()
+    pool = SlabPool(SLAB_ELEMS, limit=pool_limit(1))
+    add = _SlabAdder(source, targets, alpha, torch.device("cpu"), handles, pool)
+    try:
+        with single_thread():
+            for _, entries in _file_entries(ckpt):
+                for e in entries:
+                    if wanted is not None and e.name not in wanted:
+                        continue
+                    out = torch.empty(e.numel, dtype=e.torch_dtype)
+                    for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
+                        part = add.slab(e, start, stop)
+                        out[start:stop].copy_(part)
+                        pool.give(part)
+                    yield e.name, out.reshape(e.shape)
+    finally:
+        handles.close()
 
 
 def _file_entries(ckpt: Checkpoint) -> Iterator[tuple[Path, list[TensorEntry]]]:

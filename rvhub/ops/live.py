@@ -166,8 +166,9 @@ def _live_tied(model: torch.nn.Module) -> bool:
 
 
 def _keep(snapshot: dict[str, torch.Tensor] | None, name: str, tensor: torch.Tensor) -> None:
+    """The pristine value, kept in host memory (never a second copy on the GPU)."""
     if snapshot is not None and name not in snapshot:
-        snapshot[name] = tensor.detach().clone()
+        snapshot[name] = tensor.detach().to("cpu", copy=True)
 
 
 def _add_live(
@@ -224,17 +225,92 @@ def _warn_overflow(model: torch.nn.Module, report: ApplyReport) -> None:
         report.warn(msg)
 
 
+class FileScaleSwitch:
+    """Hold a live model loaded from a checkpoint at exactly ``round(θ + α·v)`` for any α in
+    turn, keeping no copy of θ or v: each :meth:`set_scale` re-reads the touched tensors' θ
+    from the checkpoint's files and v from the vector's, one tensor at a time, and writes
+    ``round(θ + α·v)`` (the code ``rvhub apply`` writes with) into the parameters. Memory: the
+    model plus one tensor.
+
+    :meth:`open` checks first that every tensor the vector touches holds exactly the files'
+    values, in their dtype; otherwise (a model changed after loading, loaded in another dtype,
+    or one whose parameters transformers renamed) it returns None and :class:`ScaleSwitch`
+    is the way.
+    """
+
+    def __init__(self, source: VectorSource, model: torch.nn.Module, ckpt: Any, prepared: Any):
+        self.source, self.model, self.ckpt, self.prepared = source, model, ckpt, prepared
+        self.scale: float | None = None
+
+    @classmethod
+    def open(
+        cls,
+        source: VectorSource,
+        vector: VectorFacts,
+        model: torch.nn.Module,
+        ckpt: Any,
+        options: ApplyOptions,
+    ) -> FileScaleSwitch | None:
+        from .disk import prepare_streamed, stream_applied
+
+        if ckpt.fp8_scales:
+            return None
+        params = {**persistent_float_buffers(model), **dict(model.named_parameters())}
+        entries = ckpt.entries
+        # the plan does not depend on α (1 here: no "α = 0" note at the pre-flight)
+        prepared = prepare_streamed(vector, ckpt, replace(options, scale=1.0, given_scale=1.0))
+        touched = list(prepared.plan.targets)
+        for name in touched:
+            p = params.get(name)
+            if p is None or p.dtype != entries[name].torch_dtype or p.shape != entries[name].shape:
+                return None
+        with torch.no_grad():
+            for name, theta in stream_applied(source, ckpt, {}, 0.0, only=touched):
+                if not torch.equal(params[name].detach().to("cpu"), theta):
+                    return None  # the model is not what its files hold
+        return cls(source, model, ckpt, prepared)
+
+    def set_scale(self, scale: float) -> ApplyReport:
+        """Set the model to ``round(θ + scale·v)``; returns that apply's report."""
+        from .disk import stream_applied
+
+        scale = check_scale(scale)
+        plan = self.prepared.plan
+        params = {**persistent_float_buffers(self.model), **dict(self.model.named_parameters())}
+        with torch.no_grad():
+            for name, value in stream_applied(self.source, self.ckpt, plan.targets, scale,
+                                              only=plan.targets):  # fmt: skip
+                params[name].data.copy_(value)
+        self.scale = scale
+        report = copy.copy(self.prepared.report)
+        report.scale = scale
+        return report
+
+    def restore(self) -> None:
+        """Write θ back (re-read from the files) into every tensor the vector touches."""
+        from .disk import stream_applied
+
+        if self.scale is not None:
+            params = {**persistent_float_buffers(self.model), **dict(self.model.named_parameters())}
+            with torch.no_grad():
+                for name, theta in stream_applied(self.source, self.ckpt, {}, 0.0,
+                                                  only=self.prepared.plan.targets):  # fmt: skip
+                    params[name].data.copy_(theta)
+        self.scale = None
+
+
 class ScaleSwitch:
     """Hold a live model at exactly ``round(θ + α·v)`` for any α in turn, from the pristine θ.
 
     Each :meth:`set_scale` first writes back the pristine values of every tensor an earlier
-    call changed (kept, on their own devices, the first time each was touched), then adds
+    call changed (kept in host memory, never on the GPU, the first time each was touched), then adds
     ``α·v`` as :func:`apply_to_model` does: the result is bit-identical to applying ``α·v``
     to a freshly loaded target, never a sum of differences of α. :meth:`restore` brings the
     model back to θ. With ``keep_deltas`` (default) the first call also keeps each delta on its
     parameter's device (memory: the vector's size once more, beside θ's copy), and later calls
     compute ``round(θ + α·δ)`` straight into the parameters in one pass (fused MoE parameters
-    and the pinned-DMA CUDA path always take the first call's route).
+    and the pinned-DMA CUDA path always take the first call's route). For a model loaded from
+    files, :class:`FileScaleSwitch` keeps neither copy.
 
     Example:
         >>> switch = ScaleSwitch(v.source, v.model_info, model, manifest=v.manifest)
@@ -307,7 +383,7 @@ class ScaleSwitch:
         tensors = self._tensors()
         with torch.no_grad():
             for name, (delta, rows) in self._deltas.items():
-                target, base = tensors[name].data, self.pristine[name]
+                target, base = tensors[name].data, self.pristine[name].to(tensors[name].device)
                 if rows is not None:
                     target[rows:].copy_(base[rows:])
                     target, base = target[:rows], base[:rows]

@@ -21,6 +21,7 @@ import threading
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CompatibilityError, InputError
@@ -430,15 +431,17 @@ def merge_range(
     return merged
 
 
+def _slicer(flat: torch.Tensor) -> Reader:
+    return lambda s, e: flat[s:e]
+
+
 def merge_tensor(name: str, deltas: Sequence[torch.Tensor], options: MergeOptions) -> torch.Tensor:
     """The merged delta of one tensor from each input's delta (float32, same shape)."""
     import torch
 
     flats = [d.to(torch.float32).reshape(-1) for d in deltas]
     shape = tuple(deltas[0].shape)
-    plans = [
-        plan_input(name, i, lambda s, e, f=f: f[s:e], shape, options) for i, f in enumerate(flats)
-    ]
+    plans = [plan_input(name, i, _slicer(f), shape, options) for i, f in enumerate(flats)]
     merged = merge_range(plans, lambda i, s, e: flats[i][s:e], 0, flats[0].numel(), options)
     return merged.reshape(shape)
 
@@ -490,9 +493,7 @@ class MergeSource(VectorSource):
             if plans is None:
                 shape = self.shapes[name]
                 plans = [
-                    plan_input(
-                        name, i, lambda s, e, src=src: src.chunk(name, s, e), shape, self.options
-                    )
+                    plan_input(name, i, partial(src.chunk, name), shape, self.options)
                     for i, src in enumerate(self.sources)
                 ]
                 with self._lock:

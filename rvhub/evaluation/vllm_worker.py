@@ -1,0 +1,115 @@
+"""The rvhub side of a vLLM engine: a worker extension that sets the weights each worker holds
+to exactly ``round(θ + α·v)``, in place, without a second copy of the model.
+
+vLLM imports this module in every worker process (``LLM(worker_extension_cls=WORKER_CLS)``)
+and the driver calls its methods through ``llm.collective_rpc`` (:mod:`.vllm_engine`). Each
+switch streams the target's checkpoint tensors (θ re-read from its files, v from the vector's;
+:func:`rvhub.ops.disk.applied_tensors`, the code ``rvhub apply`` writes with) into vLLM's own
+layerwise reload (``vllm.model_executor.model_loader.reload``, read from vLLM 0.32.0): each
+layer is rebuilt in checkpoint format as its tensors arrive, then processed again by vLLM
+(fused QKV and gate/up shards, CPU weight packing), so what vLLM computes with is what it would
+have loaded from ``rvhub apply``'s output. Every tensor of the target is fed, touched or not:
+vLLM processes a layer once all of its weights arrived, and a fused parameter needs all of its
+shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+WORKER_CLS = "rvhub.evaluation.vllm_worker.RvhubWorker"
+
+
+class RvhubWorker:
+    """Mixed into vLLM's worker class: ``self`` is the worker (``self.model_runner``)."""
+
+    model_runner: Any
+
+    def rvhub_open(self, vector: str, target: str, options: dict[str, Any]) -> int:
+        """Open the vector folder and the target folder (local paths) and run the apply
+        pre-flight; returns how many target tensors the vector touches."""
+        from rvhub.checkpoint import open_local_checkpoint
+        from rvhub.ops.disk import prepare_streamed
+        from rvhub.options import ApplyOptions
+        from rvhub.vector import load_vector
+
+        vec = load_vector(vector)
+        ckpt = open_local_checkpoint(_path(target))
+        prepared = prepare_streamed(vec.facts(), ckpt, ApplyOptions(**options))
+        self._rvhub = (vec, ckpt, prepared.plan.targets)
+        return len(prepared.plan.targets)
+
+    def rvhub_set_scale(self, alpha: float) -> dict[str, Any]:
+        """Set this worker's weights to ``round(θ + α·v)``; returns the checkpoint tensors
+        vLLM's model did not place (``missed``: the vector's among them are refused by the
+        driver) and those it did (``placed``)."""
+        import torch
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+
+        from rvhub.ops.disk import stream_applied
+
+        vec, ckpt, targets = self._rvhub
+        tensors = stream_applied(vec.source, ckpt, targets, alpha)
+        touched = set(targets)
+        runner = self.model_runner
+        model = runner.get_model()
+        missed: list[str] = []
+        placed = 0
+        with torch.no_grad():
+            initialize_layerwise_reload(model)
+            try:
+                for name, tensor in tensors:
+                    loaded = model.load_weights([(name, tensor)])
+                    if loaded is not None and not loaded:
+                        missed.append(name)
+                    else:
+                        placed += 1
+            finally:
+                finalize_layerwise_reload(model, runner.model_config)
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+            if hasattr(runner, reset):
+                getattr(runner, reset)()
+        return {"missed": missed, "placed": placed, "missed_touched": sorted(touched & set(missed))}
+
+    def rvhub_parameters(self) -> dict[str, Any]:
+        """Every parameter and buffer of this worker's model as ``(dtype, shape, bytes)``
+        (what an RPC carries intact; :func:`as_tensors` rebuilds them), for tests: compared
+        with a fresh engine on ``rvhub apply``'s output."""
+        import torch
+
+        model = self.model_runner.get_model()
+        items = [(f"param:{n}", p) for n, p in model.named_parameters()]
+        items += [(f"buffer:{n}", b) for n, b in model.named_buffers()]
+        out = {}
+        for name, t in items:
+            t = t.detach().to("cpu").contiguous()
+            raw = (
+                t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+            )
+            out[name] = (str(t.dtype).removeprefix("torch."), list(t.shape), raw.numpy().tobytes())
+        return out
+
+
+def as_tensors(parameters: dict[str, Any]) -> dict[str, Any]:
+    """:meth:`RvhubWorker.rvhub_parameters`' answer as tensors."""
+    import torch
+
+    out = {}
+    for name, (dtype, shape, data) in parameters.items():
+        kind = getattr(torch, dtype)
+        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None
+        out[name] = (
+            flat.view(kind).reshape(shape).clone()
+            if flat is not None
+            else torch.empty(shape, dtype=kind)
+        )
+    return out
+
+
+def _path(text: str) -> Any:
+    from pathlib import Path
+
+    return Path(text)

