@@ -3,6 +3,7 @@ toy transfer's own lm-eval task (examples/toy_transfer/task: local JSON data, no
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -183,7 +184,26 @@ def test_eval_refuses_bad_input_with_one_line(toy, tmp_path) -> None:
         (["--tasks", "toy_addition", "--scales", "1,1"], "given twice"),
         (["--tasks", " , ", "--scales", "1"], "--tasks is empty"),
         (["--tasks", "toy_addition", "--batch-size", "0"], "--batch-size"),
+        # the engines' options
+        (["--tasks", "toy_addition", "--tensor-parallel-size", "2"], "an option of --engine vllm"),
+        (["--tasks", "toy_addition", "--max-model-len", "64"], "an option of --engine vllm"),
+        (
+            ["--tasks", "toy_addition", "--engine", "vllm", "--device", "cpu"],
+            "options of --engine hf",
+        ),
+        (["--tasks", "toy_addition", "--fewshot-as-multiturn"], "needs `apply_chat_template`"),
+        (
+            ["--tasks", "toy_addition", "--model-args", "max_length"],
+            "'max_length' is not key=value",
+        ),
+        (["--tasks", "toy_addition", "--model-args", "pretrained=x"], "may not set pretrained"),
+        (
+            ["--tasks", "toy_addition", "--gpu-memory-utilization", "1.5"],
+            "--gpu-memory-utilization",
+        ),
     ]
+    if importlib.util.find_spec("vllm") is None:  # the project's venv: vLLM lives in its own
+        cases.append((["--tasks", "toy_addition", "--engine", "vllm"], "needs vLLM"))
     for extra, match in cases:
         assert_clean_failure(run(*base, *extra), match=match, output=tmp_path / "o", before=None)
 

@@ -105,3 +105,50 @@ def test_switched_engine_equals_fresh_engines_on_apply_outputs(family, tmp_path)
         seen.append((a["results"]["toy_ll"]["perplexity,none"], gen))
     # the switches changed the model: every α computes something different
     assert len({json.dumps(s) for s in seen}) == len(SCALES)
+
+
+def test_rvhub_eval_cli_equals_lm_eval_cli_on_the_applied_folder(family, tmp_path):
+    """`rvhub eval --engine vllm` (the CLI, in vLLM's environment) against `lm_eval --model
+    vllm` on `rvhub apply`'s output at α = 0.5: the same scores and per-sample
+    log-likelihoods; sweep.json records the engine and the lm-eval options."""
+    bin_dir = VLLM_PY.parent
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    engine_args = "enforce_eager=True,max_model_len=64"
+    out = tmp_path / "rv"
+    done = subprocess.run(
+        [str(bin_dir / "rvhub"), "eval", str(family["vector"]), str(family["target"]),
+         "--engine", "vllm", "--tasks", "toy_ll", "--include-path", str(TASK_DIR),
+         "--scales", "0.5", "--batch-size", "8", "--model-args", engine_args,
+         "--log-samples", "--seed", "0", "-o", str(out)],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "α = +0.5: toy_ll" in done.stdout
+    summary = json.loads((out / "sweep.json").read_text())
+    engine = summary["settings"]["engine"]
+    assert engine["name"] == "vllm" and engine["version"].startswith("0.32")
+    assert engine["enforce_eager"] is True and engine["tensor_parallel_size"] == 1
+    assert summary["settings"]["lm_eval_options"] == {"log_samples": True}
+    mine = json.loads((out / "alpha_+0.5" / "results.json").read_text())
+    my_samples = [
+        json.loads(line)
+        for line in (out / "alpha_+0.5" / "samples_toy_ll.jsonl").read_text().splitlines()
+    ]
+    ref_dir = tmp_path / "lm"
+    done = subprocess.run(
+        [str(bin_dir / "lm_eval"), "--model", "vllm", "--model_args",
+         f"pretrained={family['applied+0.5']},{engine_args}", "--tasks", "toy_ll",
+         "--include_path", str(TASK_DIR), "--batch_size", "8", "--seed", "0",
+         "--log_samples", "--output_path", str(ref_dir)],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    (ref_results,) = ref_dir.rglob("results_*.json")
+    (ref_samples,) = ref_dir.rglob("samples_toy_ll_*.jsonl")
+    ref = json.loads(ref_results.read_text())
+    assert mine["results"]["toy_ll"] == ref["results"]["toy_ll"]
+    ref_rows = [json.loads(line) for line in ref_samples.read_text().splitlines()]
+    assert [r["resps"] for r in my_samples] == [r["resps"] for r in ref_rows]  # as strings
+    same = ("doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "acc", "perplexity")
+    for mine_row, ref_row in zip(my_samples, ref_rows, strict=True):
+        assert {k: mine_row.get(k) for k in same} == {k: ref_row.get(k) for k in same}

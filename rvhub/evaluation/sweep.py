@@ -544,24 +544,32 @@ def results_json(results: Mapping[str, Any]) -> str:
     return json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
 
 
+def _sample_line(sample: Mapping[str, Any]) -> str:
+    """One logged sample as lm-eval's CLI writes it (``EvaluationTracker.save_results_samples``
+    of lm_eval 0.4.13: arguments by position, responses and target as strings)."""
+    from lm_eval.utils import handle_non_serializable, sanitize_list
+
+    row = dict(sample)
+    row["arguments"] = {
+        f"gen_args_{i}": {f"arg_{j}": a for j, a in enumerate(arg)}
+        for i, arg in enumerate(row.get("arguments") or [])
+    }
+    row["resps"] = sanitize_list(row.get("resps", []))
+    row["filtered_resps"] = sanitize_list(row.get("filtered_resps", []))
+    row["target"] = str(row.get("target"))
+    return json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n"
+
+
 def write_point(folder: Path, point: SweepPoint) -> None:
     """``alpha_<α>/results.json`` and, when lm-eval logged them, one
-    ``samples_<task>.jsonl`` per task beside it (as lm-eval's CLI writes samples: apart from
-    the results)."""
+    ``samples_<task>.jsonl`` per task beside it, each line as lm-eval's CLI writes it."""
     where = folder / point.dirname
     where.mkdir(exist_ok=True)
     results = dict(point.results)
     samples = results.pop("samples", None)
     if isinstance(samples, Mapping):
-        try:
-            from lm_eval.utils import handle_non_serializable
-        except ImportError:  # pragma: no cover - samples come from lm-eval
-            handle_non_serializable = str
         for task, rows in samples.items():
-            lines = "".join(
-                json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n"
-                for row in rows
-            )
+            lines = "".join(_sample_line(row) for row in rows)
             name = re.sub(r"[^\w.-]", "_", str(task))
             atomic_write(where / f"samples_{name}.jsonl", lines.encode())
     atomic_write(where / "results.json", results_json(results).encode())
