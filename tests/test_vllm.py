@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from rvhub import apply_to_checkpoint, extract_vector, load_vector
+from tests.cli_helpers import run
 from tests.models import build_model, finetune_like, save
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,3 +154,73 @@ def test_rvhub_eval_cli_equals_lm_eval_cli_on_the_applied_folder(family, tmp_pat
     same = ("doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "acc", "perplexity")
     for mine_row, ref_row in zip(my_samples, ref_rows, strict=True):
         assert {k: mine_row.get(k) for k in same} == {k: ref_row.get(k) for k in same}
+
+
+# -- adapters loaded by vLLM itself --------------------------------------------------------------
+def _lora_engine(mode: str, out: Path, target: Path, adapters=(), max_rank=8) -> Path:
+    cmd = [str(VLLM_PY), str(ROOT / "tests" / "vllm_check.py"), mode, "--target", str(target),
+           "--out", str(out), "--adapters", ",".join(map(str, adapters)),
+           "--max-lora-rank", str(max_rank)]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return out
+
+
+# logprobs of the LoRA path (x·W + (x·A)·B in bf16) against the merged weights (W + B·A
+# rounded to bf16 once): bf16's rounding, measured at 0.004 (Llama) on these models, while the
+# adapter itself moves them by ten times as much or more
+LOGPROB_TOL = 0.02
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "mistral"])
+def test_vllm_serves_the_vllm_profile_adapter_as_rvhub_applies_it(arch, tmp_path):
+    """The `--for vllm` adapter through vLLM's LoRARequest scores fixed sequences (every
+    position's top-5 logprobs and the greedy token) as vLLM does on the target with the
+    adapter's B·A merged by `rvhub apply` (the dense remainder excluded);
+    the `--for peft` adapter is loaded or refused by vLLM exactly as the manifest's (and
+    `inspect --for vllm`'s) report says. Llama's adapters hold embedding LoRA."""
+    paths = {}
+    for i, role in enumerate(("a", "b", "target")):
+        model = build_model(arch, seed=0, **TINY)
+        finetune_like(model, seed=20 + i, scale=0.2)
+        paths[role] = save(model.to(torch.bfloat16), tmp_path / role)
+        toy_transfer.toy_tokenizer().save_pretrained(paths[role])
+    vecs = {}
+    for profile in ("vllm", "peft"):
+        vecs[profile] = tmp_path / f"vec-{profile}"
+        r = run("extract", paths["a"], paths["b"], "-o", vecs[profile], "--encoding", "lora",
+                "--rank", "8", "--for", profile)  # fmt: skip
+        assert r.exit_code == 0, r.output
+    manifest = json.loads((vecs["vllm"] / "rvhub.json").read_text())
+    dense = [n for n, t in manifest["tensors"].items() if t["stored"] == "dense"]
+    adapter = load_file(vecs["vllm"] / "adapter_model.safetensors")
+    assert any("embed_tokens" in k for k in adapter) == (arch == "llama")
+    merged = tmp_path / "merged"
+    excludes = [x for n in dense for x in ("--exclude", f"^{re.escape(n)}$")]
+    r = run("apply", vecs["vllm"], paths["target"], "-o", merged, *excludes)
+    assert r.exit_code == 0, r.output
+    out = _lora_engine("lora", tmp_path / "lora", paths["target"], [vecs["vllm"], vecs["peft"]])
+    ref = json.loads((_lora_engine("plain", tmp_path / "plain", merged) / "gen.json").read_text())
+    assert not (out / "error0.txt").exists(), (out / "error0.txt").read_text()
+    lora = json.loads((out / "gen0.json").read_text())
+    base = json.loads((out / "gen-base.json").read_text())
+    worst = moved = 0.0
+    for seq_lora, seq_ref, seq_base in zip(lora, ref, base, strict=True):
+        for pos_lora, pos_ref, pos_base in zip(seq_lora, seq_ref, seq_base, strict=True):
+            shared = pos_lora.keys() & pos_ref.keys()
+            worst = max(worst, *(abs(pos_lora[t] - pos_ref[t]) for t in shared))
+            moved = max(
+                moved, *(abs(pos_lora[t] - pos_base[t]) for t in pos_lora.keys() & pos_base.keys())
+            )
+            # the greedy token is the same wherever the reference's choice is not a near-tie
+            top = sorted(pos_ref.values(), reverse=True)
+            if top[0] - top[1] > 2 * LOGPROB_TOL:
+                assert max(pos_lora, key=pos_lora.get) == max(pos_ref, key=pos_ref.get)
+    assert worst < LOGPROB_TOL and moved > 10 * worst, (worst, moved)  # it matters, and matches
+    peft_report = json.loads((vecs["peft"] / "rvhub.json").read_text())
+    predicted = peft_report["compression"]["engines"]["vllm"]["loads"]
+    refused = (out / "error1.txt").exists()
+    assert refused == (not predicted), (arch, refused and (out / "error1.txt").read_text())
+    shown = run("inspect", vecs["peft"], "--for", "vllm")
+    assert shown.exit_code == 0 and (("refuses" in shown.output) == refused), shown.output

@@ -5,7 +5,10 @@ logprobs and lm-eval results, written to ``--out`` for the test to compare.
     switched: one engine on TARGET; for each α, rvhub's VllmSwitch sets θ + α·v inside it and
               run_sweep evaluates (the code `rvhub eval --engine vllm` runs);
     fresh:    one engine on an `rvhub apply` output folder (the reference), evaluated by the
-              same run_sweep with nothing switched.
+              same run_sweep with nothing switched;
+    lora:     one engine on TARGET with LoRA enabled; each of --adapters through a LoRARequest
+              (its generations, or the error vLLM raised), and TARGET itself;
+    plain:    one engine on TARGET, its generations.
 """
 
 from __future__ import annotations
@@ -45,17 +48,71 @@ def generations(llm) -> list[dict]:
     return rows
 
 
+# Fixed sequences, scored token by token (teacher-forced): a greedy continuation of a tiny
+# random model can flip at a near-tie and then compares different sequences.
+SEQUENCES = [[*p, 3, 4, 5, 6, 7, 8, 2] for p in PROMPTS]
+
+
+def scored(llm, lora_request=None) -> list[list[dict]]:
+    """Per sequence, per prefix of it (from the prompt on): the top 5 next-token logprobs,
+    each prefix a one-token greedy request (vLLM 0.32's CPU LoRA path fails on
+    ``prompt_logprobs``: an einsum shape error)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+    cut = len(PROMPTS[0])
+    prefixes = [s[:n] for s in SEQUENCES for n in range(cut, len(s) + 1)]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prefixes], params,
+                        lora_request=lora_request, use_tqdm=False)  # fmt: skip
+    rows = [{str(k): v.logprob for k, v in o.outputs[0].logprobs[0].items()} for o in outs]
+    per = len(SEQUENCES[0]) - cut + 1
+    return [rows[k : k + per] for k in range(0, len(rows), per)]
+
+
+def lora(args) -> None:
+    from vllm import LLM
+    from vllm.lora.request import LoRARequest
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    llm = LLM(model=args.target, enable_lora=True, max_lora_rank=args.max_lora_rank, max_loras=1,
+              enforce_eager=True, max_model_len=64, seed=0)  # fmt: skip
+    (out / "gen-base.json").write_text(json.dumps(scored(llm)))
+    for i, adapter in enumerate(args.adapters.split(",")):
+        request = LoRARequest(f"adapter{i}", i + 1, adapter)
+        try:
+            rows = scored(llm, request)
+        except Exception as e:  # vLLM's refusal, recorded for the test
+            (out / f"error{i}.txt").write_text(f"{type(e).__name__}: {e}")
+            continue
+        (out / f"gen{i}.json").write_text(json.dumps(rows))
+
+
+def plain(args) -> None:
+    from vllm import LLM
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    llm = LLM(model=args.target, enforce_eager=True, max_model_len=64, seed=0)
+    (out / "gen.json").write_text(json.dumps(scored(llm)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["switched", "fresh"])
+    ap.add_argument("mode", choices=["switched", "fresh", "lora", "plain"])
     ap.add_argument("--target", required=True)
     ap.add_argument("--vector")
     ap.add_argument("--scales", default="0")
-    ap.add_argument("--tasks", required=True)
-    ap.add_argument("--include-path", required=True)
+    ap.add_argument("--tasks")
+    ap.add_argument("--include-path")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--adapters", default="")
+    ap.add_argument("--max-lora-rank", type=int, default=8)
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.mode in ("lora", "plain"):
+        (lora if args.mode == "lora" else plain)(args)
+        return
 
     from safetensors.torch import save_file
 

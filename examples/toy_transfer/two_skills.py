@@ -141,8 +141,9 @@ def train_all(out: Path, seed: int, s: toy.Settings) -> None:
         toy.supervised_train(model, stream, steps=steps, lr=lr, batch=s.batch, label=label)
 
     print(f"[base] pretraining on noisy additions, max problems and digit text ({s.base_steps})")
+    rng = start(1)  # seeds torch before the model's initialisation
     base = toy.new_model(s)
-    supervised(base, pretraining_stream(start(1), s), s.base_steps, s.base_lr, "base")
+    supervised(base, pretraining_stream(rng, s), s.base_steps, s.base_lr, "base")
     base.save_pretrained(out / "base")
     for k, (name, (demos, problems, answer_len)) in enumerate(SKILLS.items()):
         print(f"[{name}] SFT ({s.sft_steps} steps), then GRPO ({s.rl_steps} steps)")
