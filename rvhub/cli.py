@@ -927,100 +927,103 @@ def eval_(
     overwrite: bool,
     resume: bool,
     allow_unrelated: bool,
-    engine: str,
-    tensor_parallel_size: int,
-    gpu_memory_utilization: float | None,
-    max_model_len: int | None,
-    model_args: str | None,
-    apply_chat_template: str | None,
-    fewshot_as_multiturn: bool,
-    system_instruction: str | None,
-    gen_kwargs: str | None,
-    seed: int,
-    log_samples: bool,
+    **flags: Any,
 ) -> None:
     """Evaluate TARGET + α·VECTOR with lm-evaluation-harness for each α of --scales.
 
-    TARGET (a model folder or Hub id) is loaded once; for each α its weights are set to exactly
-    round(θ + α·v) from the pristine θ. OUTPUT gets lm-eval's results per α
+    TARGET (a model folder or Hub id) is loaded once, by transformers (--engine hf) or by a vLLM
+    engine (--engine vllm); for each α its weights are set to exactly round(θ + α·v), θ
+    re-read from TARGET's files (no copy of the model is kept). OUTPUT gets lm-eval's results per α
     (alpha_<α>/results.json), sweep.json (per metric: value and stderr at each α, the best α)
     and eval_sweep.png; lm-eval's own log goes to lm-eval.log there. Each finished α is kept
     when the sweep is interrupted: rerun with --resume to evaluate only the rest.
-    `rvhub card --eval OUTPUT` and `rvhub push --eval OUTPUT` publish it.
-    Needs `pip install "rvhub[eval]"`.
+    `rvhub card --eval OUTPUT` and `rvhub push --eval OUTPUT` publish it. Needs
+    `pip install "rvhub[eval]"` (and vLLM for --engine vllm; docs/eval.md).
 
     \b
     rvhub eval ./vec Qwen/Qwen2.5-1.5B-Instruct --tasks gsm8k --scales -1,0,0.5,1 -o eval-out
     """
-    from .evaluation import LOG_NAME, load_eval_target, metric_values, require_lm_eval
-    from .evaluation.vllm_engine import VllmOptions, parse_model_args
+    from .evaluation import LOG_NAME, load_eval_target, require_lm_eval
     from .io.atomic import check_output
     from .vector import load_vector
 
     options = ApplyOptions(exclude=exclude, vocab=vocab, allow_unrelated=allow_unrelated)
-    extra = parse_model_args(model_args)
-    lm_options = {
-        "apply_chat_template": (apply_chat_template or True)
-        if apply_chat_template is not None
-        else None,
-        "fewshot_as_multiturn": fewshot_as_multiturn or None,
-        "system_instruction": system_instruction,
-        "gen_kwargs": gen_kwargs,
-        "log_samples": log_samples or None,
-    }
-    vllm_only = {
-        "--tensor-parallel-size": tensor_parallel_size != 1,
-        "--gpu-memory-utilization": gpu_memory_utilization is not None,
-        "--max-model-len": max_model_len is not None,
-    }
-    if engine == "hf" and any(vllm_only.values()):
-        given = next(k for k, v in vllm_only.items() if v)
-        raise InputError(f"{given} is an option of --engine vllm")
-    if engine == "vllm" and (device != "auto" or dtype != "auto"):
-        raise InputError(
-            "--device and --dtype are options of --engine hf: vLLM places the model itself "
-            "(pass dtype=... in --model-args)"
-        )
+    engine, engine_options, extra, lm_options = _eval_flags(
+        flags, device != "auto" or dtype != "auto"
+    )
     require_lm_eval()
     check_output(output, overwrite=overwrite, inputs=[vector, target, include_path])
     vec = load_vector(vector, revision=revision)
-
-    def done(point: Any) -> None:
-        shown = ", ".join(f"{m.task} {m.label} {m.value:.4g}" for m in metric_values(point.results))
-        click.echo(
-            f"α = {point.scale:+g}: {shown} (set in {point.switch_seconds:.2f} s, evaluated in {point.eval_seconds:.1f} s)"
-        )
-
     common: dict[str, Any] = dict(
         tasks=tasks, scales=scales, output_dir=output, include_path=include_path, limit=limit,
         batch_size=batch_size, num_fewshot=num_fewshot, options=options, overwrite=overwrite,
-        resume=resume, on_point=done, seed=seed, lm_eval_options=lm_options,
+        resume=resume, on_point=_echo_point, seed=flags["seed"], lm_eval_options=lm_options,
     )  # fmt: skip
     if engine == "vllm":
-        engine_options = VllmOptions(
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            model_args=extra,
-        )
         sweep = vec.evaluate(
-            target, engine="vllm", engine_options=engine_options, revision=target_revision,
-            config_check=not no_config_check, **common,
+            target, engine="vllm", revision=target_revision, config_check=not no_config_check,
+            engine_options=engine_options, **common,
         )  # fmt: skip
     else:
         model, tokenizer, name = load_eval_target(
-            target,
-            revision=target_revision,
-            device=device,
-            dtype=dtype,
+            target, revision=target_revision, device=device, dtype=dtype,
             config_check=not no_config_check,
-        )
+        )  # fmt: skip
         sweep = vec.evaluate(model, tokenizer, target=name, model_args=extra, **common)
     for m in sweep.summary()["metrics"]:
         click.echo(
             f"best α for {m['task']} {m['label']}: {m['best']['scale']:+g} ({m['best']['value']:.4g}; reported, not applied)"
         )
     click.echo(f"wrote {output} (lm-eval's log: {output / LOG_NAME})")
+
+
+def _echo_point(point: Any) -> None:
+    """One line per finished α of ``rvhub eval``."""
+    from .evaluation import metric_values
+
+    shown = ", ".join(f"{m.task} {m.label} {m.value:.4g}" for m in metric_values(point.results))
+    click.echo(
+        f"α = {point.scale:+g}: {shown} (set in {point.switch_seconds:.2f} s, evaluated in {point.eval_seconds:.1f} s)"
+    )
+
+
+def _eval_flags(flags: dict[str, Any], hf_flags: bool) -> tuple[str, Any, dict[str, Any], dict]:
+    """``rvhub eval``'s engine and lm-eval options: the engine, vLLM's options, the
+    ``--model-args`` and the lm-eval options; one line for an option of the other engine."""
+    from .evaluation.vllm_engine import VllmOptions, parse_model_args
+
+    engine = flags["engine"]
+    vllm_flags = {
+        "--tensor-parallel-size": flags["tensor_parallel_size"] != 1,
+        "--gpu-memory-utilization": flags["gpu_memory_utilization"] is not None,
+        "--max-model-len": flags["max_model_len"] is not None,
+    }
+    if engine == "hf" and any(vllm_flags.values()):
+        given = next(k for k, v in vllm_flags.items() if v)
+        raise InputError(f"{given} is an option of --engine vllm")
+    if engine == "vllm" and hf_flags:
+        raise InputError(
+            "--device and --dtype are options of --engine hf: vLLM places the model itself "
+            "(pass dtype=... in --model-args)"
+        )
+    extra = parse_model_args(flags["model_args"])
+    template = flags["apply_chat_template"]
+    lm_options = {
+        "apply_chat_template": True if template == "" else template,
+        "fewshot_as_multiturn": flags["fewshot_as_multiturn"] or None,
+        "system_instruction": flags["system_instruction"],
+        "gen_kwargs": flags["gen_kwargs"],
+        "log_samples": flags["log_samples"] or None,
+    }
+    if engine != "vllm":
+        return engine, None, extra, lm_options
+    engine_options = VllmOptions(
+        tensor_parallel_size=flags["tensor_parallel_size"],
+        gpu_memory_utilization=flags["gpu_memory_utilization"],
+        max_model_len=flags["max_model_len"],
+        model_args=extra,
+    )
+    return engine, engine_options, {}, lm_options
 
 
 def _card_options(func: Any) -> Any:

@@ -420,55 +420,25 @@ class ReasoningVector:
         apply = either(
             options, ApplyOptions(exclude=exclude, vocab=vocab, allow_unrelated=allow_unrelated)
         )
-        lm_options = {**dict(lm_eval_options or {}), **more_lm_eval_options}
+        common: dict[str, Any] = dict(
+            tasks=tasks, scales=scales, output_dir=output_dir, include_path=include_path,
+            limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, apply=apply,
+            overwrite=overwrite, resume=resume, on_point=on_point, seed=seed,
+            lm_eval_options={**dict(lm_eval_options or {}), **more_lm_eval_options},
+        )  # fmt: skip
+        _check_engine_call(engine, model, model_args, engine_options)
         if engine == "vllm":
-            if not isinstance(model, (str, os.PathLike)):
-                raise InputError(
-                    '`engine="vllm"` loads the target itself: give its folder or Hub id as '
-                    "`model`, not a loaded model"
-                )
-            if model_args:
-                raise InputError("`model_args` of the vllm engine go in `engine_options`")
+            assert isinstance(model, (str, os.PathLike))
             return evaluate_vector_vllm(
-                self, model, tasks=tasks, scales=scales, output_dir=output_dir,
-                revision=revision, include_path=include_path, limit=limit,
-                batch_size=batch_size, num_fewshot=num_fewshot, apply=apply,
-                overwrite=overwrite, resume=resume, on_point=on_point,
-                lm_eval_options=lm_options, engine=engine_options, seed=seed,
-                config_check=config_check,
+                self, model, revision=revision, engine=engine_options,
+                config_check=config_check, **common,
             )  # fmt: skip
-        if engine != "hf":
-            raise InputError(f"`engine` must be hf or vllm, not {engine!r}")
-        if isinstance(model, (str, os.PathLike)):
-            raise InputError(
-                '`engine="hf"` evaluates a loaded model: load it with '
-                '`rvhub.evaluation.load_eval_target(path)` first, or pass `engine="vllm"`'
-            )
-        if engine_options is not None:
-            raise InputError('`engine_options` are options of `engine="vllm"`')
+        assert isinstance(model, torch.nn.Module)
         return evaluate_vector(
-            self.facts(),
-            self.source,
-            model,
-            tokenizer,
-            tasks=tasks,
-            scales=scales,
-            output_dir=output_dir,
-            target=target,
-            include_path=include_path,
-            limit=limit,
-            batch_size=batch_size,
-            num_fewshot=num_fewshot,
-            apply=apply,
-            overwrite=overwrite,
-            resume=resume,
-            on_point=on_point,
-            lm_eval_options=lm_options,
-            record=self.origin_record(),
-            inputs=self.input_paths(),
-            seed=seed,
-            model_args=model_args,
-        )
+            self.facts(), self.source, model, tokenizer, target=target,
+            record=self.origin_record(), inputs=self.input_paths(), model_args=model_args,
+            **common,
+        )  # fmt: skip
 
     def origin_record(self) -> dict[str, Any]:
         """Where this vector came from, for records: Hub id and commit, or a folder, and the
@@ -578,6 +548,30 @@ def merge_vectors(
         base_model=first.base_model if len(roots) == 1 else None,
     )
     return ReasoningVector(source, provenance, merged=tuple(vectors))
+
+
+def _check_engine_call(
+    engine: str, model: Any, model_args: Mapping[str, Any] | None, engine_options: Any
+) -> None:
+    """One line for an :meth:`ReasoningVector.evaluate` call that mixes the engines' inputs."""
+    if engine == "vllm":
+        if not isinstance(model, (str, os.PathLike)):
+            raise InputError(
+                '`engine="vllm"` loads the target itself: give its folder or Hub id as '
+                "`model`, not a loaded model"
+            )
+        if model_args:
+            raise InputError("`model_args` of the vllm engine go in `engine_options`")
+        return
+    if engine != "hf":
+        raise InputError(f"`engine` must be hf or vllm, not {engine!r}")
+    if isinstance(model, (str, os.PathLike)):
+        raise InputError(
+            '`engine="hf"` evaluates a loaded model: load it with '
+            '`rvhub.evaluation.load_eval_target(path)` first, or pass `engine="vllm"`'
+        )
+    if engine_options is not None:
+        raise InputError('`engine_options` are options of `engine="vllm"`')
 
 
 def _label(v: ReasoningVector) -> str:

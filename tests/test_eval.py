@@ -184,6 +184,8 @@ def test_eval_refuses_bad_input_with_one_line(toy, tmp_path) -> None:
         (["--tasks", "toy_addition", "--scales", "1,1"], "given twice"),
         (["--tasks", " , ", "--scales", "1"], "--tasks is empty"),
         (["--tasks", "toy_addition", "--batch-size", "0"], "--batch-size"),
+        # a later α too large is refused before the first point is evaluated
+        (["--tasks", "toy_addition", "--scales", "1,1e6"], "would change the weights by"),
         # the engines' options
         (["--tasks", "toy_addition", "--tensor-parallel-size", "2"], "an option of --engine vllm"),
         (["--tasks", "toy_addition", "--max-model-len", "64"], "an option of --engine vllm"),

@@ -181,7 +181,7 @@ def evaluate_vector_vllm(
     is kept). ``engine`` holds vLLM's arguments (tensor parallelism, memory, pass-through)."""
     from ..checkpoint import check_config
     from ..hub.resolve import open_checkpoint
-    from ..ops.disk import applied_tensors
+    from ..ops.disk import prepare_streamed
     from .vllm_engine import (
         VllmOptions,
         VllmSwitch,
@@ -201,13 +201,17 @@ def evaluate_vector_vllm(
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     inputs = [*vector.input_paths(), include_path, folder]
     _check_sweep_output(output_dir, overwrite, resume, inputs)
-    applied_tensors(vector.facts(), vector.source, ckpt, options)  # the pre-flight, before vLLM
+    facts = vector.facts()
+    prepared = prepare_streamed(facts, ckpt, options)  # the pre-flight, before vLLM starts
     count = parse_batch_size(batch_size)
     vec_dir, tmp = vector_folder(vector)
     try:
         engine_environment()
         lm = start_engine(folder, engine, batch_size=count, seed=seed)
-        switch = VllmSwitch(lm.model, vec_dir, folder, options)
+        changed = [v for v, _ in prepared.plan.targets.values()]
+        switch = VllmSwitch(
+            lm.model, vec_dir, folder, options, lineage=facts.lineage, changed=changed
+        )
         name = str(ckpt.source.get("repo_id") or target) if ckpt.source else str(target)
         return _evaluate(
             switch, None, None, lm, engine.record(version), checkpoint_sample(ckpt),

@@ -360,6 +360,8 @@ class Switch(Protocol):
 
     def restore(self) -> None: ...
 
+    # optional: ``check_scale(scale)`` refuses an α before any point is evaluated
+
 
 def run_sweep(
     switch: Switch,
@@ -398,35 +400,16 @@ def run_sweep(
     limit, batch_size = parse_limit(limit), parse_batch_size(batch_size)
     manager = _task_manager(tasks, str(include_path) if include_path else None)
     options = check_lm_eval_options(lm_eval_options)
-    made: list[Any] = [] if lm is None else [lm]  # an HFLM is made at the first point evaluated
-
-    def evaluate() -> dict[str, Any]:
-        with lm_eval_logged(log_path):
-            if not made:
-                from lm_eval.models.huggingface import HFLM
-
-                hf_args = dict((engine or {}).get("model_args") or {})
-                made.append(
-                    HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **hf_args)
-                )
-            results = lm_eval.simple_evaluate(
-                model=made[0],
-                tasks=list(tasks),
-                task_manager=manager,
-                limit=limit,
-                num_fewshot=num_fewshot,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-                **{"log_samples": False, **options},
-            )
-        if results is None:  # not rank 0 of a distributed run
-            raise InputError("lm-eval returned no results (a distributed run's other rank?)")
-        return dict(results)
-
+    evaluate = _evaluator(
+        lm_eval, lm, model, tokenizer, engine, log_path,
+        dict(tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+             fewshot_random_seed=seed, **{"log_samples": False, **options}),
+        batch_size,
+    )  # fmt: skip
     points: list[SweepPoint] = []
     done = done or {}
+    _check_scales(switch, scales)
     try:
         for i, scale in enumerate(scales):
             if scale in done:
@@ -444,12 +427,51 @@ def run_sweep(
     finally:
         switch.restore()
     settings: dict[str, Any] = dict(
-        limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed
-    )
-    settings.update(include_path=str(include_path) if include_path else None)
-    settings.update(lm_eval_version=getattr(lm_eval, "__version__", None))
-    settings.update(lm_eval_options=options, engine=dict(engine or {"name": "hf"}))
+        limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed,
+        include_path=str(include_path) if include_path else None,
+        lm_eval_version=getattr(lm_eval, "__version__", None),
+        lm_eval_options=options, engine=dict(engine or {"name": "hf"}),
+    )  # fmt: skip
     return Sweep(points=points, tasks=list(tasks), settings=settings)
+
+
+def _evaluator(
+    lm_eval: Any,
+    lm: Any,
+    model: Any,
+    tokenizer: Any,
+    engine: Mapping[str, Any] | None,
+    log_path: Path | None,
+    kwargs: dict[str, Any],
+    batch_size: int | str,
+) -> Callable[[], dict[str, Any]]:
+    """``simple_evaluate`` on ``lm``, or on an ``HFLM`` around ``model`` made at the first call
+    (none when every α was kept by an earlier run), its log lines into ``log_path``."""
+    made: list[Any] = [] if lm is None else [lm]
+
+    def evaluate() -> dict[str, Any]:
+        with lm_eval_logged(log_path):
+            if not made:
+                from lm_eval.models.huggingface import HFLM
+
+                hf_args = dict((engine or {}).get("model_args") or {})
+                made.append(
+                    HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **hf_args)
+                )
+            results = lm_eval.simple_evaluate(model=made[0], **kwargs)
+        if results is None:  # not rank 0 of a distributed run
+            raise InputError("lm-eval returned no results (a distributed run's other rank?)")
+        return dict(results)
+
+    return evaluate
+
+
+def _check_scales(switch: Switch, scales: Sequence[float]) -> None:
+    """Every α's refusal before the first point is evaluated (switches that can tell)."""
+    check = getattr(switch, "check_scale", None)
+    if check is not None:
+        for scale in scales:
+            check(scale)
 
 
 # simple_evaluate's options an instruct target needs, as lm-eval's CLI spells them

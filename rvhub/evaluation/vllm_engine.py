@@ -127,10 +127,22 @@ class VllmSwitch:
     """Hold a vLLM engine at exactly ``round(θ + α·v)`` for any α in turn (each switch re-reads
     θ from the target's files, so no pristine copy is kept)."""
 
-    def __init__(self, llm: Any, vector: Path, target: Path, options: ApplyOptions) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        vector: Path,
+        target: Path,
+        options: ApplyOptions,
+        *,
+        lineage: Any = None,
+        changed: list[str] | None = None,
+    ) -> None:
+        """``lineage`` and ``changed`` (the vector's fingerprint and the tensors it changes,
+        from the driver's pre-flight) let :meth:`check_scale` refuse an α up front."""
         self.llm = llm
         self.scale: float | None = None
         self.missed: list[str] = []
+        self.lineage, self.changed = lineage, list(changed or [])
         opts = {
             "exclude": list(options.exclude),
             "vocab": options.vocab,
@@ -139,9 +151,16 @@ class VllmSwitch:
         }
         llm.collective_rpc("rvhub_open", args=(str(vector), str(target), opts))
 
+    def check_scale(self, scale: float) -> None:
+        """The apply pre-flight's α-dependent refusal (a change far larger than the weights)."""
+        from ..ops.lineage import check_change_size
+
+        check_change_size(self.lineage, float(scale), self.changed)
+
     def set_scale(self, scale: float) -> list[dict[str, Any]]:
         """Every worker sets its weights; refused (before anything is evaluated at this α)
         when vLLM's model did not load a tensor the vector changes."""
+        self.check_scale(scale)
         results = self.llm.collective_rpc("rvhub_set_scale", args=(float(scale),))
         touched = sorted({n for r in results for n in r["missed_touched"]})
         if touched:

@@ -28,15 +28,23 @@ class RvhubWorker:
     def rvhub_open(self, vector: str, target: str, options: dict[str, Any]) -> int:
         """Open the vector folder and the target folder (local paths) and run the apply
         pre-flight; returns how many target tensors the vector touches."""
-        from rvhub.checkpoint import open_local_checkpoint
-        from rvhub.ops.disk import prepare_streamed
-        from rvhub.options import ApplyOptions
-        from rvhub.vector import load_vector
+        from pathlib import Path
 
-        vec = load_vector(vector)
-        ckpt = open_local_checkpoint(_path(target))
-        prepared = prepare_streamed(vec.facts(), ckpt, ApplyOptions(**options))
-        self._rvhub = (vec, ckpt, prepared.plan.targets)
+        from rvhub.checkpoint import open_local_checkpoint
+        from rvhub.encodings import open_source
+        from rvhub.manifest import Manifest, Provenance, check_files_present
+        from rvhub.ops.disk import prepare_streamed
+        from rvhub.ops.prepare import VectorFacts
+        from rvhub.options import ApplyOptions
+
+        folder = Path(vector)  # verified by the driver (load_vector) before the engine started
+        manifest = Manifest.read(folder)
+        check_files_present(folder, manifest)
+        source = open_source(folder, manifest)
+        facts = VectorFacts.of_source(source, Provenance.of_manifest(manifest).model, manifest)
+        ckpt = open_local_checkpoint(Path(target))
+        prepared = prepare_streamed(facts, ckpt, ApplyOptions(**options))
+        self._rvhub = (source, ckpt, prepared.plan.targets)
         return len(prepared.plan.targets)
 
     def rvhub_set_scale(self, alpha: float) -> dict[str, Any]:
@@ -51,8 +59,8 @@ class RvhubWorker:
 
         from rvhub.ops.disk import stream_applied
 
-        vec, ckpt, targets = self._rvhub
-        tensors = stream_applied(vec.source, ckpt, targets, alpha)
+        source, ckpt, targets = self._rvhub
+        tensors = stream_applied(source, ckpt, targets, alpha)
         touched = set(targets)
         runner = self.model_runner
         model = runner.get_model()
@@ -107,9 +115,3 @@ def as_tensors(parameters: dict[str, Any]) -> dict[str, Any]:
             else torch.empty(shape, dtype=kind)
         )
     return out
-
-
-def _path(text: str) -> Any:
-    from pathlib import Path
-
-    return Path(text)

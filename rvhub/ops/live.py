@@ -20,7 +20,7 @@ from ..io.kernels import add_scaled_, set_scaled_
 from ..manifest import Manifest
 from ..options import ApplyOptions, check_scale, split_excluded
 from ..sources import VectorSource
-from .lineage import model_lineage
+from .lineage import check_change_size, model_lineage
 from .plan import ApplyReport, persistent_float_buffers
 from .prepare import ApplyTarget, PreparedApply, VectorFacts, prepare_apply
 
@@ -238,8 +238,11 @@ class FileScaleSwitch:
     is the way.
     """
 
-    def __init__(self, source: VectorSource, model: torch.nn.Module, ckpt: Any, prepared: Any):
+    def __init__(
+        self, source: VectorSource, model: torch.nn.Module, ckpt: Any, prepared: Any, lineage: Any
+    ):
         self.source, self.model, self.ckpt, self.prepared = source, model, ckpt, prepared
+        self.lineage = lineage  # the vector's, for the α-dependent check
         self.scale: float | None = None
 
     @classmethod
@@ -268,12 +271,19 @@ class FileScaleSwitch:
             for name, theta in stream_applied(source, ckpt, {}, 0.0, only=touched):
                 if not torch.equal(params[name].detach().to("cpu"), theta):
                     return None  # the model is not what its files hold
-        return cls(source, model, ckpt, prepared)
+        return cls(source, model, ckpt, prepared, vector.lineage)
+
+    def check_scale(self, scale: float) -> None:
+        """The pre-flight's α-dependent refusal (a change far larger than the weights), for
+        an α set after it."""
+        names = [v for v, _ in self.prepared.plan.targets.values()]
+        check_change_size(self.lineage, check_scale(scale), names)
 
     def set_scale(self, scale: float) -> ApplyReport:
         """Set the model to ``round(θ + scale·v)``; returns that apply's report."""
         from .disk import stream_applied
 
+        self.check_scale(scale)
         scale = check_scale(scale)
         plan = self.prepared.plan
         params = {**persistent_float_buffers(self.model), **dict(self.model.named_parameters())}
@@ -359,9 +369,16 @@ class ScaleSwitch:
                 tensors[name].copy_(value)
         self.scale = None
 
+    def check_scale(self, scale: float) -> None:
+        """The pre-flight's α-dependent refusal (a change far larger than the weights), for
+        an α set after it (the first :meth:`set_scale` runs the whole pre-flight)."""
+        names = list(self.facts.shapes) if self._report is None else self._report.applied
+        check_change_size(self.facts.lineage, check_scale(scale), names)
+
     def set_scale(self, scale: float) -> ApplyReport:
         """Set the model to ``round(θ + scale·v)``; returns that apply's report."""
         if self._report is not None and len(self._deltas) == len(self.pristine):
+            self.check_scale(scale)
             return self._set_from_cache(check_scale(scale))
         self.restore()
         self._deltas.clear()
