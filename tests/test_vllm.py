@@ -224,3 +224,34 @@ def test_vllm_serves_the_vllm_profile_adapter_as_rvhub_applies_it(arch, tmp_path
     assert refused == (not predicted), (arch, refused and (out / "error1.txt").read_text())
     shown = run("inspect", vecs["peft"], "--for", "vllm")
     assert shown.exit_code == 0 and (("refuses" in shown.output) == refused), shown.output
+
+
+def test_a_vector_tensor_vllm_does_not_load_is_refused_before_any_evaluation(family, tmp_path):
+    """vLLM's Qwen2 skips ``rotary_emb.inv_freq`` when loading; a vector that changes it is
+    refused at the first switch, naming it, before lm-eval runs (one line, exit 3: a
+    compatibility error)."""
+    from safetensors.torch import save_file
+
+    name = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    roots = {}
+    for role, value in (("a", 2.0), ("b", 1.0), ("target", 1.0)):
+        roots[role] = tmp_path / role
+        subprocess.run(["cp", "-r", str(family[role]), str(roots[role])], check=True)
+        weights = load_file(roots[role] / "model.safetensors")
+        weights[name] = torch.full((32,), value, dtype=torch.bfloat16)
+        save_file(weights, roots[role] / "model.safetensors", metadata={"format": "pt"})
+    vec = extract_vector(roots["a"], roots["b"]).save(tmp_path / "vec")
+    assert name in load_vector(vec).shapes
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [str(VLLM_PY.parent / "rvhub"), "eval", str(vec), str(roots["target"]), "--engine",
+         "vllm", "--tasks", "toy_ll", "--include-path", str(TASK_DIR), "--scales", "1",
+         "--model-args", "enforce_eager=True,max_model_len=64", "-o", str(out)],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-4000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and name in errors[0] and "does not load" in errors[0], errors
+    assert "Traceback" not in done.stderr and not out.exists()
+    assert "toy_ll" not in done.stdout  # nothing was evaluated

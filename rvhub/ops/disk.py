@@ -35,7 +35,7 @@ from ..io.safetensors import (
     read_header,
     read_range,
 )
-from ..io.stream import Blob, SlabPool, pool_limit, write_streams
+from ..io.stream import Blob, SlabPool, ordered, pool_limit, write_streams
 from ..options import ApplyOptions
 from ..sources import VectorSource
 from .plan import ApplyReport
@@ -139,27 +139,35 @@ def stream_applied(
     targets: Mapping[str, tuple[str, int | None]],
     alpha: float,
     only: Iterable[str] | None = None,
+    threads: int | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` for each tensor of ``ckpt`` (or of ``only``) in file order (a
     layer's tensors together): θ as stored, or ``round(θ + α·v)`` for the ``targets`` of an
-    apply plan (target name → vector name and rows), on the CPU, one at a time."""
+    apply plan (target name → vector name and rows), on the CPU, one tensor at a time. Slabs
+    are computed on ``threads`` threads (default: every core), as ``rvhub apply`` does."""
     wanted = None if only is None else set(only)
+    entries = [e for _, es in _file_entries(ckpt) for e in es if wanted is None or e.name in wanted]
+    workers = resolve_threads(threads)
     handles = FileHandles()
-    pool = SlabPool(SLAB_ELEMS, limit=pool_limit(1))
+    pool = SlabPool(SLAB_ELEMS, limit=pool_limit(workers))
     add = _SlabAdder(source, targets, alpha, torch.device("cpu"), handles, pool)
+    tasks = (
+        partial(add.slab, e, start, stop)
+        for e in entries
+        for start, stop in iter_chunks(e.numel, SLAB_ELEMS)
+    )
+    results = ordered(tasks, workers)
     try:
         with single_thread():
-            for _, entries in _file_entries(ckpt):
-                for e in entries:
-                    if wanted is not None and e.name not in wanted:
-                        continue
-                    out = torch.empty(e.numel, dtype=e.torch_dtype)
-                    for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
-                        part = add.slab(e, start, stop)
-                        out[start:stop].copy_(part)
-                        pool.give(part)
-                    yield e.name, out.reshape(e.shape)
+            for e in entries:
+                out = torch.empty(e.numel, dtype=e.torch_dtype)
+                for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
+                    part = next(results)
+                    out[start:stop].copy_(part)
+                    pool.give(part)
+                yield e.name, out.reshape(e.shape)
     finally:
+        results.close()
         handles.close()
 
 

@@ -271,6 +271,10 @@ class FileScaleSwitch:
             for name, theta in stream_applied(source, ckpt, {}, 0.0, only=touched):
                 if not torch.equal(params[name].detach().to("cpu"), theta):
                     return None  # the model is not what its files hold
+            # Write θ back once: a model transformers mapped from its files gets private pages
+            # now, so the first α does not pay for those page faults on top of its own work.
+            for name, theta in stream_applied(source, ckpt, {}, 0.0, only=touched):
+                params[name].data.copy_(theta)
         return cls(source, model, ckpt, prepared, vector.lineage)
 
     def check_scale(self, scale: float) -> None:
