@@ -65,11 +65,12 @@ def main() -> None:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    times = []
+    times, parts = [], []
     for alpha in SCALES:
         start = time.perf_counter()
-        switch.set_scale(alpha)
+        (result,) = switch.set_scale(alpha)
         times.append(time.perf_counter() - start)
+        parts.append(result["seconds"])
     stop.set()
     sampler.join()
     print(f"target {size / 2**30:.2f} GiB; vLLM engine (this process + engine core + worker)")
@@ -77,6 +78,8 @@ def main() -> None:
           f" (+{(peak[0] - before) / 2**20:.0f} MB)")  # fmt: skip
     print(f"  switch: first α {times[0]:.2f} s, later α median {statistics.median(times[1:]):.2f} s"
           f" ({', '.join(f'{t:.2f}' for t in times)})")  # fmt: skip
+    print("  of which rvhub making θ + α·v / vLLM loading and repacking: "
+          + ", ".join(f"{p['rvhub']:.2f}/{p['vllm']:.2f}" for p in parts))  # fmt: skip
     print(f"  vLLM did not place: {switch.missed or 'nothing'}")
 
 

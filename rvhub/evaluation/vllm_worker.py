@@ -50,7 +50,10 @@ class RvhubWorker:
     def rvhub_set_scale(self, alpha: float) -> dict[str, Any]:
         """Set this worker's weights to ``round(θ + α·v)``; returns the checkpoint tensors
         vLLM's model did not place (``missed``: the vector's among them are refused by the
-        driver) and those it did (``placed``)."""
+        driver), how many it placed, and the seconds spent making the tensors and in vLLM's
+        loading."""
+        import time
+
         import torch
         from vllm.model_executor.model_loader.reload import (
             finalize_layerwise_reload,
@@ -66,10 +69,20 @@ class RvhubWorker:
         model = runner.get_model()
         missed: list[str] = []
         placed = 0
+        clock = {"rvhub": 0.0, "vllm": 0.0}  # seconds making tensors / in vLLM's loading
         with torch.no_grad():
+            start = time.perf_counter()
             initialize_layerwise_reload(model)
             try:
-                for name, tensor in tensors:
+                while True:
+                    mark = time.perf_counter()
+                    clock["vllm"] += mark - start
+                    item = next(tensors, None)
+                    start = time.perf_counter()
+                    clock["rvhub"] += start - mark
+                    if item is None:
+                        break
+                    name, tensor = item
                     try:
                         loaded = model.load_weights([(name, tensor)])
                     except (KeyError, ValueError):  # AutoWeightsLoader: no such parameter
@@ -80,10 +93,16 @@ class RvhubWorker:
                         placed += 1
             finally:
                 finalize_layerwise_reload(model, runner.model_config)
+                clock["vllm"] += time.perf_counter() - start
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             if hasattr(runner, reset):
                 getattr(runner, reset)()
-        return {"missed": missed, "placed": placed, "missed_touched": sorted(touched & set(missed))}
+        return {
+            "missed": missed,
+            "placed": placed,
+            "missed_touched": sorted(touched & set(missed)),
+            "seconds": clock,
+        }
 
     def rvhub_parameters(self) -> dict[str, Any]:
         """Every parameter and buffer of this worker's model as ``(dtype, shape, bytes)``
