@@ -52,8 +52,9 @@ def checkpoint_sample(ckpt: Any) -> str:
         for name, entry in sorted(ckpt.entries.items()):
             step = max(1, entry.numel // 64)
             h.update(f"{name}{tuple(entry.shape)}{entry.torch_dtype}".encode())
-            values = [read_range(entry, i, i + 1, handles) for i in range(0, entry.numel, step)]
-            h.update(torch.cat(values[:64]).float().numpy().tobytes())
+            at = range(0, entry.numel, step)[:64]
+            values = [read_range(entry, i, i + 1, handles) for i in at]
+            h.update(torch.cat(values).float().numpy().tobytes() if values else b"")
     finally:
         handles.close()
     return h.hexdigest()

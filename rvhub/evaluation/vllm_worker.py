@@ -4,7 +4,7 @@ to exactly ``round(θ + α·v)``, in place, without a second copy of the model.
 vLLM imports this module in every worker process (``LLM(worker_extension_cls=WORKER_CLS)``)
 and the driver calls its methods through ``llm.collective_rpc`` (:mod:`.vllm_engine`). Each
 switch streams the target's checkpoint tensors (θ re-read from its files, v from the vector's;
-:func:`rvhub.ops.disk.applied_tensors`, the code ``rvhub apply`` writes with) into vLLM's own
+:func:`rvhub.ops.disk.stream_applied`, the code ``rvhub apply`` writes with) into vLLM's own
 layerwise reload (``vllm.model_executor.model_loader.reload``, read from vLLM 0.32.0): each
 layer is rebuilt in checkpoint format as its tensors arrive, then processed again by vLLM
 (fused QKV and gate/up shards, CPU weight packing), so what vLLM computes with is what it would

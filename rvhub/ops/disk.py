@@ -109,22 +109,10 @@ def apply_to_checkpoint_files(
     return report
 
 
-def applied_tensors(
-    vector: VectorFacts, source: VectorSource, ckpt: Checkpoint, options: ApplyOptions
-) -> tuple[ApplyReport, Iterator[tuple[str, torch.Tensor]]]:
-    """Every tensor of ``ckpt`` in checkpoint format, the ones the vector touches set to
-    ``round(θ + α·v)`` by the code :func:`apply_to_checkpoint_files` writes with (so the same
-    bytes), one tensor at a time: θ re-read from the files, nothing kept between tensors.
-
-    The pre-flight runs here (its report is returned); the tensors are made as the iterator is
-    consumed (:func:`stream_applied`). FP8 targets are refused: an engine would have to
-    requantize them (``rvhub apply`` writes them)."""
-    prepared = prepare_streamed(vector, ckpt, options)
-    return prepared.report, stream_applied(source, ckpt, prepared.plan.targets, options.alpha)
-
-
 def prepare_streamed(vector: VectorFacts, ckpt: Checkpoint, options: ApplyOptions) -> PreparedApply:
-    """The apply pre-flight of :func:`applied_tensors` (FP8 targets refused)."""
+    """The apply pre-flight of an apply streamed by :func:`stream_applied` into a live model or
+    an engine. FP8 targets are refused: they would have to be requantized (``rvhub apply``
+    writes them)."""
     if ckpt.fp8_scales:
         raise CompatibilityError(
             f"{ckpt.path} is block-quantized FP8: set α in an engine only on its bfloat16 "

@@ -271,9 +271,8 @@ class FileScaleSwitch:
             for name, theta in stream_applied(source, ckpt, {}, 0.0, only=touched):
                 if not torch.equal(params[name].detach().to("cpu"), theta):
                     return None  # the model is not what its files hold
-            # Write θ back once: a model transformers mapped from its files gets private pages
-            # now, so the first α does not pay for those page faults on top of its own work.
-            for name, theta in stream_applied(source, ckpt, {}, 0.0, only=touched):
+                # Writing the same values back gives a model transformers mapped from its
+                # files private pages now, so the first α does not pay for those page faults.
                 params[name].data.copy_(theta)
         return cls(source, model, ckpt, prepared, vector.lineage)
 
@@ -285,16 +284,9 @@ class FileScaleSwitch:
 
     def set_scale(self, scale: float) -> ApplyReport:
         """Set the model to ``round(θ + scale·v)``; returns that apply's report."""
-        from .disk import stream_applied
-
         self.check_scale(scale)
         scale = check_scale(scale)
-        plan = self.prepared.plan
-        params = {**persistent_float_buffers(self.model), **dict(self.model.named_parameters())}
-        with torch.no_grad():
-            for name, value in stream_applied(self.source, self.ckpt, plan.targets, scale,
-                                              only=plan.targets):  # fmt: skip
-                params[name].data.copy_(value)
+        self._write(self.prepared.plan.targets, scale)
         self.scale = scale
         report = copy.copy(self.prepared.report)
         report.scale = scale
@@ -302,15 +294,20 @@ class FileScaleSwitch:
 
     def restore(self) -> None:
         """Write θ back (re-read from the files) into every tensor the vector touches."""
+        if self.scale is not None:
+            self._write({}, 0.0)  # no targets: θ as stored
+        self.scale = None
+
+    def _write(self, targets: Mapping[str, tuple[str, int | None]], alpha: float) -> None:
+        """Stream the touched tensors (``round(θ + α·v)`` for ``targets``) into the model."""
         from .disk import stream_applied
 
-        if self.scale is not None:
-            params = {**persistent_float_buffers(self.model), **dict(self.model.named_parameters())}
-            with torch.no_grad():
-                for name, theta in stream_applied(self.source, self.ckpt, {}, 0.0,
-                                                  only=self.prepared.plan.targets):  # fmt: skip
-                    params[name].data.copy_(theta)
-        self.scale = None
+        model = self.model
+        params = {**persistent_float_buffers(model), **dict(model.named_parameters())}
+        only = self.prepared.plan.targets
+        with torch.no_grad():
+            for name, value in stream_applied(self.source, self.ckpt, targets, alpha, only=only):
+                params[name].data.copy_(value)
 
 
 class ScaleSwitch:

@@ -20,7 +20,7 @@ import math
 import threading
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -358,13 +358,13 @@ def plan_input(
                 read=read)  # fmt: skip
     if method == "magnitude":
         window = top_window(read, n, max(1, int(density * n)) if density > 0 else 0)
-        plan = _replace(plan, window=window)
+        plan = replace(plan, window=window)
     elif method == "magnitude_outliers":
         target, top = int(density * n), int(options.gamma[index] * n)
         bottom = max(0, n - target - top)
-        plan = _replace(plan, window=band_window(read, n, bottom, target))
+        plan = replace(plan, window=band_window(read, n, bottom, target))
     elif method == "della_magprune" and density <= 0:
-        plan = _replace(plan, window=NOTHING)
+        plan = replace(plan, window=NOTHING)
     if method is None or not options.rescale:
         return plan
     before = after = 0.0  # mergekit's rescaled_masked_tensor, with the L1 norm
@@ -376,13 +376,7 @@ def plan_input(
                        x.abs()[keep].sum(dtype=torch.float64))  # fmt: skip
     if before < 1e-7 or after < 1e-7:
         return plan
-    return _replace(plan, scale=before / after)
-
-
-def _replace(plan: Plan, **changes: Any) -> Plan:
-    import dataclasses
-
-    return dataclasses.replace(plan, **changes)
+    return replace(plan, scale=before / after)
 
 
 def merge_range(
