@@ -883,6 +883,14 @@ def _delta_cell(match: Any, task: str | None) -> str:
     help="vllm: the longest sequence the engine serves (prompt + generation).",
 )  # fmt: skip
 @click.option(
+    "--vllm-switch", type=click.Choice(["auto", "in-place", "layerwise"]), default="auto",
+    show_default=True,
+    help="vllm: how α is set in the engine. layerwise: every tensor through vLLM's reload "
+    "(exact anywhere). in-place: only the touched tensors, into the parameters vLLM computes "
+    "with (on a CPU its packed layers are made plain F.linear first). auto: in-place where "
+    "vLLM computes with its parameters as loaded (unquantized, GPU), else layerwise.",
+)  # fmt: skip
+@click.option(
     "--model-args", default=None, metavar="K=V,...",
     help="More arguments for lm-eval's model (as lm_eval --model_args spells them): vLLM's "
     "engine arguments with --engine vllm (e.g. enforce_eager=True), HFLM's with hf.",
@@ -997,6 +1005,7 @@ def _eval_flags(flags: dict[str, Any], hf_flags: bool) -> tuple[str, Any, dict[s
         "--tensor-parallel-size": flags["tensor_parallel_size"] != 1,
         "--gpu-memory-utilization": flags["gpu_memory_utilization"] is not None,
         "--max-model-len": flags["max_model_len"] is not None,
+        "--vllm-switch": flags["vllm_switch"] != "auto",
     }
     if engine == "hf" and any(vllm_flags.values()):
         given = next(k for k, v in vllm_flags.items() if v)
@@ -1022,6 +1031,7 @@ def _eval_flags(flags: dict[str, Any], hf_flags: bool) -> tuple[str, Any, dict[s
         gpu_memory_utilization=flags["gpu_memory_utilization"],
         max_model_len=flags["max_model_len"],
         model_args=extra,
+        switch=flags["vllm_switch"],
     )
     return engine, engine_options, {}, lm_options
 

@@ -46,10 +46,12 @@ sys.path.insert(0, str(ROOT / "examples" / "toy_transfer"))
 import toy_transfer  # noqa: E402  (the toy's character tokenizer)
 
 
-def _engine(mode: str, out: Path, target: Path, vector: Path | None = None, scales="0") -> Path:
+def _engine(
+    mode: str, out: Path, target: Path, vector: Path | None = None, scales="0", *extra: str
+) -> Path:
     cmd = [str(VLLM_PY), str(ROOT / "tests" / "vllm_check.py"), mode, "--target", str(target),
            f"--scales={scales}", "--tasks", "toy_ll", "--include-path", str(TASK_DIR),
-           "--out", str(out)]  # fmt: skip
+           "--out", str(out), *extra]  # fmt: skip
     if vector is not None:
         cmd += ["--vector", str(vector)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -60,10 +62,20 @@ def _engine(mode: str, out: Path, target: Path, vector: Path | None = None, scal
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("vllm")
+    """Untied Qwen2: A, B, a target, v = A − B and `rvhub apply` at each α."""
+    return _family(tmp_path_factory.mktemp("vllm"), "qwen2")
+
+
+@pytest.fixture(scope="module")
+def tied_family(tmp_path_factory) -> dict[str, Path]:
+    """The same with tied embeddings (vLLM's lm_head shares embed_tokens' parameter)."""
+    return _family(tmp_path_factory.mktemp("vllm-tied"), "qwen2-tied")
+
+
+def _family(root: Path, arch: str) -> dict[str, Path]:
     out = {}
     for i, role in enumerate(("a", "b", "target")):
-        model = build_model("qwen2", seed=0, **TINY)
+        model = build_model(arch, seed=0, **TINY)
         finetune_like(model, seed=10 + i, scale=0.05)
         out[role] = save(model.to(torch.bfloat16), root / role)
         toy_transfer.toy_tokenizer().save_pretrained(out[role])
@@ -80,15 +92,55 @@ def _samples(results: dict) -> list:
 
 
 def test_switched_engine_equals_fresh_engines_on_apply_outputs(family, tmp_path):
+    """The layerwise switch (what ``auto`` picks on a CPU, where vLLM packs linear layers)."""
     scales = ",".join(f"{s:g}" for s in SCALES)
     switched = _engine(
         "switched", tmp_path / "switched", family["target"], family["vector"], scales
     )
     assert json.loads((switched / "missed.json").read_text()) == []
+    assert json.loads((switched / "mode.json").read_text()) == "layerwise"
+    processed = json.loads((switched / "processed.json").read_text())[0]
+    assert any("qkv_proj (packed for the CPU)" in n for n in processed), processed
+    _equal_to_fresh_engines(family, tmp_path, switched)
+
+
+def test_in_place_switch_equals_fresh_engines_on_apply_outputs(tied_family, tmp_path):
+    """``--vllm-switch in-place``: the engine's packed CPU layers are made plain once, then
+    each α writes only the touched tensors into vLLM's parameters (the path ``auto`` takes on
+    a GPU). Against fresh engines on `rvhub apply`'s outputs made plain the same way: every
+    parameter (now the linear weights too), generations and lm-eval's results, bit for bit;
+    and the fused parameters hold exactly the applied files' tensors. Tied embeddings: the
+    output projection reads the embedding the switch writes."""
+    family = tied_family
+    scales = ",".join(f"{s:g}" for s in SCALES)
+    switched = _engine("switched", tmp_path / "switched", family["target"], family["vector"],
+                       scales, "--switch", "in-place")  # fmt: skip
+    assert json.loads((switched / "mode.json").read_text()) == "in-place"
+    assert json.loads((switched / "processed.json").read_text()) == [[]]
+    assert json.loads((switched / "missed.json").read_text()) == []
+    params = _equal_to_fresh_engines(family, tmp_path, switched, "--live")
+    files = load_file(family["applied+0.5"] / "model.safetensors")
+    p = "model.layers.1."
+    fused = {
+        "self_attn.qkv_proj.weight": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "self_attn.qkv_proj.bias": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "mlp.gate_up_proj.weight": ("mlp.gate_proj", "mlp.up_proj"),
+    }
+    for name, parts in fused.items():
+        kind = name.rsplit(".", 1)[1]
+        want = torch.cat([files[f"{p}{q}.{kind}"] for q in parts])
+        assert torch.equal(params[f"param:{p}{name}"], want), name
+    assert torch.equal(params[f"param:{p}mlp.down_proj.weight"], files[f"{p}mlp.down_proj.weight"])
+
+
+def _equal_to_fresh_engines(family, tmp_path, switched: Path, *fresh_args: str) -> dict:
+    """Each α's parameters, generations and lm-eval results of the switched engine equal a
+    fresh engine's on `rvhub apply`'s output; returns the α = 0.5 parameters."""
     seen = []
     for scale in SCALES:
         tag = f"{scale:+g}"
-        fresh = _engine("fresh", tmp_path / f"fresh{tag}", family[f"applied{tag}"])
+        fresh = _engine("fresh", tmp_path / f"fresh{tag}", family[f"applied{tag}"], None, "0",
+                        *fresh_args)  # fmt: skip
         # the fresh engine evaluates its folder as it is: its one point is "α = 0"
         mine, ref = (
             load_file(switched / f"params{tag}.safetensors"),
@@ -105,8 +157,11 @@ def test_switched_engine_equals_fresh_engines_on_apply_outputs(family, tmp_path)
         assert a["results"]["toy_ll"] == b["results"]["toy_ll"], scale
         assert _samples(a) == _samples(b), scale
         seen.append((a["results"]["toy_ll"]["perplexity,none"], gen))
+        if scale == 0.5:
+            kept = mine
     # the switches changed the model: every α computes something different
     assert len({json.dumps(s) for s in seen}) == len(SCALES)
+    return kept
 
 
 def test_rvhub_eval_cli_equals_lm_eval_cli_on_the_applied_folder(family, tmp_path):

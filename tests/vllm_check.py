@@ -3,9 +3,11 @@ transformers the project's venv does not have): its parameters, greedy generatio
 logprobs and lm-eval results, written to ``--out`` for the test to compare.
 
     switched: one engine on TARGET; for each α, rvhub's VllmSwitch sets θ + α·v inside it and
-              run_sweep evaluates (the code `rvhub eval --engine vllm` runs);
+              run_sweep evaluates (the code `rvhub eval --engine vllm` runs); --switch picks
+              how (VllmOptions.switch);
     fresh:    one engine on an `rvhub apply` output folder (the reference), evaluated by the
-              same run_sweep with nothing switched;
+              same run_sweep with nothing switched (--live: its packed CPU layers made plain
+              first, as an in-place switch makes them);
     lora:     one engine on TARGET with LoRA enabled; each of --adapters through a LoRARequest
               (its generations, or the error vLLM raised), and TARGET itself;
     plain:    one engine on TARGET, its generations.
@@ -108,6 +110,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--adapters", default="")
     ap.add_argument("--max-lora-rank", type=int, default=8)
+    ap.add_argument("--switch", default="auto")
+    ap.add_argument("--live", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     if args.mode in ("lora", "plain"):
@@ -126,9 +130,14 @@ def main() -> None:
     options = VllmOptions(model_args={"enforce_eager": True, "max_model_len": 64})
     lm = start_engine(Path(args.target), options, batch_size=8, seed=0)
     if args.mode == "switched":
-        switch = VllmSwitch(lm.model, Path(args.vector), Path(args.target), ApplyOptions())
+        switch = VllmSwitch(lm.model, Path(args.vector), Path(args.target), ApplyOptions(),
+                            switch=args.switch)  # fmt: skip
+        (out / "mode.json").write_text(json.dumps(switch.mode))
     else:
         switch = Fixed()
+        if args.live:
+            lm.model.collective_rpc("rvhub_make_live", args=(args.target,))
+    (out / "processed.json").write_text(json.dumps(lm.model.collective_rpc("rvhub_processed")))
 
     def keep(point) -> None:
         tag = f"{point.scale:+g}"

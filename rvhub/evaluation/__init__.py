@@ -210,11 +210,12 @@ def evaluate_vector_vllm(
         lm = start_engine(folder, engine, batch_size=count, seed=seed)
         changed = [v for v, _ in prepared.plan.targets.values()]
         switch = VllmSwitch(
-            lm.model, vec_dir, folder, options, lineage=facts.lineage, changed=changed
-        )
+            lm.model, vec_dir, folder, options, lineage=facts.lineage, changed=changed,
+            switch=engine.switch,
+        )  # fmt: skip
         name = str(ckpt.source.get("repo_id") or target) if ckpt.source else str(target)
         return _evaluate(
-            switch, None, None, lm, engine.record(version), checkpoint_sample(ckpt),
+            switch, None, None, lm, engine.record(version, switch.mode), checkpoint_sample(ckpt),
             tasks=tasks, scales=scales, output_dir=output_dir, name=name,
             include_path=include_path, limit=limit, batch_size=count,
             num_fewshot=num_fewshot, options=options, overwrite=overwrite, resume=resume,

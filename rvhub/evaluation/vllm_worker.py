@@ -11,10 +11,22 @@ layer is rebuilt in checkpoint format as its tensors arrive, then processed agai
 have loaded from ``rvhub apply``'s output. Every tensor of the target is fed, touched or not:
 vLLM processes a layer once all of its weights arrived, and a fused parameter needs all of its
 shards.
+
+Where vLLM computes with the very tensors it loaded (unquantized layers on a GPU: vLLM 0.32.0's
+``UnquantizedLinearMethod`` and ``UnquantizedEmbeddingMethod`` process nothing there, as read
+from ``layers/linear.py`` and ``layers/vocab_parallel_embedding.py``), a switch can skip the
+rebuild: only the tensors the vector touches are streamed, each written by vLLM's own weight
+loader into the parameter it already holds (the shard of a fused QKV or gate/up parameter,
+this worker's slice under tensor parallelism), as reinforcement-learning frameworks push
+weights into vLLM. :meth:`RvhubWorker.rvhub_processed` names the layers where that would be
+wrong (packed or quantized weights); on a CPU :meth:`RvhubWorker.rvhub_make_live` first turns
+vLLM's packed linear layers into plain ones that compute with their parameters.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 WORKER_CLS = "rvhub.evaluation.vllm_worker.RvhubWorker"
@@ -47,13 +59,13 @@ class RvhubWorker:
         self._rvhub = (source, ckpt, prepared.plan.targets)
         return len(prepared.plan.targets)
 
-    def rvhub_set_scale(self, alpha: float) -> dict[str, Any]:
-        """Set this worker's weights to ``round(θ + α·v)``; returns the checkpoint tensors
-        vLLM's model did not place (``missed``: the vector's among them are refused by the
-        driver), how many it placed, and the seconds spent making the tensors and in vLLM's
-        loading."""
-        import time
-
+    def rvhub_set_scale(self, alpha: float, in_place: bool = False) -> dict[str, Any]:
+        """Set this worker's weights to ``round(θ + α·v)``: every target tensor through vLLM's
+        layerwise reload, or (``in_place``, refused where :meth:`rvhub_processed` names a
+        layer) only the touched ones, each into the parameter vLLM already holds. Returns the
+        tensors vLLM's model did not place (``missed``: the vector's among them are refused
+        by the driver), how many it placed, and the seconds spent making the tensors and in
+        vLLM's loading."""
         import torch
         from vllm.model_executor.model_loader.reload import (
             finalize_layerwise_reload,
@@ -63,46 +75,110 @@ class RvhubWorker:
         from rvhub.ops.disk import stream_applied
 
         source, ckpt, targets = self._rvhub
-        tensors = stream_applied(source, ckpt, targets, alpha)
-        touched = set(targets)
         runner = self.model_runner
         model = runner.get_model()
-        missed: list[str] = []
-        placed = 0
-        clock = {"rvhub": 0.0, "vllm": 0.0}  # seconds making tensors / in vLLM's loading
-        with torch.no_grad():
-            start = time.perf_counter()
-            initialize_layerwise_reload(model)
-            try:
-                while True:
-                    mark = time.perf_counter()
-                    clock["vllm"] += mark - start
-                    item = next(tensors, None)
+        if in_place:
+            processed = self.rvhub_processed()
+            if processed:  # the driver checked; never write where vLLM computes from a copy
+                raise RuntimeError(f"in-place switch refused: {', '.join(processed[:3])}")
+            # each tensor is copied into its parameter before the next is made (vLLM's loaders
+            # copy at once; from host memory to a GPU too), so one buffer serves them all
+            tensors = stream_applied(source, ckpt, targets, alpha, only=targets, reuse=True)
+            with torch.no_grad():
+                result = _load_each(model, tensors)
+            shared = result.pop("storage")
+            if any(p.untyped_storage().data_ptr() == shared for p in model.parameters()):
+                raise RuntimeError("a vLLM weight loader kept rvhub's buffer as a parameter")
+        else:
+            tensors = stream_applied(source, ckpt, targets, alpha)
+            with torch.no_grad():
+                initialize_layerwise_reload(model)
+                try:
+                    result = _load_each(model, tensors)
+                finally:
                     start = time.perf_counter()
-                    clock["rvhub"] += start - mark
-                    if item is None:
-                        break
-                    name, tensor = item
-                    try:
-                        loaded = model.load_weights([(name, tensor)])
-                    except (KeyError, ValueError):  # AutoWeightsLoader: no such parameter
-                        loaded = set()
-                    if loaded is not None and not loaded:
-                        missed.append(name)
-                    else:
-                        placed += 1
-            finally:
-                finalize_layerwise_reload(model, runner.model_config)
-                clock["vllm"] += time.perf_counter() - start
+                    finalize_layerwise_reload(model, runner.model_config)
+                    end = time.perf_counter()
+            result.pop("storage")
+            result["seconds"]["vllm"] += end - start
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             if hasattr(runner, reset):
                 getattr(runner, reset)()
-        return {
-            "missed": missed,
-            "placed": placed,
-            "missed_touched": sorted(touched & set(missed)),
-            "seconds": clock,
+        result["missed_touched"] = sorted(set(targets) & set(result["missed"]))
+        return result
+
+    def rvhub_processed(self) -> list[str]:
+        """The layers whose weights vLLM computes from a processed copy (packed for a CPU
+        kernel, quantized, repacked for a GPU kernel), where writing a parameter in place
+        would change nothing vLLM computes with: empty where an in-place switch is exact.
+        Only layers known to use their parameters as loaded pass (vLLM 0.32.0's unquantized
+        linear and embedding layers on a GPU, or made live on a CPU); any other quantization
+        method counts as processed."""
+        from vllm.platforms import current_platform
+
+        gpu = current_platform.is_cuda_alike()
+        out = []
+        for name, module in self.model_runner.get_model().named_modules():
+            method = getattr(module, "quant_method", None)
+            if method is None:
+                continue
+            kind = type(method).__name__
+            if kind not in ("UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"):
+                out.append(f"{name or 'model'} ({kind})")
+            elif not gpu and not getattr(module, "_rvhub_live", False):
+                out.append(f"{name} (packed for the CPU)")
+        return out
+
+    def rvhub_make_live(self, folder: str) -> int:
+        """CPU only: reload ``folder``'s tensors (the model the engine was started on) so that
+        every unquantized linear and embedding layer computes with its parameter (PyTorch's
+        ``F.linear``, the fallback vLLM 0.32.0 uses for layers it does not pack) instead of a
+        packed oneDNN copy, which makes :meth:`rvhub_set_scale`'s in-place path exact here.
+        Returns how many layers were changed."""
+        from pathlib import Path
+
+        import torch
+        import torch.nn.functional as F
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+        from rvhub.checkpoint import open_local_checkpoint
+        from rvhub.ops.disk import stream_applied
+
+        def plain(x: torch.Tensor, weight: torch.Tensor, bias: Any = None) -> torch.Tensor:
+            return F.linear(x, weight, bias)
+
+        runner = self.model_runner
+        model = runner.get_model()
+        kinds = {
+            n: type(getattr(m, "quant_method", None)).__name__ for n, m in model.named_modules()
         }
+        linear = [m for n, m in model.named_modules() if kinds[n] == "UnquantizedLinearMethod"]
+        embedding = [
+            m for n, m in model.named_modules() if kinds[n] == "UnquantizedEmbeddingMethod"
+        ]
+        for module in linear:  # vLLM's own switch (set for MLA's kv_b_proj): no packing
+            module._cpu_skip_gemm_dispatch = True
+        ckpt = open_local_checkpoint(Path(folder))
+        with torch.no_grad():
+            initialize_layerwise_reload(model)
+            for module in linear:  # the packed layer's parameters are empty: keep the new ones
+                get_layerwise_info(module).kernel_tensors = None
+            try:
+                _load_each(model, stream_applied(None, ckpt, {}, 0.0))  # type: ignore[arg-type]
+            finally:
+                finalize_layerwise_reload(model, runner.model_config)
+        for module in linear:
+            if module.weight.numel() == 0 or module.cpu_linear is not F.linear:
+                raise RuntimeError(f"{type(module).__name__} kept a packed weight")
+            module._rvhub_live = True
+        for module in embedding:  # the weight stays; only the output projection was packed
+            module.cpu_linear = plain
+            module._rvhub_live = True
+        return len(linear) + len(embedding)
 
     def rvhub_parameters(self) -> dict[str, Any]:
         """Every parameter and buffer of this worker's model as ``(dtype, shape, bytes)``
@@ -121,6 +197,36 @@ class RvhubWorker:
             )
             out[name] = (str(t.dtype).removeprefix("torch."), list(t.shape), raw.numpy().tobytes())
         return out
+
+
+def _load_each(model: Any, tensors: Iterator[tuple[str, Any]]) -> dict[str, Any]:
+    """Hand each ``(name, tensor)`` to vLLM's ``load_weights`` on its own; what it did not
+    place, how many it did, and the seconds spent making tensors and inside vLLM."""
+    missed: list[str] = []
+    placed = 0
+    storage = None  # the last tensor's storage
+    clock = {"rvhub": 0.0, "vllm": 0.0}
+    start = time.perf_counter()
+    while True:
+        mark = time.perf_counter()
+        clock["vllm"] += mark - start
+        item = next(tensors, None)
+        start = time.perf_counter()
+        clock["rvhub"] += start - mark
+        if item is None:
+            break
+        name, tensor = item
+        storage = tensor.untyped_storage().data_ptr()
+        try:
+            loaded = model.load_weights([(name, tensor)])
+        except (KeyError, ValueError):  # AutoWeightsLoader: no such parameter
+            loaded = set()
+        if loaded is not None and not loaded:
+            missed.append(name)
+        else:
+            placed += 1
+    clock["vllm"] += time.perf_counter() - start
+    return {"missed": missed, "placed": placed, "seconds": clock, "storage": storage}
 
 
 def as_tensors(parameters: dict[str, Any]) -> dict[str, Any]:

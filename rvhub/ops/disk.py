@@ -128,13 +128,19 @@ def stream_applied(
     alpha: float,
     only: Iterable[str] | None = None,
     threads: int | None = None,
+    reuse: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` for each tensor of ``ckpt`` (or of ``only``) in file order (a
     layer's tensors together): θ as stored, or ``round(θ + α·v)`` for the ``targets`` of an
     apply plan (target name → vector name and rows), on the CPU, one tensor at a time. Slabs
-    are computed on ``threads`` threads (default: every core), as ``rvhub apply`` does."""
+    are computed on ``threads`` threads (default: every core), as ``rvhub apply`` does.
+    ``reuse``: every tensor is a view of one buffer the size of the largest, valid only until
+    the next is yielded (for a consumer that copies each at once: no allocation per tensor,
+    so the allocator has nothing to fragment)."""
     wanted = None if only is None else set(only)
     entries = [e for _, es in _file_entries(ckpt) for e in es if wanted is None or e.name in wanted]
+    nbytes = [e.numel * e.torch_dtype.itemsize for e in entries]
+    buffer = torch.empty(max(nbytes, default=0), dtype=torch.uint8) if reuse else None
     workers = resolve_threads(threads)
     handles = FileHandles()
     pool = SlabPool(SLAB_ELEMS, limit=pool_limit(workers))
@@ -147,8 +153,11 @@ def stream_applied(
     results = ordered(tasks, workers)
     try:
         with single_thread():
-            for e in entries:
-                out = torch.empty(e.numel, dtype=e.torch_dtype)
+            for e, size in zip(entries, nbytes, strict=True):
+                if buffer is None:
+                    out = torch.empty(e.numel, dtype=e.torch_dtype)
+                else:
+                    out = buffer[:size].view(e.torch_dtype)
                 for start, stop in iter_chunks(e.numel, SLAB_ELEMS):
                     part = next(results)
                     out[start:stop].copy_(part)

@@ -268,7 +268,7 @@ class FileScaleSwitch:
             if p is None or p.dtype != entries[name].torch_dtype or p.shape != entries[name].shape:
                 return None
         with torch.no_grad():
-            for name, theta in stream_applied(source, ckpt, {}, 0.0, only=touched):
+            for name, theta in stream_applied(source, ckpt, {}, 0.0, only=touched, reuse=True):
                 if not torch.equal(params[name].detach().to("cpu"), theta):
                     return None  # the model is not what its files hold
                 # Writing the same values back gives a model transformers mapped from its
@@ -306,7 +306,8 @@ class FileScaleSwitch:
         params = {**persistent_float_buffers(model), **dict(model.named_parameters())}
         only = self.prepared.plan.targets
         with torch.no_grad():
-            for name, value in stream_applied(self.source, self.ckpt, targets, alpha, only=only):
+            applied = stream_applied(self.source, self.ckpt, targets, alpha, only=only, reuse=True)
+            for name, value in applied:
                 params[name].data.copy_(value)
 
 
