@@ -139,6 +139,9 @@ def test_card_eval_puts_the_sweep_in_the_card_and_eval_results(sweep_dir, toy, t
     card = ModelCard.load(tmp_path / "card" / "README.md")
     assert len(card.data.eval_results) == 3  # model-index: baseline, +v, −v at α = ±1
     assert "## Score against α" in card.text and "![score against α](eval_sweep.png)" in card.text
+    import transformers
+
+    assert f"on transformers {transformers.__version__}" in card.text  # the engine it ran on
     assert (tmp_path / "card" / "eval_sweep.png").is_file()
     data = yaml.safe_load((tmp_path / "card" / ".eval_results" / "toy_addition.yaml").read_text())
     entries = parse_eval_result_entries(data)
@@ -175,6 +178,26 @@ def test_lm_eval_import_keeps_only_metrics_and_names_the_dataset(sweep_dir: Path
     assert scores.target and scores.target.endswith("target")  # model_name is None in the file
 
 
+def test_a_sweep_without_the_card_conditions_still_reaches_the_card(toy, tmp_path) -> None:
+    """A sweep at α = 0.5 and 1.5 only (no α = 0 or ±1, so no baseline/± rows): the card
+    still shows it and its .eval_results, with the lm-eval options it ran with."""
+    out = tmp_path / "eval-out"
+    result = run(
+        "eval", toy["vec"], toy["target"], "--tasks", "toy_addition", "--include-path",
+        TASK_DIR, "--scales", "0.5,1.5", "--limit", "8", "--batch-size", "8", "-o", out,
+        "--device", "cpu", "--system-instruction", "Add the numbers.",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    card_dir = tmp_path / "card"
+    assert run("card", toy["vec"], "--eval", out, "-o", card_dir / "README.md").exit_code == 0
+    text = (card_dir / "README.md").read_text()
+    assert "## Score against α" in text and "α = +0.5" in text and "α = +1.5" in text
+    assert "(options: `system_instruction=Add the numbers.`)" in text
+    data = yaml.safe_load((card_dir / ".eval_results" / "toy_addition.yaml").read_text())
+    notes = sorted(e.notes for e in parse_eval_result_entries(data))
+    assert len(notes) == 2 and "+ 0.5·v" in notes[0] and "+ 1.5·v" in notes[1], notes
+
+
 def test_eval_refuses_bad_input_with_one_line(toy, tmp_path) -> None:
     base = ["eval", toy["vec"], toy["target"], "-o", tmp_path / "o", "--include-path", TASK_DIR]
     cases = [
@@ -189,6 +212,8 @@ def test_eval_refuses_bad_input_with_one_line(toy, tmp_path) -> None:
         # the engines' options
         (["--tasks", "toy_addition", "--tensor-parallel-size", "2"], "an option of --engine vllm"),
         (["--tasks", "toy_addition", "--max-model-len", "64"], "an option of --engine vllm"),
+        (["--tasks", "toy_addition", "--vllm-switch", "in-place"], "an option of --engine vllm"),
+        (["--tasks", "toy_addition", "--vllm-switch", "inplace"], "--vllm-switch"),
         (
             ["--tasks", "toy_addition", "--engine", "vllm", "--device", "cpu"],
             "options of --engine hf",

@@ -185,6 +185,7 @@ def test_rvhub_eval_cli_equals_lm_eval_cli_on_the_applied_folder(family, tmp_pat
     engine = summary["settings"]["engine"]
     assert engine["name"] == "vllm" and engine["version"].startswith("0.32")
     assert engine["enforce_eager"] is True and engine["tensor_parallel_size"] == 1
+    assert engine["switch"] == "layerwise"  # auto on a CPU: vLLM packs its linear layers
     assert summary["settings"]["lm_eval_options"] == {"log_samples": True}
     mine = json.loads((out / "alpha_+0.5" / "results.json").read_text())
     my_samples = [
@@ -209,6 +210,12 @@ def test_rvhub_eval_cli_equals_lm_eval_cli_on_the_applied_folder(family, tmp_pat
     same = ("doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "acc", "perplexity")
     for mine_row, ref_row in zip(my_samples, ref_rows, strict=True):
         assert {k: mine_row.get(k) for k in same} == {k: ref_row.get(k) for k in same}
+    # the card says which engine measured the sweep
+    shown = run("card", family["vector"], "--eval", out, "-o", tmp_path / "card" / "README.md")
+    assert shown.exit_code == 0, shown.output
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "## Score against α" in card, card
+    assert f"on vLLM {engine['version']} (α set layerwise)" in card
 
 
 # -- adapters loaded by vLLM itself --------------------------------------------------------------
@@ -310,3 +317,32 @@ def test_a_vector_tensor_vllm_does_not_load_is_refused_before_any_evaluation(fam
     assert len(errors) == 1 and name in errors[0] and "does not load" in errors[0], errors
     assert "Traceback" not in done.stderr and not out.exists()
     assert "toy_ll" not in done.stdout  # nothing was evaluated
+
+
+def test_in_place_is_refused_where_vllm_computes_from_processed_weights(tmp_path):
+    """A Qwen3-MoE target: vLLM computes its experts from a processed copy of their weights
+    (``UnquantizedFusedMoEMethod``), where a weight written in place would change nothing it
+    computes with; ``--vllm-switch in-place`` is refused with one line naming them (exit 3)
+    before anything is evaluated."""
+    roots = {}
+    for i, role in enumerate(("a", "b", "target")):
+        model = build_model("qwen3_moe", seed=0, **TINY)
+        finetune_like(model, seed=10 + i, scale=0.05)
+        roots[role] = save(model.to(torch.bfloat16), tmp_path / role)
+        toy_transfer.toy_tokenizer().save_pretrained(roots[role])
+    vec = extract_vector(roots["a"], roots["b"]).save(tmp_path / "vec")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [str(VLLM_PY.parent / "rvhub"), "eval", str(vec), str(roots["target"]), "--engine",
+         "vllm", "--vllm-switch", "in-place", "--tasks", "toy_ll", "--include-path",
+         str(TASK_DIR), "--scales", "1", "--model-args", "enforce_eager=True,max_model_len=64",
+         "-o", str(out)],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-4000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "UnquantizedFusedMoEMethod" in errors[0], errors
+    assert "mlp.experts" in errors[0] and "--vllm-switch auto" in errors[0], errors
+    assert "Traceback" not in done.stderr and not out.exists()
+    assert "toy_ll" not in done.stdout

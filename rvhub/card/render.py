@@ -167,8 +167,10 @@ def card_context(
     license = license or carried_license(licenses)
     root = lineage_root(manifest, base_model)
     metadata = card_metadata(manifest, name=name, scores=scores, license=license, base_model=root)
-    measured, measured_local = public_model((scores.target if scores else None) or target)
-    usage, usage_local = public_model(target or (scores.target if scores else None))
+    measured, measured_local = public_model(
+        (scores.target if scores is not None else None) or target
+    )
+    usage, usage_local = public_model(target or (scores.target if scores is not None else None))
     sources = [
         _source_view(role, record.to_json(), licenses.get(role), endpoint)
         for role, record in sorted(manifest.sources.items())
@@ -189,7 +191,7 @@ def card_context(
         "scale": (scores.scale if scores and scores.scale is not None else 1.0),
         "target": None if usage_local else usage,
         "plot": PLOT_NAME if plot else None,
-        "sweep": _sweep_view(scores.sweep) if scores and scores.sweep else None,
+        "sweep": _sweep_view(scores.sweep) if scores is not None and scores.sweep else None,
         "endpoint": endpoint,
     }
 
@@ -291,8 +293,39 @@ def _sweep_view(sweep: Mapping[str, Any]) -> dict[str, Any]:
         "target_local": local,
         "lm_eval_version": settings.get("lm_eval_version"),
         "limit": settings.get("limit"),
+        "engine": _engine_text(as_dict(settings.get("engine"))),
+        "lm_eval_options": [
+            _option_text(k, v)
+            for k, v in sorted(as_dict(settings.get("lm_eval_options")).items())
+            if v is not None and v is not False and k != "log_samples"
+        ],
         "plot": SWEEP_PLOT,
     }
+
+
+def _option_text(key: str, value: Any) -> str:
+    """One lm-eval option for a code span: ``key`` for a flag, else ``key=value`` (no
+    backticks, at most 80 characters)."""
+    text = key if value is True else f"{key}={value}"
+    text = " ".join(text.replace("`", "'").split())
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+def _engine_text(engine: Mapping[str, Any]) -> str | None:
+    """``vLLM 0.32.0 (tensor parallel 2, α set in-place)`` or ``transformers 5.19.0``, from
+    ``sweep.json``'s engine record (absent in sweeps older than the record: None)."""
+    name = engine.get("name")
+    if name == "vllm":
+        details = []
+        if (engine.get("tensor_parallel_size") or 1) > 1:
+            details.append(f"tensor parallel {engine['tensor_parallel_size']}")
+        if engine.get("switch"):
+            details.append(f"α set {engine['switch']}")
+        more = f" ({', '.join(details)})" if details else ""
+        return f"vLLM {engine.get('version') or ''}".rstrip() + more
+    if name == "hf":
+        return f"transformers {engine.get('transformers') or ''}".rstrip()
+    return None
 
 
 def _signed_scale(scale: float) -> str:
@@ -339,7 +372,7 @@ def eval_result_entries(scores: Scores, *, target: str | None = None) -> list[An
 def eval_results_files(scores: Scores | None, *, target: str | None = None) -> dict[str, bytes]:
     """``{".eval_results/<task>.yaml": bytes}`` for :func:`eval_result_entries`, one file per
     task, written with ``eval_result_entries_to_yaml``."""
-    if not scores:
+    if scores is None or not (scores or scores.sweep):  # a sweep without α = 0, ±1 has no rows
         return {}
     from huggingface_hub import eval_result_entries_to_yaml
 
@@ -496,7 +529,7 @@ def card_extra_files(scores: Scores | None, *, target: str | None = None) -> dic
     """What goes beside a card for these scores: ``.eval_results/*.yaml`` and, for a sweep,
     its plot (the card links it as ``eval_sweep.png``)."""
     extra = eval_results_files(scores, target=target)
-    if scores and scores.sweep:
+    if scores is not None and scores.sweep:
         sweep_png = sweep_plot(scores.sweep)
         if sweep_png is not None:
             extra[SWEEP_PLOT] = sweep_png

