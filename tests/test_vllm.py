@@ -346,3 +346,30 @@ def test_in_place_is_refused_where_vllm_computes_from_processed_weights(tmp_path
     assert "mlp.experts" in errors[0] and "--vllm-switch auto" in errors[0], errors
     assert "Traceback" not in done.stderr and not out.exists()
     assert "toy_ll" not in done.stdout
+
+
+def test_a_re_tied_lm_head_the_vector_changes_is_refused(tied_family, tmp_path):
+    """A target whose config ties the embeddings but whose file also stores an identical
+    ``lm_head.weight``: vLLM re-ties them into one parameter, so no switch could give the
+    embedding θ + α·v and the head θ, as `rvhub apply` does. Refused with one line (exit 3)
+    before anything is evaluated, naming both."""
+    from safetensors.torch import save_file
+
+    target = tmp_path / "target"
+    subprocess.run(["cp", "-r", str(tied_family["target"]), str(target)], check=True)
+    weights = load_file(target / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [str(VLLM_PY.parent / "rvhub"), "eval", str(tied_family["vector"]), str(target),
+         "--engine", "vllm", "--tasks", "toy_ll", "--include-path", str(TASK_DIR),
+         "--scales", "1", "--model-args", "enforce_eager=True,max_model_len=64", "-o", str(out)],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-4000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "one parameter" in errors[0], errors
+    assert "lm_head.weight and model.embed_tokens.weight" in errors[0], errors
+    assert "Traceback" not in done.stderr and not out.exists()

@@ -167,7 +167,15 @@ class VllmSwitch:
             "allow_nonfinite": options.allow_nonfinite,
             "allow_unrelated": options.allow_unrelated,
         }
-        llm.collective_rpc("rvhub_open", args=(str(vector), str(target), opts))
+        shared = llm.collective_rpc("rvhub_open", args=(str(vector), str(target), opts))
+        if any(shared):
+            names = " and ".join(next(g for g in shared if g)[0])
+            raise CompatibilityError(
+                f"vLLM holds {names} in one parameter (it re-ties an lm_head identical to the "
+                "embedding) and the vector changes it: vLLM cannot hold the different values "
+                "`rvhub apply` gives them; use --engine hf, or set tie_word_embeddings to "
+                "false in the target's config"
+            )
         self.mode = self._choose(switch, target)
 
     def _choose(self, switch: str, target: Path) -> str:

@@ -37,9 +37,11 @@ class RvhubWorker:
 
     model_runner: Any
 
-    def rvhub_open(self, vector: str, target: str, options: dict[str, Any]) -> int:
+    def rvhub_open(self, vector: str, target: str, options: dict[str, Any]) -> list[list[str]]:
         """Open the vector folder and the target folder (local paths) and run the apply
-        pre-flight; returns how many target tensors the vector touches."""
+        pre-flight; returns the groups of the target's tensors vLLM holds in one parameter
+        where the vector touches one of them (vLLM re-ties an ``lm_head`` identical to the
+        embedding: no switch can give them different values; the driver refuses)."""
         from pathlib import Path
 
         from rvhub.checkpoint import open_local_checkpoint
@@ -57,7 +59,13 @@ class RvhubWorker:
         ckpt = open_local_checkpoint(Path(target))
         prepared = prepare_streamed(facts, ckpt, ApplyOptions(**options))
         self._rvhub = (source, ckpt, prepared.plan.targets)
-        return len(prepared.plan.targets)
+        held: dict[int, list[str]] = {}
+        named = self.model_runner.get_model().named_parameters(remove_duplicate=False)
+        for name, param in named:
+            if name in ckpt.entries and param.numel():
+                held.setdefault(param.untyped_storage().data_ptr(), []).append(name)
+        touched = set(prepared.plan.targets)
+        return [sorted(n) for n in held.values() if len(n) > 1 and touched & set(n)]
 
     def rvhub_set_scale(self, alpha: float, in_place: bool = False) -> dict[str, Any]:
         """Set this worker's weights to ``round(θ + α·v)``: every target tensor through vLLM's
@@ -108,18 +116,26 @@ class RvhubWorker:
         return result
 
     def rvhub_processed(self) -> list[str]:
-        """The layers whose weights vLLM computes from a processed copy (packed for a CPU
-        kernel, quantized, repacked for a GPU kernel), where writing a parameter in place
-        would change nothing vLLM computes with: empty where an in-place switch is exact.
-        Only layers known to use their parameters as loaded pass (vLLM 0.32.0's unquantized
-        linear and embedding layers on a GPU, or made live on a CPU); any other quantization
-        method counts as processed."""
+        """What makes an in-place write wrong in this worker's model: layers whose weights
+        vLLM computes from a processed copy (packed for a CPU kernel, quantized, repacked),
+        attention layers that derive weights after loading (MLA's from ``kv_b_proj``), a
+        model-level post-load hook. Empty where the in-place
+        switch is exact. Only what is known to use its parameters as loaded passes (vLLM
+        0.32.0's unquantized linear and embedding layers on a GPU or made live on a CPU, and
+        its plain ``Attention`` with no parameters of its own), as read from vLLM 0.32.0's
+        ``model_loader/utils.py: process_weights_after_loading``."""
+        from vllm.model_executor.layers.attention import is_deferred_attention_layer
         from vllm.platforms import current_platform
 
         gpu = current_platform.is_cuda_alike()
+        model = self.model_runner.get_model()
         out = []
-        for name, module in self.model_runner.get_model().named_modules():
+        for name, module in model.named_modules():
             method = getattr(module, "quant_method", None)
+            if is_deferred_attention_layer(module):
+                own = list(module.parameters(recurse=False))
+                if type(module).__name__ != "Attention" or own:
+                    out.append(f"{name} ({type(module).__name__} processes weights)")
             if method is None:
                 continue
             kind = type(method).__name__
@@ -127,6 +143,8 @@ class RvhubWorker:
                 out.append(f"{name or 'model'} ({kind})")
             elif not gpu and not getattr(module, "_rvhub_live", False):
                 out.append(f"{name} (packed for the CPU)")
+        if callable(getattr(model, "process_weights_after_loading", None)):
+            out.append(f"model ({type(model).__name__}.process_weights_after_loading)")
         return out
 
     def rvhub_make_live(self, folder: str) -> int:
