@@ -15,7 +15,11 @@ On the Qwen2.5-1.5B-shaped bf16 pair (benchmarks/common.py; 2 × 3.09 GB), in or
 4. a model split over CPU and GPU (half its layers moved, as ``device_map`` places them):
    every delta lands on its parameter's own device, equal to the all-CPU apply;
 5. ``compress --encoding lora --rank 64 --device cuda`` over the 196 matrices (target ≤ 2 s
-   for the SVDs; benchmarks/gpu_svd_probe.py splits it further).
+   for the SVDs; benchmarks/gpu_svd_probe.py splits it further);
+6. an α sweep's switch on CUDA (``rvhub eval``'s ``FileScaleSwitch``, through
+   benchmarks/eval_sweep.py's child): CUDA max allocated beside the model's size (target: the
+   model + 10 % + the largest tensor), the first switch against the last at the same α
+   (target ≤ 1.5×).
 
 The device machine has torch, transformers, peft, safetensors and huggingface_hub but not
 rvhub's other dependencies; bring them as wheels in an ignored folder it carries:
@@ -188,6 +192,26 @@ def lora(vec: Path, root: Path, device: str) -> None:
     print(f"  compress --encoding lora --rank 64: {sec:.2f} s end to end (SVD target ≤ 2 s)")
 
 
+def eval_switch(vec: Path, b: Path, device: str) -> None:
+    """6. The file switch of an α sweep on ``device``, in its own process."""
+    import json
+    import subprocess
+
+    script = Path(__file__).parent / "eval_sweep.py"
+    cmd = [sys.executable, str(script), "--device", device, "--child", "files", str(vec), str(b)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    size_mb = sum(f.stat().st_size for f in b.glob("*.safetensors")) / 2**20
+    times = r["times"]
+    print(f"6. sweep switch ({device}): α {' '.join(f'{t:.2f}' for t in times)} s; first/last"
+          f" {times[0] / times[-1]:.2f}× (target ≤ 1.5×); model {size_mb:.0f} MB", flush=True)  # fmt: skip
+    if "cuda_max_mb" in r:
+        over = (r["cuda_max_mb"] - size_mb) / size_mb
+        print(f"   CUDA max allocated {r['cuda_max_mb']:.0f} MB = the model + {over:.1%}"
+              " (target: + 10 % + the largest tensor)", flush=True)  # fmt: skip
+    print(f"   peak RSS {r['peak_mb']:.0f} MB (libraries {r['base_mb']:.0f} MB)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=28)
@@ -200,7 +224,7 @@ def main() -> None:
         args.layers, args.repeat, args.threads = 2, 1, "1,2"
     cuda = torch.cuda.is_available()
     if not cuda:
-        print("no CUDA GPU here: steps 2, 3 and 5 on CUDA are skipped; step 4 runs on the CPU")
+        print("no CUDA GPU here: steps 2, 3 and 5 on CUDA are skipped; 4 and 6 run on the CPU")
     counts = [int(t) for t in args.threads.split(",")]
     root = work_dir("rvhub-gpu-session-", args.dir)
     start = time.perf_counter()
@@ -214,6 +238,7 @@ def main() -> None:
             gpu_apply(vec, b, root, args.repeat)
         split_model(vec, b, args.layers, cuda)
         lora(vec, root, "cuda" if cuda else "cpu")
+        eval_switch(vec, b, "cuda" if cuda else "cpu")
         print(f"done in {time.perf_counter() - start:.0f} s")
     finally:
         shutil.rmtree(root, ignore_errors=True)
