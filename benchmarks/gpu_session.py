@@ -193,7 +193,9 @@ def lora(vec: Path, root: Path, device: str) -> None:
 
 
 def eval_switch(vec: Path, b: Path, device: str) -> None:
-    """6. The file switch of an α sweep on ``device``, in its own process."""
+    """6. The file switch of an α sweep on ``device``, in its own process (its peak RSS is
+    not shown: a child's high-water mark starts at this large process's; eval_sweep.py run
+    on its own measures it)."""
     import json
     import subprocess
 
@@ -209,7 +211,6 @@ def eval_switch(vec: Path, b: Path, device: str) -> None:
         over = (r["cuda_max_mb"] - size_mb) / size_mb
         print(f"   CUDA max allocated {r['cuda_max_mb']:.0f} MB = the model + {over:.1%}"
               " (target: + 10 % + the largest tensor)", flush=True)  # fmt: skip
-    print(f"   peak RSS {r['peak_mb']:.0f} MB (libraries {r['base_mb']:.0f} MB)", flush=True)
 
 
 def main() -> None:
