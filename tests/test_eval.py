@@ -225,6 +225,10 @@ def test_eval_refuses_bad_input_with_one_line(toy, tmp_path) -> None:
         ),
         (["--tasks", "toy_addition", "--model-args", "pretrained=x"], "may not set pretrained"),
         (
+            ["--tasks", "toy_addition", "--engine", "vllm", "--model-args", "data_parallel_size=2"],
+            "rvhub cannot set α",
+        ),
+        (
             ["--tasks", "toy_addition", "--gpu-memory-utilization", "1.5"],
             "--gpu-memory-utilization",
         ),

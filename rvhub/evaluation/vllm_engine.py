@@ -73,6 +73,13 @@ class VllmOptions:
             raise InputError(f"`gpu_memory_utilization` must lie in (0, 1], not {g!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise InputError(f"`max_model_len` must be positive, not {self.max_model_len!r}")
+        dp = self.model_args.get("data_parallel_size", 1)
+        if dp not in (1, None):
+            raise InputError(
+                f"`model_args` data_parallel_size={dp!r}: lm-eval runs each data-parallel "
+                "replica in an engine of its own, where rvhub cannot set α (use "
+                "--tensor-parallel-size, or one sweep per GPU)"
+            )
         taken = {"pretrained", "worker_extension_cls", "tensor_parallel_size", "batch_size"}
         clash = sorted(taken & set(self.model_args))
         if clash:
