@@ -229,6 +229,10 @@ def test_eval_refuses_bad_input_with_one_line(toy, tmp_path) -> None:
             "rvhub cannot set α",
         ),
         (
+            ["--tasks", "toy_addition", "--engine", "vllm", "--model-args", "load_format=dummy"],
+            "load_format='dummy'",
+        ),
+        (
             ["--tasks", "toy_addition", "--gpu-memory-utilization", "1.5"],
             "--gpu-memory-utilization",
         ),

@@ -80,6 +80,13 @@ class VllmOptions:
                 "replica in an engine of its own, where rvhub cannot set α (use "
                 "--tensor-parallel-size, or one sweep per GPU)"
             )
+        fmt = self.model_args.get("load_format", "auto")
+        if fmt not in ("auto", "safetensors", None):
+            raise InputError(
+                f"`model_args` load_format={fmt!r}: vLLM must load the target's safetensors "
+                "files, which rvhub switches from (an in-place switch leaves what the vector "
+                "does not touch as vLLM loaded it)"
+            )
         taken = {"pretrained", "worker_extension_cls", "tensor_parallel_size", "batch_size"}
         clash = sorted(taken & set(self.model_args))
         if clash:
