@@ -373,3 +373,24 @@ def test_a_re_tied_lm_head_the_vector_changes_is_refused(tied_family, tmp_path):
     assert len(errors) == 1 and "one parameter" in errors[0], errors
     assert "lm_head.weight and model.embed_tokens.weight" in errors[0], errors
     assert "Traceback" not in done.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("switch", ["in-place", "auto"])
+def test_an_engine_not_holding_the_files_weights_is_never_switched_in_place(
+    family, tmp_path, switch
+):
+    """Before any α, writing θ (from the target's files) in place must change no vLLM
+    parameter; here one weight was changed inside the engine after loading (standing in for
+    a kernel layout rvhub does not know). ``in-place`` is refused naming it; ``auto`` falls
+    back to the layerwise switch, whose first α rewrites every tensor, the changed one too."""
+    out = _engine("tampered", tmp_path / "t", family["target"], family["vector"], "0",
+                  "--switch", switch)  # fmt: skip
+    name = "model.layers.1.mlp.down_proj.weight"
+    if switch == "in-place":
+        error = (out / "error.txt").read_text()
+        assert "changed 1 vLLM parameter(s)" in error and name in error, error
+        return
+    assert json.loads((out / "mode.json").read_text()) == "layerwise"
+    params = load_file(out / "params+0.5.safetensors")
+    applied = load_file(family["applied+0.5"] / "model.safetensors")
+    assert torch.equal(params[f"param:{name}"], applied[name])

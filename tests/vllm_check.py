@@ -8,6 +8,9 @@ logprobs and lm-eval results, written to ``--out`` for the test to compare.
     fresh:    one engine on an `rvhub apply` output folder (the reference), evaluated by the
               same run_sweep with nothing switched (--live: its packed CPU layers made plain
               first, as an in-place switch makes them);
+    tampered: one engine on TARGET, made plain, one weight then changed inside it (what no
+              file holds); VllmSwitch(--switch) is opened on it and, unless refused, sets
+              α = 0.5: its refusal or the mode it chose and the parameters after;
     lora:     one engine on TARGET with LoRA enabled; each of --adapters through a LoRARequest
               (its generations, or the error vLLM raised), and TARGET itself;
     plain:    one engine on TARGET, its generations.
@@ -99,9 +102,45 @@ def plain(args) -> None:
     (out / "gen.json").write_text(json.dumps(scored(llm)))
 
 
+def _bump(self) -> None:
+    """Runs in the worker: one weight no longer what the target's file holds."""
+    import torch
+
+    model = self.model_runner.get_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] += 1.0
+
+
+def tampered(args) -> None:
+    from safetensors.torch import save_file
+
+    from rvhub.errors import CompatibilityError
+    from rvhub.evaluation.vllm_engine import VllmOptions, VllmSwitch, start_engine
+    from rvhub.evaluation.vllm_worker import as_tensors
+    from rvhub.options import ApplyOptions
+
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the test's own callable
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = VllmOptions(model_args={"enforce_eager": True, "max_model_len": 64})
+    llm = start_engine(Path(args.target), options, batch_size=8, seed=0).model
+    llm.collective_rpc("rvhub_make_live", args=(args.target,))
+    llm.collective_rpc(_bump)
+    try:
+        switch = VllmSwitch(llm, Path(args.vector), Path(args.target), ApplyOptions(),
+                            switch=args.switch)  # fmt: skip
+    except CompatibilityError as e:
+        (out / "error.txt").write_text(str(e))
+        return
+    (out / "mode.json").write_text(json.dumps(switch.mode))
+    switch.set_scale(0.5)
+    params = as_tensors(llm.collective_rpc("rvhub_parameters")[0])
+    save_file({k: v.contiguous() for k, v in params.items()}, out / "params+0.5.safetensors")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["switched", "fresh", "lora", "plain"])
+    ap.add_argument("mode", choices=["switched", "fresh", "lora", "plain", "tampered"])
     ap.add_argument("--target", required=True)
     ap.add_argument("--vector")
     ap.add_argument("--scales", default="0")
@@ -114,8 +153,8 @@ def main() -> None:
     ap.add_argument("--live", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if args.mode in ("lora", "plain"):
-        (lora if args.mode == "lora" else plain)(args)
+    if args.mode in ("lora", "plain", "tampered"):
+        {"lora": lora, "plain": plain, "tampered": tampered}[args.mode](args)
         return
 
     from safetensors.torch import save_file

@@ -200,7 +200,7 @@ class VllmSwitch:
             return "layerwise"
         processed = sorted({n for r in self.llm.collective_rpc("rvhub_processed") for n in r})
         if not processed:
-            return "in-place"
+            return self._checked(switch)
         if switch == "auto":
             return "layerwise"
         packed = " (packed for the CPU)"
@@ -209,13 +209,29 @@ class VllmSwitch:
             logger.info("vLLM's %d packed CPU layers now compute with F.linear", changed[0])
             left = sorted({n for r in self.llm.collective_rpc("rvhub_processed") for n in r})
             if not left:
-                return "in-place"
+                return self._checked(switch)
             processed = left
         processed = sorted(processed, key=lambda n: n.endswith(packed))  # the reasons first
         shown = ", ".join(processed[:3]) + (", ..." if len(processed) > 3 else "")
         raise CompatibilityError(
             f"--vllm-switch in-place cannot be exact here: vLLM computes {len(processed)} "
             f"layer(s) from processed copies of their weights ({shown}); use --vllm-switch auto"
+        )
+
+    def _checked(self, switch: str) -> str:
+        """``in-place`` once writing θ in place changed no parameter of any worker; else
+        ``layerwise`` for ``auto`` (its first switch rewrites every tensor) or one line."""
+        changed = sorted({n for r in self.llm.collective_rpc("rvhub_check_in_place") for n in r})
+        if not changed:
+            return "in-place"
+        shown = ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else "")
+        if switch == "auto":
+            logger.warning("writing θ in place changed %s: switching layerwise instead", shown)
+            return "layerwise"
+        raise CompatibilityError(
+            f"--vllm-switch in-place cannot be exact here: writing the target's own weights "
+            f"in place changed {len(changed)} vLLM parameter(s) ({shown}), so the engine does "
+            "not hold them as its loaders write them; use --vllm-switch auto"
         )
 
     def check_scale(self, scale: float) -> None:

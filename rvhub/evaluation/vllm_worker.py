@@ -115,6 +115,27 @@ class RvhubWorker:
         result["missed_touched"] = sorted(set(targets) & set(result["missed"]))
         return result
 
+    def rvhub_check_in_place(self) -> list[str]:
+        """Write θ, read from the target's files, in place for every tensor the vector
+        touches, and return the parameters that changed: none where the engine holds the
+        files' values in the form vLLM's loaders write them, so an in-place switch is exact.
+        Catches what :meth:`rvhub_processed` cannot know (a kernel that keeps its weights in
+        another layout, weights changed since loading) before any α is set; afterwards the
+        driver falls back to the layerwise switch, which rewrites every tensor, or refuses.
+        Parameters are compared by a position-weighted checksum on their own device, a
+        slab at a time (no copy of the model)."""
+        import torch
+
+        from rvhub.ops.disk import stream_applied
+
+        source, ckpt, targets = self._rvhub
+        model = self.model_runner.get_model()
+        params = dict(model.named_parameters())
+        before = {n: _checksum(p) for n, p in params.items()}
+        with torch.no_grad():
+            _load_each(model, stream_applied(source, ckpt, {}, 0.0, only=targets, reuse=True))
+        return [n for n, p in params.items() if _checksum(p) != before[n]]
+
     def rvhub_processed(self) -> list[str]:
         """What makes an in-place write wrong in this worker's model: layers whose weights
         vLLM computes from a processed copy (packed for a CPU kernel, quantized, repacked),
@@ -245,6 +266,27 @@ def _load_each(model: Any, tensors: Iterator[tuple[str, Any]]) -> dict[str, Any]
             placed += 1
     clock["vllm"] += time.perf_counter() - start
     return {"missed": missed, "placed": placed, "seconds": clock, "storage": storage}
+
+
+_INT_VIEW = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def _checksum(tensor: Any, slab: int = 1 << 24) -> tuple[int, int, int]:
+    """``(numel, Σ bits, Σ bits · (position mod 65521 + 1))`` of a tensor's raw values, on its
+    own device, a slab at a time: any change of a value or of where one sits shows."""
+    import torch
+
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return (0, 0, 0)
+    bits = flat.view(getattr(torch, _INT_VIEW[flat.element_size()]))
+    plain = total = 0
+    for start in range(0, bits.numel(), slab):
+        part = bits[start : start + slab].to(torch.int64)
+        where = torch.arange(start, start + part.numel(), device=part.device) % 65521 + 1
+        plain += int(part.sum())
+        total += int((part * where).sum())
+    return (bits.numel(), plain, total)
 
 
 def as_tensors(parameters: dict[str, Any]) -> dict[str, Any]:
