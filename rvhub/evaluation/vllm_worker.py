@@ -271,22 +271,32 @@ def _load_each(model: Any, tensors: Iterator[tuple[str, Any]]) -> dict[str, Any]
 _INT_VIEW = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 
 
-def _checksum(tensor: Any, slab: int = 1 << 24) -> tuple[int, int, int]:
-    """``(numel, Σ bits, Σ bits · (position mod 65521 + 1))`` of a tensor's raw values, on its
-    own device, a slab at a time: any change of a value or of where one sits shows."""
+def _checksum(tensor: Any, slab: int = 1 << 24) -> tuple[int, Any, Any]:
+    """A tensor's raw values, summarized so that any change of a value or of where one sits
+    shows: on the CPU the BLAKE3 digest of its bytes (read in place); on a GPU, where copying
+    them out would cost more, ``(Σ bits, Σ bits · (position mod 65521 + 1))`` computed there,
+    a slab at a time."""
     import torch
 
-    flat = tensor.detach().contiguous().reshape(-1)
+    from rvhub.io.hashing import new_hasher
+
+    flat = tensor.detach().reshape(-1)
     if flat.numel() == 0:
         return (0, 0, 0)
-    bits = flat.view(getattr(torch, _INT_VIEW[flat.element_size()]))
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    raw = flat.view(getattr(torch, _INT_VIEW[flat.element_size()]))
+    if raw.device.type == "cpu":
+        hasher = new_hasher()
+        hasher.update(raw.view(torch.uint8).numpy())
+        return (raw.numel(), hasher.hexdigest(), None)
     plain = total = 0
-    for start in range(0, bits.numel(), slab):
-        part = bits[start : start + slab].to(torch.int64)
+    for start in range(0, raw.numel(), slab):
+        part = raw[start : start + slab].to(torch.int64)
         where = torch.arange(start, start + part.numel(), device=part.device) % 65521 + 1
         plain += int(part.sum())
         total += int((part * where).sum())
-    return (bits.numel(), plain, total)
+    return (raw.numel(), plain, total)
 
 
 def as_tensors(parameters: dict[str, Any]) -> dict[str, Any]:
