@@ -200,7 +200,11 @@ def test_rvhub_eval_cli_equals_lm_eval_cli_on_the_applied_folder(family, tmp_pat
          "--log_samples", "--output_path", str(ref_dir)],
         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    # The reference's own exit status is not under test: once in a CI run lm_eval exited
+    # non-zero in vLLM's teardown ("engine core exited unexpectedly") after writing its
+    # results. Its results and samples must be there, complete, either way.
+    written = list(ref_dir.rglob("results_*.json"))
+    assert done.returncode == 0 or written, (done.returncode, done.stderr[-4000:])
     (ref_results,) = ref_dir.rglob("results_*.json")
     (ref_samples,) = ref_dir.rglob("samples_toy_ll_*.jsonl")
     ref = json.loads(ref_results.read_text())
