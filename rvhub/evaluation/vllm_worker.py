@@ -17,8 +17,7 @@ Where vLLM computes with the very tensors it loaded (unquantized layers on a GPU
 from ``layers/linear.py`` and ``layers/vocab_parallel_embedding.py``), a switch can skip the
 rebuild: only the tensors the vector touches are streamed, each written by vLLM's own weight
 loader into the parameter it already holds (the shard of a fused QKV or gate/up parameter,
-this worker's slice under tensor parallelism), as reinforcement-learning frameworks push
-weights into vLLM. :meth:`RvhubWorker.rvhub_processed` names the layers where that would be
+this worker's slice under tensor parallelism). :meth:`RvhubWorker.rvhub_processed` names the layers where that would be
 wrong (packed or quantized weights); on a CPU :meth:`RvhubWorker.rvhub_make_live` first turns
 vLLM's packed linear layers into plain ones that compute with their parameters.
 """
@@ -92,11 +91,7 @@ class RvhubWorker:
             # each tensor is copied into its parameter before the next is made (vLLM's loaders
             # copy at once; from host memory to a GPU too), so one buffer serves them all
             tensors = stream_applied(source, ckpt, targets, alpha, only=targets, reuse=True)
-            with torch.no_grad():
-                result = _load_each(model, tensors)
-            shared = result.pop("storage")
-            if any(p.untyped_storage().data_ptr() == shared for p in model.parameters()):
-                raise RuntimeError("a vLLM weight loader kept rvhub's buffer as a parameter")
+            result = _load_in_place(model, tensors)
         else:
             tensors = stream_applied(source, ckpt, targets, alpha)
             with torch.no_grad():
@@ -122,18 +117,14 @@ class RvhubWorker:
         Catches what :meth:`rvhub_processed` cannot know (a kernel that keeps its weights in
         another layout, weights changed since loading) before any α is set; afterwards the
         driver falls back to the layerwise switch, which rewrites every tensor, or refuses.
-        Parameters are compared by a position-weighted checksum on their own device, a
-        slab at a time (no copy of the model)."""
-        import torch
-
+        Parameters are compared by :func:`_checksum` (no copy of the model)."""
         from rvhub.ops.disk import stream_applied
 
         source, ckpt, targets = self._rvhub
         model = self.model_runner.get_model()
         params = dict(model.named_parameters())
         before = {n: _checksum(p) for n, p in params.items()}
-        with torch.no_grad():
-            _load_each(model, stream_applied(source, ckpt, {}, 0.0, only=targets, reuse=True))
+        _load_in_place(model, stream_applied(source, ckpt, {}, 0.0, only=targets, reuse=True))
         return [n for n, p in params.items() if _checksum(p) != before[n]]
 
     def rvhub_processed(self) -> list[str]:
@@ -192,13 +183,13 @@ class RvhubWorker:
 
         runner = self.model_runner
         model = runner.get_model()
-        kinds = {
-            n: type(getattr(m, "quant_method", None)).__name__ for n, m in model.named_modules()
-        }
-        linear = [m for n, m in model.named_modules() if kinds[n] == "UnquantizedLinearMethod"]
-        embedding = [
-            m for n, m in model.named_modules() if kinds[n] == "UnquantizedEmbeddingMethod"
-        ]
+        linear, embedding = [], []
+        for module in model.modules():
+            kind = type(getattr(module, "quant_method", None)).__name__
+            if kind == "UnquantizedLinearMethod":
+                linear.append(module)
+            elif kind == "UnquantizedEmbeddingMethod":
+                embedding.append(module)
         for module in linear:  # vLLM's own switch (set for MLA's kv_b_proj): no packing
             module._cpu_skip_gemm_dispatch = True
         ckpt = open_local_checkpoint(Path(folder))
@@ -236,6 +227,20 @@ class RvhubWorker:
             )
             out[name] = (str(t.dtype).removeprefix("torch."), list(t.shape), raw.numpy().tobytes())
         return out
+
+
+def _load_in_place(model: Any, tensors: Iterator[tuple[str, Any]]) -> dict[str, Any]:
+    """:func:`_load_each` for tensors that share one reused buffer (``stream_applied(...,
+    reuse=True)``): refused if a vLLM weight loader kept the buffer as a parameter instead of
+    copying from it."""
+    import torch
+
+    with torch.no_grad():
+        result = _load_each(model, tensors)
+    shared = result.pop("storage")
+    if any(p.untyped_storage().data_ptr() == shared for p in model.parameters()):
+        raise RuntimeError("a vLLM weight loader kept rvhub's buffer as a parameter")
+    return result
 
 
 def _load_each(model: Any, tensors: Iterator[tuple[str, Any]]) -> dict[str, Any]:
